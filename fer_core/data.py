@@ -1,0 +1,345 @@
+"""Datasets: find them, decode them once into a uint8 tensor cache, split them reproducibly.
+
+Accepted sources: "demo" (built in, synthetic), a folder of class folders (one pool that we
+split 75/25), a folder with train/ and test/ class folders (split as given), or a fer2013.csv.
+Every image is stored as 48x48 grey uint8, FER2013's native format.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+
+from . import CLASS_NAMES
+from .errors import DataError
+from .runs import atomic_save
+
+STORE_SIZE = 48
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+# FER2013's csv codes, as published with the Kaggle challenge.
+FER2013_CSV_CODES = {0: "angry", 1: "disgust", 2: "fear", 3: "happy", 4: "sad", 5: "surprise", 6: "neutral"}
+CACHE_VERSION = 1
+MAX_SOURCE_PIXELS = 40_000_000
+
+
+@dataclass
+class Dataset:
+    """Decoded images and labels, plus where they came from and what was skipped."""
+
+    images: torch.Tensor            # uint8 (N, 48, 48)
+    labels: torch.Tensor            # int64 (N,)
+    paths: list[str]
+    classes: list[str]
+    source: str
+    given_split: list[str] | None = None   # "train"/"test" per image when the source has one
+    synthetic: bool = False
+    bad_files: list[dict[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+        return dict(zip(self.classes, counts))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FER_CACHE_DIR", Path.home() / ".cache" / "fer_core"))
+
+
+def load_dataset(spec: str, *, max_per_class: int | None = None, seed: int = 0,
+                 cache_dir: Path | None = None) -> Dataset:
+    """Load the dataset named by `spec` ("demo", a folder, or a fer2013.csv)."""
+    if spec == "demo":
+        from .demo import ensure_demo_dataset
+        dataset = _load_folder(ensure_demo_dataset(), cache_dir)
+        dataset.synthetic = True
+        dataset.source = "demo (synthetic)"
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix.lower() == ".csv":
+            dataset = read_fer2013_csv(path)
+        elif path.is_dir():
+            dataset = _load_folder(path, cache_dir)
+        elif path.exists():
+            raise DataError(f"{path} is neither a folder of class folders nor a fer2013.csv file")
+        else:
+            raise DataError(f"dataset not found: {path}")
+    _check_usable(dataset)
+    if max_per_class:
+        dataset = subsample_per_class(dataset, max_per_class, seed)
+    return dataset
+
+
+def describe_layout(path: Path) -> str:
+    """'train_test' if the folder holds train/ and test/ class folders, else 'pool'."""
+    return "train_test" if (path / "train").is_dir() and (path / "test").is_dir() else "pool"
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _load_folder(root: Path, cache_dir: Path | None) -> Dataset:
+    if describe_layout(root) == "train_test":
+        train_classes = [p.name for p in _class_dirs(root / "train")]
+        test_classes = [p.name for p in _class_dirs(root / "test")]
+        extra = sorted(set(test_classes) - set(train_classes))
+        if extra:
+            raise DataError(f"test/ has classes that train/ lacks: {', '.join(extra)}")
+        classes = train_classes
+        listing = [(f, i, "train") for i, c in enumerate(classes) for f in _list_files(root / "train" / c)]
+        listing += [(f, classes.index(c), "test") for c in test_classes for f in _list_files(root / "test" / c)]
+    else:
+        classes = [p.name for p in _class_dirs(root)]
+        listing = [(f, i, None) for i, c in enumerate(classes) for f in _list_files(root / c)]
+    if not classes:
+        raise DataError(f"{root} has no class folders (expected e.g. {root}/happy/*.jpg)")
+    images, kept, bad = _decode_cached([f for f, _, _ in listing], cache_dir)
+    kept_set = set(kept)
+    rows = [(str(f), label, split) for f, label, split in listing if str(f) in kept_set]
+    given = [split for _, _, split in rows] if describe_layout(root) == "train_test" else None
+    return Dataset(images=images, labels=torch.tensor([r[1] for r in rows], dtype=torch.int64),
+                   paths=[r[0] for r in rows], classes=classes, source=str(root),
+                   given_split=given, bad_files=bad)
+
+
+def _list_files(class_dir: Path) -> list[Path]:
+    """Every file under a class folder (nested folders included), in a stable order."""
+    return sorted((p for p in class_dir.rglob("*") if p.is_file()), key=lambda p: str(p))
+
+
+def _cache_key(files: list[Path]) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}:{STORE_SIZE}".encode())
+    for f in files:
+        try:
+            st = f.stat()
+            digest.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        except OSError:
+            digest.update(f"{f}\0missing\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:32]
+
+
+def _decode_cached(files: list[Path], cache_dir: Path | None
+                   ) -> tuple[torch.Tensor, list[str], list[dict[str, str]]]:
+    """Decode every file once; reuse the decoded tensor while the file list is unchanged."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_file = cache_dir / f"images-{_cache_key(files)}.pt"
+    if cache_file.is_file():
+        try:
+            cached = torch.load(cache_file, weights_only=True)
+            return cached["images"], cached["paths"], cached["bad_files"]
+        except Exception:
+            cache_file.unlink(missing_ok=True)  # a damaged cache is just rebuilt
+    arrays, kept, bad = [], [], []
+    for f in files:
+        array, problem = decode_file(f)
+        if problem:
+            bad.append({"path": _printable(f), "reason": problem})
+        else:
+            arrays.append(array)
+            kept.append(str(f))
+    images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, STORE_SIZE, STORE_SIZE), dtype=torch.uint8)
+    try:
+        atomic_save(cache_file, lambda p: torch.save({"images": images, "paths": kept, "bad_files": bad}, p))
+    except OSError:
+        pass  # a read-only or full cache folder only costs the next run a re-decode
+    return images, kept, bad
+
+
+def _printable(path: Path) -> str:
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def decode_file(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """Decode one image file to (48, 48) uint8 grey, or return why it cannot be used."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return None, f"not an image file extension ({path.suffix or 'none'})"
+    try:
+        if path.stat().st_size == 0:
+            return None, "empty file (0 bytes)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_SOURCE_PIXELS:
+                    return None, f"image too large ({image.width}x{image.height})"
+                image.draft("L", (STORE_SIZE, STORE_SIZE))
+                return to_store_array(image), None
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return None, f"not a readable image ({type(exc).__name__})"
+    except (OSError, ValueError, SyntaxError) as exc:
+        return None, f"unreadable ({str(exc).splitlines()[0][:120]})"
+
+
+def to_store_array(image: Image.Image) -> np.ndarray:
+    """Any PIL image -> 48x48 grey uint8: centre square crop, then resize."""
+    image = ImageOps.exif_transpose(image) if hasattr(image, "getexif") else image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        image = background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        array = (array - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(array)
+        image = Image.fromarray(array.astype(np.uint8))
+    grey = image.convert("L")
+    if grey.size != (STORE_SIZE, STORE_SIZE):
+        grey = ImageOps.fit(grey, (STORE_SIZE, STORE_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(grey, dtype=np.uint8).copy()
+
+
+def read_fer2013_csv(path: Path) -> Dataset:
+    """Read Kaggle's fer2013.csv (emotion, pixels[, Usage]); malformed rows are skipped and reported."""
+    classes = list(CLASS_NAMES)
+    arrays, labels, paths, splits, bad = [], [], [], [], []
+    try:
+        handle = open(path, newline="", encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    with handle:
+        reader = csv.DictReader(handle)
+        columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+        if "emotion" not in columns or "pixels" not in columns:
+            raise DataError(f"{path.name} is not a fer2013.csv: it needs 'emotion' and 'pixels' columns")
+        has_usage = "usage" in columns
+        for row_number, row in enumerate(reader, start=2):
+            ref = f"{path}#{row_number}"
+            try:
+                code = int(str(row[columns["emotion"]]).strip())
+                name = FER2013_CSV_CODES[code]
+                pixels = np.array(str(row[columns["pixels"]]).split(), dtype=np.int64)
+                if pixels.size != STORE_SIZE * STORE_SIZE or pixels.min() < 0 or pixels.max() > 255:
+                    raise ValueError(f"expected {STORE_SIZE * STORE_SIZE} pixel values 0-255, got {pixels.size}")
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                bad.append({"path": ref, "reason": f"malformed row ({str(exc)[:80] or type(exc).__name__})"})
+                continue
+            arrays.append(pixels.astype(np.uint8).reshape(STORE_SIZE, STORE_SIZE))
+            labels.append(classes.index(name))
+            paths.append(ref)
+            if has_usage:
+                usage = str(row[columns["usage"]]).strip().lower()
+                splits.append("train" if usage == "training" else "test")
+    images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, STORE_SIZE, STORE_SIZE), dtype=torch.uint8)
+    return Dataset(images=images, labels=torch.tensor(labels, dtype=torch.int64), paths=paths,
+                   classes=classes, source=str(path), given_split=splits if has_usage else None,
+                   bad_files=bad)
+
+
+def _check_usable(dataset: Dataset) -> None:
+    if len(dataset) == 0:
+        skipped = f" ({len(dataset.bad_files)} unreadable files skipped)" if dataset.bad_files else ""
+        raise DataError(f"no usable images in {dataset.source}{skipped}")
+    counts = dataset.class_counts()
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise DataError(f"class folder(s) with no usable images: {', '.join(empty)}")
+    if len(dataset.classes) < 2:
+        raise DataError(f"only one class ({dataset.classes[0]}) in {dataset.source}: "
+                        "a classifier needs at least two")
+
+
+def subsample_per_class(dataset: Dataset, max_per_class: int, seed: int) -> Dataset:
+    """Keep at most `max_per_class` training images per class (and a quarter-ratio of test
+    images when the source has its own test split), chosen with a seeded generator."""
+    rng = np.random.default_rng(seed)
+    labels = dataset.labels.numpy()
+    given = np.array(dataset.given_split) if dataset.given_split else None
+    test_cap = max(1, round(max_per_class / 3))
+    keep: list[int] = []
+    for label in range(len(dataset.classes)):
+        groups = [(np.flatnonzero(labels == label), max_per_class)] if given is None else [
+            (np.flatnonzero((labels == label) & (given == "train")), max_per_class),
+            (np.flatnonzero((labels == label) & (given == "test")), test_cap)]
+        for indices, cap in groups:
+            keep.extend(rng.permutation(indices)[:cap].tolist() if len(indices) > cap else indices.tolist())
+    keep.sort()
+    index = torch.tensor(keep, dtype=torch.int64)
+    return Dataset(images=dataset.images[index], labels=dataset.labels[index],
+                   paths=[dataset.paths[i] for i in keep], classes=dataset.classes,
+                   source=dataset.source, synthetic=dataset.synthetic, bad_files=dataset.bad_files,
+                   given_split=[dataset.given_split[i] for i in keep] if dataset.given_split else None)
+
+
+# ---- split ----------------------------------------------------------------------------
+
+def assign_splits(dataset: Dataset, *, test_fraction: float = 0.25, val_fraction: float = 0.1,
+                  seed: int = 42) -> np.ndarray:
+    """Return 'train' / 'val' / 'test' per image: stratified and seeded.
+
+    A pooled dataset is split train/test by `test_fraction`; a given split is kept. A
+    validation set is then carved from train by `val_fraction` (0 means none).
+    """
+    labels = dataset.labels.numpy()
+    indices = np.arange(len(labels))
+    splits = np.empty(len(labels), dtype=object)
+    if dataset.given_split is not None:
+        splits[:] = dataset.given_split
+        train_idx = indices[splits == "train"]
+        if len(train_idx) == 0 or not (splits == "test").any():
+            raise DataError("the dataset's own split needs images in both train and test")
+    else:
+        train_idx, test_idx = _stratified(indices, labels, test_fraction, seed, "train/test")
+        splits[train_idx] = "train"
+        splits[test_idx] = "test"
+    if val_fraction > 0:
+        _, val_idx = _stratified(train_idx, labels[train_idx], val_fraction, seed, "train/validation")
+        splits[val_idx] = "val"
+    return splits.astype(str)
+
+
+def _stratified(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int,
+                what: str) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.bincount(labels)
+    too_small = [int(c) for c in np.flatnonzero((counts > 0) & (counts < 2))]
+    if too_small:
+        raise DataError(f"cannot make a stratified {what} split: class index {too_small} has a "
+                        "single image; every class needs at least 2 (better 10+)")
+    try:
+        first, second = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as exc:
+        raise DataError(f"cannot make a stratified {what} split with {len(indices)} images: {exc}") from exc
+    return np.sort(first), np.sort(second)
+
+
+def split_table(dataset: Dataset, splits: Iterable[str]) -> list[dict[str, Any]]:
+    """Per class: total, train, val, test and their percentages (the reference's table)."""
+    splits = np.asarray(list(splits))
+    labels = dataset.labels.numpy()
+    table = []
+    for index, name in enumerate(dataset.classes):
+        mask = labels == index
+        total = int(mask.sum())
+        row: dict[str, Any] = {"class": name, "total": total}
+        for part in ("train", "val", "test"):
+            row[part] = int((mask & (splits == part)).sum())
+        row["train %"] = round(100 * (row["train"] + row["val"]) / total, 1) if total else 0.0
+        row["test %"] = round(100 * row["test"] / total, 1) if total else 0.0
+        table.append(row)
+    return table
+
+
+def write_split_manifest(path: Path, dataset: Dataset, splits: np.ndarray) -> None:
+    from .runs import atomic_write_text
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "label", "split"])
+    for p, label, split in zip(dataset.paths, dataset.labels.tolist(), splits):
+        writer.writerow([_printable(Path(p)), dataset.classes[label], split])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_split_manifest(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))

@@ -1,0 +1,145 @@
+"""ResNet18 for emotion classes: build it, load weights honestly, restore it from a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MODES = ("head_only", "finetune")
+# "imagenet": the torchvision stem (7x7 stride-2 conv + max-pool), made for 224 px.
+# "small": the same without the max-pool, so a 48-64 px face keeps a usable feature map.
+STEMS = ("imagenet", "small")
+CHECKPOINT_FORMAT = "fer_core.checkpoint/1"
+WEIGHTS_DOWNLOAD_TIMEOUT_S = 15.0
+
+
+def build_model(num_classes: int, mode: str = "finetune", stem: str = "imagenet",
+                pretrained: bool = True, weights_path: str | None = None
+                ) -> tuple[nn.Module, str, str | None]:
+    """Return (model, weights_source, warning).
+
+    weights_source is "imagenet", "file:<path>" or "random"; warning says why pretrained
+    weights were wanted but not used, or is None.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+    model = resnet18(weights=None)
+    source, warning = "random", None
+    if weights_path:
+        _load_backbone_state(model, _read_state_dict(Path(weights_path)))
+        source = f"file:{weights_path}"
+    elif pretrained:
+        try:
+            _load_backbone_state(model, _download_imagenet_state())
+            source = "imagenet"
+        except Exception as exc:  # offline, DNS failure, proxy, corrupt cache: all mean "no weights"
+            warning = (f"ImageNet weights could not be downloaded ({type(exc).__name__}: {exc}); "
+                       "training from random initialisation. Pass --weights FILE to use a local "
+                       "copy of resnet18-f37072fd.pth.")
+            log.warning(warning)
+    if stem == "small":
+        model.maxpool = nn.Identity()
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    set_trainable(model, mode)
+    return model, source, warning
+
+
+def _download_imagenet_state() -> dict[str, torch.Tensor]:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(WEIGHTS_DOWNLOAD_TIMEOUT_S)  # never hang on a silent network
+    try:
+        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a loadable PyTorch weights file: {exc}") from exc
+    if isinstance(state, dict) and "model_state" in state:
+        state = state["model_state"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    return state
+
+
+def _load_backbone_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load everything but the classifier, which is replaced for our classes anyway."""
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise CheckpointError("weights are not a torchvision ResNet18 state dict "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def set_trainable(model: nn.Module, mode: str) -> None:
+    """head_only freezes everything but `fc`; finetune trains all layers."""
+    for name, param in model.named_parameters():
+        param.requires_grad = mode == "finetune" or name.startswith("fc.")
+
+
+def freeze_batchnorm_if_head_only(model: nn.Module, mode: str) -> None:
+    """A frozen backbone must also keep its BatchNorm statistics fixed."""
+    if mode == "head_only":
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+
+
+def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
+    """The new head learns at `lr`; a fine-tuned backbone at `lr * backbone_lr_scale`."""
+    head = [p for n, p in model.named_parameters() if n.startswith("fc.") and p.requires_grad]
+    body = [p for n, p in model.named_parameters() if not n.startswith("fc.") and p.requires_grad]
+    groups = [{"params": head, "lr": lr}]
+    if body:
+        groups.append({"params": body, "lr": lr * backbone_lr_scale})
+    return groups
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load one of our checkpoints safely (weights_only) and check it is complete."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path.name} is not a safe fer_core checkpoint "
+                              f"(it may be corrupt or contain code): {str(exc).splitlines()[0]}") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path.name} is not a fer_core checkpoint (no dict inside)")
+    missing = [k for k in ("model_state", "class_names", "config") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path.name} is not a fer_core checkpoint: missing {', '.join(missing)}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """Rebuild the trained network from a loaded checkpoint, in eval mode on the CPU."""
+    config = ckpt["config"]
+    classes = ckpt["class_names"]
+    model, _, _ = build_model(len(classes), mode="finetune", stem=config.get("stem", "imagenet"),
+                              pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError("checkpoint weights do not fit a ResNet18 with "
+                              f"{len(classes)} classes: {str(exc).splitlines()[0]}") from exc
+    return model.eval()

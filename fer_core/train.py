@@ -1,0 +1,520 @@
+"""fit(config) -> run directory: the training loop, AMP, checkpoints, TensorBoard, cancel, resume.
+
+Reads top to bottom: prepare data -> build model -> for each epoch train, validate, log,
+checkpoint -> evaluate the best model on the test split -> publish it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import math
+import os
+import platform
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from . import runs
+from .config import TrainConfig
+from .data import Dataset, assign_splits, load_dataset, read_split_manifest, split_table, write_split_manifest
+from .errors import FerError
+from .evaluate import (autocast_context, confusion_figure, evaluation_report, predict_probabilities,
+                       predictions_csv)
+from .models import CHECKPOINT_FORMAT, build_model, freeze_batchnorm_if_head_only, parameter_groups
+from .transforms import denormalise, eval_transform, train_transform
+
+log = logging.getLogger("fer_core.train")
+STATUS_INTERVAL_S = 1.0
+
+
+class Cancelled(Exception):
+    """Raised between batches when a cancel was requested."""
+
+
+@dataclass
+class SplitTensors:
+    """The decoded images of each split, ready for batch transforms."""
+
+    classes: list[str]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    test_paths: list[str]
+    synthetic: bool
+    selection_split: str  # "val", or "test" when --val-fraction 0 (as the reference did)
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores."""
+
+    epoch: int = 0
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+# ---- entry points ---------------------------------------------------------------------
+
+def fit(config: TrainConfig, *, run_dir: Path | None = None,
+        on_progress: ProgressCallback | None = None) -> Path:
+    """Train a new run and return its directory. `run_dir` may be pre-created (queued) by the
+    job manager; otherwise a new one is made under config.runs_dir."""
+    config.validate()
+    run_dir = Path(run_dir) if run_dir else runs.new_run_dir(Path(config.runs_dir), config.experiment, config.mode)
+    runs.write_status(run_dir, "running", pid=os.getpid(), started_at=time.time(), finished_at=None,
+                      epoch=0, epochs=config.epochs, batch=0, error=None)
+    return _guarded(run_dir, lambda: _train(config, run_dir, None, on_progress))
+
+
+def resume(run_dir: Path, *, epochs: int | None = None, on_progress: ProgressCallback | None = None) -> Path:
+    """Continue a run from its last.pt with the same config and split; more epochs if asked."""
+    run_dir = Path(run_dir)
+    try:
+        config = TrainConfig.from_dict(runs.read_json(run_dir / runs.CONFIG_FILE))
+    except (OSError, ValueError) as exc:
+        raise FerError(f"cannot resume {run_dir}: config.json unreadable ({exc})") from exc
+    last = run_dir / runs.CHECKPOINT_DIR / runs.LAST_CHECKPOINT
+    if not last.is_file():
+        raise FerError(f"cannot resume {run_dir}: it has no checkpoints/last.pt (no epoch finished)")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    if epochs is not None:
+        config.epochs = epochs
+    config.validate()
+    (run_dir / runs.CANCEL_FILE).unlink(missing_ok=True)
+    runs.write_status(run_dir, "running", pid=os.getpid(), finished_at=None, error=None,
+                      epochs=config.epochs, resumed_at=time.time())
+    return _guarded(run_dir, lambda: _train(config, run_dir, checkpoint, on_progress))
+
+
+def _guarded(run_dir: Path, body: Callable[[], None]) -> Path:
+    """Run the body; record completed / cancelled / failed in status.json whatever happens."""
+    previous_handler = signal.signal(signal.SIGTERM, _raise_cancel_on_sigterm) \
+        if _in_main_thread() else None
+    try:
+        body()
+        runs.write_status(run_dir, "completed", finished_at=time.time())
+    except Cancelled:
+        runs.write_status(run_dir, "cancelled", finished_at=time.time())
+        log.info("cancelled; checkpoints kept in %s", run_dir / runs.CHECKPOINT_DIR)
+    except BaseException as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        runs.write_status(run_dir, "failed", finished_at=time.time(), error=message)
+        raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    return run_dir
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_cancel_on_sigterm(signum: int, frame: Any) -> None:
+    raise Cancelled()
+
+
+# ---- the run --------------------------------------------------------------------------
+
+def _train(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None,
+           on_progress: ProgressCallback | None) -> None:
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    data = prepare_data(config, run_dir, resuming=checkpoint is not None)
+    model, weights_source, weights_warning = build_model(
+        len(data.classes), config.mode, config.stem,
+        pretrained=config.pretrained and checkpoint is None,
+        weights_path=config.weights if checkpoint is None else None)
+    if checkpoint is None:
+        write_run_config(run_dir, config, device, weights_source, weights_warning, data)
+    model = model.to(device, memory_format=torch.channels_last)
+
+    steps_per_epoch = math.ceil(len(data.train_x) / config.batch_size)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    weights = class_weights(data, config)
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                    label_smoothing=config.label_smoothing)
+    state = TrainState()
+    if checkpoint is not None:
+        state = restore_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
+        runs.rewrite_metrics(run_dir, state.history)  # drop any epoch logged after last.pt
+
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.epoch + 1 if checkpoint else None)
+    if checkpoint is None:
+        log_run_start(writer, model, data, config, device)
+
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        progress = _ProgressReporter(run_dir, epoch, config.epochs, steps_per_epoch, on_progress)
+        train_result = train_one_epoch(model, data, config, epoch, optimizer, scheduler, scaler,
+                                       criterion, device, run_dir, progress)
+        val_loss, val_acc = validate(model, data, config, criterion, device)
+        row = {"epoch": epoch, "train_loss": train_result.loss, "train_acc": train_result.accuracy,
+               "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
+               "seconds": train_result.seconds,
+               "images_per_second": train_result.images / max(train_result.seconds, 1e-9)}
+        state.epoch = epoch
+        state.history.append(row)
+        improved = val_acc > state.best_val_acc
+        if improved:
+            state.best_val_acc, state.best_epoch, state.epochs_without_improvement = val_acc, epoch, 0
+        else:
+            state.epochs_without_improvement += 1
+        save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, data.classes,
+                         val_loss, improved)
+        runs.append_metrics(run_dir, row)
+        log_epoch(writer, row)
+        runs.write_status(run_dir, "running", epoch=epoch, batch=steps_per_epoch,
+                          best_val_acc=state.best_val_acc, best_epoch=state.best_epoch)
+        log.info("epoch %d/%d  train loss %.4f acc %.3f | %s loss %.4f acc %.3f | %.0f img/s",
+                 epoch, config.epochs, row["train_loss"], row["train_acc"], data.selection_split,
+                 val_loss, val_acc, row["images_per_second"])
+        if config.patience and state.epochs_without_improvement >= config.patience:
+            log.info("early stop: no %s improvement for %d epochs", data.selection_split, config.patience)
+            runs.write_status(run_dir, "running", early_stopped_at=epoch)
+            break
+
+    evaluation = evaluate_best(run_dir, model, data, config, device)
+    log_run_end(writer, config, evaluation, state)
+    writer.close()
+    publish_best(run_dir, config)
+
+
+# ---- data -----------------------------------------------------------------------------
+
+def prepare_data(config: TrainConfig, run_dir: Path, *, resuming: bool) -> SplitTensors:
+    """Load, split (or re-read the run's split on resume) and slice into split tensors."""
+    dataset = load_dataset(config.data, max_per_class=config.max_per_class, seed=config.seed)
+    manifest = run_dir / runs.SPLIT_FILE
+    if resuming and manifest.is_file():
+        by_path = {row["path"]: row["split"] for row in read_split_manifest(manifest)}
+        splits = np.array([by_path.get(p, "unused") for p in dataset.paths])
+    else:
+        splits = assign_splits(dataset, test_fraction=config.test_fraction,
+                               val_fraction=config.val_fraction, seed=config.seed)
+        write_split_manifest(manifest, dataset, splits)
+        runs.atomic_write_json(run_dir / runs.DATA_REPORT_FILE, {
+            "source": dataset.source, "synthetic": dataset.synthetic, "classes": dataset.classes,
+            "num_images": len(dataset), "split_table": split_table(dataset, splits),
+            "bad_files": dataset.bad_files, "num_bad_files": len(dataset.bad_files)})
+    return split_tensors(dataset, splits, config.val_fraction > 0)
+
+
+def split_tensors(dataset: Dataset, splits: np.ndarray, has_val: bool) -> SplitTensors:
+    def take(name: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        index = np.flatnonzero(splits == name)
+        t = torch.from_numpy(index)
+        return dataset.images[t], dataset.labels[t], [dataset.paths[i] for i in index]
+
+    train_x, train_y, _ = take("train")
+    test_x, test_y, test_paths = take("test")
+    val_x, val_y, _ = take("val") if has_val else (test_x, test_y, test_paths)
+    return SplitTensors(dataset.classes, train_x, train_y, val_x, val_y, test_x, test_y, test_paths,
+                        dataset.synthetic, "val" if has_val else "test")
+
+
+def class_weights(data: SplitTensors, config: TrainConfig) -> torch.Tensor | None:
+    """Inverse-frequency weights (mean 1) so rare classes such as disgust count as much."""
+    if not config.class_weights:
+        return None
+    counts = torch.bincount(data.train_y, minlength=len(data.classes)).float().clamp(min=1)
+    weights = counts.sum() / (len(counts) * counts)
+    return weights / weights.mean()
+
+
+# ---- model, optimiser, schedule ------------------------------------------------------
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config.lr, config.backbone_lr_scale)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, scheduler: str, warmup_steps: int) -> float:
+    """Multiplier of the base LR at `step`. One-cycle: 30% warm-up from 1/25, then cosine to ~0."""
+    if scheduler == "none" or total_steps <= 0:
+        return 1.0
+    progress = min(step / total_steps, 1.0)
+    if scheduler == "onecycle":
+        peak = 0.3
+        if progress < peak:
+            return 0.04 + 0.96 * (1 - math.cos(math.pi * progress / peak)) / 2
+        return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * (progress - peak) / (1 - peak))) / 2
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    rest = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(rest, 1.0)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped per batch; a pure function of the step, so resuming with more epochs just works."""
+    total = config.epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, config.scheduler, warmup))
+
+
+# ---- one epoch ------------------------------------------------------------------------
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Shuffling and augmentation depend only on (seed, epoch): a resumed run replays exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def train_one_epoch(model: nn.Module, data: SplitTensors, config: TrainConfig, epoch: int,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+                    criterion: nn.Module, device: torch.device, run_dir: Path,
+                    progress: "_ProgressReporter") -> EpochResult:
+    model.train()
+    freeze_batchnorm_if_head_only(model, config.mode)
+    generator = epoch_generator(config.seed, epoch)
+    order = torch.randperm(len(data.train_x), generator=generator)
+    cancel_file = run_dir / runs.CANCEL_FILE
+    total_loss, correct, seen = 0.0, 0, 0
+    started = time.perf_counter()
+    for batch_index, start in enumerate(range(0, len(order), config.batch_size), start=1):
+        if cancel_file.exists():
+            raise Cancelled()
+        index = order[start:start + config.batch_size]
+        images = data.train_x[index]
+        x = (train_transform(images, config.img_size, generator) if config.augment
+             else eval_transform(images, config.img_size)).to(device, non_blocking=True)
+        y = data.train_y[index].to(device, non_blocking=True)
+        with autocast_context(device, config.amp):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        progress.batch_done(batch_index, seen, time.perf_counter() - started, total_loss / seen)
+    seconds = time.perf_counter() - started
+    return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, seconds)
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, data: SplitTensors, config: TrainConfig, criterion: nn.Module,
+             device: torch.device) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(data.val_x), 256):
+        x = eval_transform(data.val_x[start:start + 256], config.img_size).to(device)
+        y = data.val_y[start:start + 256].to(device)
+        with autocast_context(device, config.amp):
+            logits = model(x).float()
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    n = max(len(data.val_x), 1)
+    return total_loss / n, correct / n
+
+
+class _ProgressReporter:
+    """Throttled batch progress into status.json (for the app) and a callback (for tqdm)."""
+
+    def __init__(self, run_dir: Path, epoch: int, epochs: int, batches: int,
+                 callback: ProgressCallback | None):
+        self.run_dir, self.epoch, self.epochs, self.batches = run_dir, epoch, epochs, batches
+        self.callback = callback
+        self.last_write = 0.0
+
+    def batch_done(self, batch: int, images: int, seconds: float, loss: float) -> None:
+        rate = images / max(seconds, 1e-9)
+        remaining_batches = (self.batches - batch) + (self.epochs - self.epoch) * self.batches
+        eta = remaining_batches * seconds / batch
+        event = {"epoch": self.epoch, "epochs": self.epochs, "batch": batch, "batches": self.batches,
+                 "images_per_second": rate, "eta_s": eta, "train_loss": loss}
+        if self.callback:
+            self.callback(event)
+        now = time.monotonic()
+        if now - self.last_write >= STATUS_INTERVAL_S or batch == self.batches:
+            self.last_write = now
+            runs.write_status(self.run_dir, "running", **event)
+
+
+# ---- checkpoints ----------------------------------------------------------------------
+
+def checkpoint_payload(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                       scaler: torch.amp.GradScaler, state: TrainState, config: TrainConfig,
+                       classes: list[str], val_loss: float) -> dict[str, Any]:
+    """Everything needed to resume or to predict; only tensors and plain types (weights_only)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict(),
+        "scaler_state": scaler.state_dict(),
+        "epoch": state.epoch,
+        "best_val_acc": state.best_val_acc,
+        "best_epoch": state.best_epoch,
+        "epochs_without_improvement": state.epochs_without_improvement,
+        "val_loss": val_loss,
+        "training_history": list(state.history),
+        "config": config.to_dict(),
+        "class_names": list(classes),
+    }
+
+
+def save_checkpoints(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     scaler: torch.amp.GradScaler, state: TrainState, config: TrainConfig,
+                     classes: list[str], val_loss: float, improved: bool) -> None:
+    payload = checkpoint_payload(model, optimizer, scheduler, scaler, state, config, classes, val_loss)
+    folder = run_dir / runs.CHECKPOINT_DIR
+    if improved:
+        runs.atomic_save(folder / runs.BEST_CHECKPOINT, lambda p: torch.save(payload, p))
+    runs.atomic_save(folder / runs.LAST_CHECKPOINT, lambda p: torch.save(payload, p))
+
+
+def restore_checkpoint(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: Any, scaler: torch.amp.GradScaler) -> TrainState:
+    model.load_state_dict(checkpoint["model_state"])
+    optimizer.load_state_dict(checkpoint["optimizer_state"])
+    scheduler.load_state_dict(checkpoint["scheduler_state"])
+    if checkpoint.get("scaler_state"):
+        scaler.load_state_dict(checkpoint["scaler_state"])
+    return TrainState(epoch=checkpoint["epoch"], best_val_acc=checkpoint["best_val_acc"],
+                      best_epoch=checkpoint.get("best_epoch", checkpoint["epoch"]),
+                      epochs_without_improvement=checkpoint.get("epochs_without_improvement", 0),
+                      history=list(checkpoint["training_history"]))
+
+
+# ---- after training -------------------------------------------------------------------
+
+def evaluate_best(run_dir: Path, model: nn.Module, data: SplitTensors, config: TrainConfig,
+                  device: torch.device) -> dict[str, Any]:
+    """Reload best.pt and score it once on the untouched test split."""
+    best = torch.load(run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT, map_location="cpu",
+                      weights_only=True)
+    model.load_state_dict(best["model_state"])
+    probabilities = predict_probabilities(model, data.test_x, config.img_size, device=device,
+                                          amp=config.amp, tta=config.tta)
+    y_true = data.test_y.numpy()
+    evaluation = evaluation_report(y_true, probabilities, data.classes)
+    evaluation.update({"best_epoch": best["epoch"], "tta": config.tta, "split": "test",
+                       "synthetic": data.synthetic})
+    runs.atomic_write_json(run_dir / runs.EVALUATION_FILE, evaluation)
+    runs.atomic_write_text(run_dir / runs.PREDICTIONS_FILE,
+                           predictions_csv(data.test_paths, y_true, probabilities, data.classes))
+    log.info("test accuracy %.4f  macro-F1 %.4f  (best epoch %d, %d images)",
+             evaluation["accuracy"], evaluation["macro_f1"], best["epoch"], len(y_true))
+    return evaluation
+
+
+def publish_best(run_dir: Path, config: TrainConfig) -> Path:
+    """Copy the best model (weights, classes, config, scores; no optimizer) to checkpoints/."""
+    best = torch.load(run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT, map_location="cpu",
+                      weights_only=True)
+    evaluation = runs.read_json(run_dir / runs.EVALUATION_FILE)
+    slim = {key: best[key] for key in ("format", "model_state", "epoch", "best_val_acc", "config", "class_names")}
+    slim["evaluation"] = {"accuracy": evaluation["accuracy"], "macro_f1": evaluation["macro_f1"]}
+    slim["run_dir"] = str(run_dir.resolve())
+    name = runs.run_id(run_dir).replace("/", "_") + ".pt"
+    target = Path(config.checkpoints_dir) / name
+    runs.atomic_save(target, lambda p: torch.save(slim, p))
+    runs.write_status(run_dir, "running", published_checkpoint=str(target))
+    return target
+
+
+# ---- records and TensorBoard ----------------------------------------------------------
+
+def write_run_config(run_dir: Path, config: TrainConfig, device: torch.device, weights_source: str,
+                     weights_warning: str | None, data: SplitTensors) -> None:
+    record = config.to_dict()
+    record.update({
+        "weights_source": weights_source, "weights_warning": weights_warning,
+        "classes": data.classes, "synthetic_data": data.synthetic,
+        "selection_split": data.selection_split,
+        "num_train": len(data.train_x), "num_val": len(data.val_x) if data.selection_split == "val" else 0,
+        "num_test": len(data.test_x),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "amp_dtype": ("float16" if device.type == "cuda" else "bfloat16") if config.amp else None,
+        "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+        "python_version": platform.python_version(), "git_commit": _git_commit(),
+    })
+    runs.atomic_write_json(run_dir / runs.CONFIG_FILE, record)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def log_run_start(writer: SummaryWriter, model: nn.Module, data: SplitTensors, config: TrainConfig,
+                  device: torch.device) -> None:
+    """A grid of what the model is fed, and the model graph."""
+    sample = data.train_x[:32]
+    x = (train_transform(sample, config.img_size, torch.Generator().manual_seed(0)) if config.augment
+         else eval_transform(sample, config.img_size))
+    writer.add_image("inputs/train_batch", torchvision.utils.make_grid(denormalise(x), nrow=8), 0)
+    try:
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # jit.trace deprecation; TB still needs it
+            writer.add_graph(model, x[:1].to(device))
+    except Exception as exc:  # graph tracing is a nicety; never let it stop training
+        log.warning("model graph not written to TensorBoard: %s", exc)
+
+
+def log_epoch(writer: SummaryWriter, row: dict[str, Any]) -> None:
+    epoch = row["epoch"]
+    writer.add_scalars("loss", {"train": row["train_loss"], "val": row["val_loss"]}, epoch)
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_second"):
+        writer.add_scalar(f"epoch/{key}", row[key], epoch)
+    writer.flush()
+
+
+def log_run_end(writer: SummaryWriter, config: TrainConfig, evaluation: dict[str, Any],
+                state: TrainState) -> None:
+    writer.add_figure("test/confusion_matrix",
+                      confusion_figure(evaluation["confusion_matrix"], evaluation["classes"],
+                                       f"best epoch {state.best_epoch}: test"), state.epoch)
+    hparams = {k: v for k, v in config.to_dict().items()
+               if k in ("mode", "stem", "epochs", "batch_size", "lr", "img_size", "optimizer", "scheduler",
+                        "label_smoothing", "class_weights", "augment", "amp", "pretrained", "seed",
+                        "val_fraction", "weight_decay", "tta")}
+    writer.add_hparams(hparams, {"hparam/test_accuracy": evaluation["accuracy"],
+                                 "hparam/test_macro_f1": evaluation["macro_f1"],
+                                 "hparam/best_val_acc": state.best_val_acc}, run_name=".")
+    writer.flush()

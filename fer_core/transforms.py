@@ -1,0 +1,109 @@
+"""Batch transforms on whole uint8 tensors: no per-image PIL work in the epoch loop.
+
+Images are stored as grey uint8 tensors of shape (N, H, W). The model sees float tensors of
+shape (N, 3, S, S), ImageNet-normalised, in channels_last memory format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Strength of the training augmentation; the defaults suit 48 px faces."""
+
+    scale: tuple[float, float] = (0.85, 1.15)
+    max_rotation_deg: float = 10.0
+    max_translate: float = 0.08
+    hflip: bool = True
+    brightness: float = 0.2
+    contrast: float = 0.2
+    erase_prob: float = 0.25
+
+
+def _normalise(grey: torch.Tensor) -> torch.Tensor:
+    """(N, 1, S, S) in [0, 1] -> (N, 3, S, S) ImageNet-normalised, channels_last."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=grey.dtype, device=grey.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=grey.dtype, device=grey.device).view(1, 3, 1, 1)
+    rgb = grey.expand(-1, 3, -1, -1)
+    return ((rgb - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def eval_transform(images: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Deterministic transform used for validation, test and prediction.
+
+    `images` is uint8 (N, H, W) grey; returns (N, 3, img_size, img_size) float32.
+    """
+    x = images.unsqueeze(1).float().div_(255.0)
+    if x.shape[-1] != img_size or x.shape[-2] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False,
+                          antialias=img_size < x.shape[-1])
+    return _normalise(x)
+
+
+def train_transform(images: torch.Tensor, img_size: int, generator: torch.Generator,
+                    aug: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+    """Random scale, rotation, translation and flip in one affine resample, then photometric
+    jitter and random erasing, all on the whole batch."""
+    n = images.shape[0]
+    x = images.unsqueeze(1).float().div_(255.0)
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) * (high - low) + low
+
+    scale = uniform(*aug.scale)
+    angle = uniform(-aug.max_rotation_deg, aug.max_rotation_deg) * math.pi / 180.0
+    tx = uniform(-aug.max_translate, aug.max_translate) * 2
+    ty = uniform(-aug.max_translate, aug.max_translate) * 2
+    flip = (torch.rand(n, generator=generator) < 0.5).float() * 2 - 1 if aug.hflip else torch.ones(n)
+    # affine_grid maps output coords to input coords: zoom-in by `scale` means sampling a smaller area.
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([
+        torch.stack([cos * flip, -sin, tx], dim=1),
+        torch.stack([sin * flip, cos, ty], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, [n, 1, img_size, img_size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    brightness = uniform(-aug.brightness, aug.brightness).view(n, 1, 1, 1)
+    contrast = uniform(1 - aug.contrast, 1 + aug.contrast).view(n, 1, 1, 1)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+
+    if aug.erase_prob > 0:
+        x = _random_erase(x, aug.erase_prob, generator)
+    return _normalise(x)
+
+
+def _random_erase(x: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Blank one random rectangle (2-20% of the area) per selected image with noise."""
+    n, _, h, w = x.shape
+    chosen = torch.rand(n, generator=generator) < prob
+    area = torch.rand(n, generator=generator) * 0.18 + 0.02
+    aspect = torch.exp(torch.rand(n, generator=generator) * 2 * math.log(3.0) - math.log(3.0))
+    eh = (torch.sqrt(area * aspect) * h).clamp(1, h).long()
+    ew = (torch.sqrt(area / aspect) * w).clamp(1, w).long()
+    top = (torch.rand(n, generator=generator) * (h - eh + 1).float()).long()
+    left = (torch.rand(n, generator=generator) * (w - ew + 1).float()).long()
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    mask = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+            & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1))
+            & chosen.view(n, 1, 1))
+    noise = torch.rand(x.shape, generator=generator)
+    return torch.where(mask.unsqueeze(1), noise, x)
+
+
+def denormalise(x: torch.Tensor) -> torch.Tensor:
+    """Model input back to [0, 1] grey-as-RGB, for image grids in TensorBoard."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.float().cpu() * std + mean).clamp(0, 1)
