@@ -306,8 +306,14 @@ def _stratified(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: 
     if too_small:
         raise DataError(f"cannot make a stratified {what} split: class index {too_small} has a "
                         "single image; every class needs at least 2 (better 10+)")
+    # Stratification needs one image per class on each side; small datasets get that minimum.
+    num_classes = int((counts > 0).sum())
+    second_size = max(int(np.ceil(fraction * len(indices))), num_classes)
+    if len(indices) - second_size < num_classes:
+        raise DataError(f"cannot make a stratified {what} split: {len(indices)} images are too few "
+                        f"for {num_classes} classes")
     try:
-        first, second = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+        first, second = train_test_split(indices, test_size=second_size, stratify=labels, random_state=seed)
     except ValueError as exc:
         raise DataError(f"cannot make a stratified {what} split with {len(indices)} images: {exc}") from exc
     return np.sort(first), np.sort(second)

@@ -78,7 +78,7 @@ _JITTER: dict[str, float] = {
     "mouth_curve": 0.15, "mouth_width": 0.1, "mouth_open": 0.06, "mouth_asym": 0.1,
     "nose_wrinkle": 0.1, "cheek_raise": 0.1,
 }
-_INTENSITY = (0.25, 1.0)
+_INTENSITY = (0.4, 1.0)
 
 
 # --------------------------------------------------------------------------- public API
@@ -250,7 +250,7 @@ def _background(rng: np.random.Generator) -> Image.Image:
     grad = level + slope * (xs * math.cos(theta) + ys * math.sin(theta))
     img = Image.fromarray(np.clip(grad, 0, 255).astype(np.uint8), mode="L")
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(2, 7))):
+    for _ in range(int(rng.integers(1, 5))):
         x0, y0 = rng.uniform(-20, _CANVAS, size=2)
         w, h = rng.uniform(15, 90, size=2)
         grey = int(rng.integers(0, 256))
@@ -287,17 +287,17 @@ class _Layout:
 def _draw_face(expr: _Expression, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
     """Return (face, mask) on a canvas-sized pair of "L" images."""
     c = _CANVAS / 2
-    skin = int(rng.integers(90, 225))
+    skin = int(rng.integers(100, 230))
     # Strokes stay visibly darker than the skin even for dark skin, but by a random margin.
-    ink = int(max(0, skin - rng.uniform(55, 110)))
+    ink = int(max(0, skin - rng.uniform(70, 130)))
     face_w, face_h = rng.uniform(0.34, 0.40) * _CANVAS, rng.uniform(0.43, 0.49) * _CANVAS
     lay = _Layout(
         cx=c, skin=skin, ink=ink,
         eye_dx=rng.uniform(0.36, 0.44) * face_w, eye_y=c - rng.uniform(0.12, 0.20) * face_h,
-        eye_w=rng.uniform(0.26, 0.32) * face_w, eye_h=rng.uniform(0.12, 0.16) * face_w,
-        brow_y=c - rng.uniform(0.36, 0.42) * face_h, brow_w=rng.uniform(0.30, 0.38) * face_w,
+        eye_w=rng.uniform(0.30, 0.36) * face_w, eye_h=rng.uniform(0.17, 0.21) * face_w,
+        brow_y=c - rng.uniform(0.38, 0.44) * face_h, brow_w=rng.uniform(0.30, 0.38) * face_w,
         mouth_y=c + rng.uniform(0.42, 0.50) * face_h, mouth_w=rng.uniform(0.28, 0.36) * face_w,
-        nose_y=c + rng.uniform(0.15, 0.22) * face_h, stroke=int(rng.integers(5, 8)),
+        nose_y=c + rng.uniform(0.15, 0.22) * face_h, stroke=int(rng.integers(7, 10)),
     )
     face = Image.new("L", (_CANVAS, _CANVAS), 0)
     mask = Image.new("L", (_CANVAS, _CANVAS), 0)
@@ -326,9 +326,9 @@ def _draw_hair(draw: ImageDraw.ImageDraw, oval: tuple[float, ...], rng: np.rando
 
 def _draw_brows(draw: ImageDraw.ImageDraw, lay: _Layout, expr: _Expression) -> None:
     """Each brow is a 3-point polyline from its inner end to its outer end."""
-    lift = expr.brow_raise * lay.eye_h * 1.2
-    slant = expr.brow_slant * lay.eye_h * 0.9
-    arch = expr.brow_arch * lay.eye_h * 0.8
+    lift = expr.brow_raise * lay.eye_h * 1.0
+    slant = expr.brow_slant * lay.eye_h * 0.8
+    arch = expr.brow_arch * lay.eye_h * 0.6
     for side in (-1, 1):
         inner_x = lay.cx + side * (lay.eye_dx - lay.brow_w * 0.45)
         outer_x = lay.cx + side * (lay.eye_dx + lay.brow_w * 0.55)
@@ -342,14 +342,14 @@ def _draw_brows(draw: ImageDraw.ImageDraw, lay: _Layout, expr: _Expression) -> N
 def _draw_eyes(draw: ImageDraw.ImageDraw, lay: _Layout, expr: _Expression,
                rng: np.random.Generator) -> None:
     """Light sclera ellipse, dark iris clipped to the opening, and an upper lid line."""
-    half_h = lay.eye_h * expr.eye_open * 0.42
+    half_h = lay.eye_h * expr.eye_open * 0.5
     sclera = int(min(255, lay.skin + rng.uniform(20, 60)))
     gaze = rng.uniform(-0.25, 0.25) * lay.eye_w
     for side in (-1, 1):
         x = lay.cx + side * lay.eye_dx
         w = lay.eye_w / 2 * (1.0 + 0.1 * (expr.eye_open - 1))
         draw.ellipse((x - w, lay.eye_y - half_h, x + w, lay.eye_y + half_h), fill=sclera)
-        r = lay.eye_h * 0.36
+        r = lay.eye_h * 0.4
         ir_h = min(r, half_h)
         draw.ellipse((x + gaze - r, lay.eye_y - ir_h, x + gaze + r, lay.eye_y + ir_h), fill=lay.ink)
         draw.arc((x - w, lay.eye_y - half_h, x + w, lay.eye_y + half_h), 180, 360,
@@ -391,7 +391,7 @@ def _draw_mouth(draw: ImageDraw.ImageDraw, lay: _Layout, expr: _Expression,
     centre = (lay.mouth_y - expr.mouth_curve * lay.eye_h * 1.3 * xs ** 2
               - expr.mouth_asym * lay.eye_h * 0.5 * np.clip(side * xs, 0, None)
               + expr.mouth_asym * lay.eye_h * 0.15 * np.sin(3 * math.pi * xs))
-    opening = expr.mouth_open * lay.eye_h * 2.2 * np.sqrt(np.clip(1 - xs ** 2, 0, None))
+    opening = expr.mouth_open * lay.eye_h * 1.8 * np.sqrt(np.clip(1 - xs ** 2, 0, None))
     # A sneer lifts only the upper lip on one side, baring teeth there.
     sneer = expr.mouth_asym * lay.eye_h * 0.5 * np.clip(side * xs, 0, None) ** 1.5
     upper = centre - 0.45 * opening - sneer
@@ -416,5 +416,5 @@ def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     light = 1.0 + rng.uniform(0.0, 0.5) * (xs * math.cos(theta) + ys * math.sin(theta))
     contrast, brightness = rng.uniform(0.7, 1.3), rng.uniform(-30, 30)
     img = (img * light - 128.0) * contrast + 128.0 + brightness
-    img = img + rng.normal(0.0, rng.uniform(2.0, 10.0), size=img.shape)
+    img = img + rng.normal(0.0, rng.uniform(2.0, 7.0), size=img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)

@@ -1,0 +1,234 @@
+"""End-to-end prediction latency, per-stage costs, batch throughput and hard detection cases.
+
+    .venv/bin/python bench/predict_latency.py [--runs 50] [--threads 1 2] [--sizes 48 64 96]
+
+Uses a randomly initialised checkpoint (latency does not depend on the weights) and synthetic
+photos built from skimage's astronaut. Prints tables, then one line `RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fer_core import CLASS_NAMES  # noqa: E402
+from fer_core.faces import detect_faces  # noqa: E402
+from fer_core.models import build_model  # noqa: E402
+from fer_core.predict import Predictor  # noqa: E402
+
+FACE_IN_ASTRONAUT = (177, 66, 95, 95)  # Haar's box on skimage.data.astronaut()
+
+
+# --------------------------------------------------------------------------- synthetic photos
+
+def astronaut() -> Image.Image:
+    from skimage import data
+    return Image.fromarray(data.astronaut())
+
+
+def background(width: int, height: int, seed: int) -> Image.Image:
+    """A real face-free photo (skimage coffee/rocket), stretched and blurred like a backdrop."""
+    from skimage import data
+    source = [data.coffee, data.rocket, data.chelsea][seed % 3]()
+    image = Image.fromarray(source).resize((width, height), Image.Resampling.BILINEAR)
+    noise = np.random.default_rng(seed).normal(0, 4, (height, width, 1))
+    return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+
+
+def head(side: int) -> Image.Image:
+    """Astronaut's head and shoulders; the face is ~49% of the side."""
+    return astronaut().crop((127, 16, 322, 211)).resize((side, side), Image.Resampling.LANCZOS)
+
+
+def portrait_640x480() -> Image.Image:
+    canvas = background(640, 480, 0)
+    canvas.paste(astronaut().resize((480, 480), Image.Resampling.LANCZOS), (80, 0))
+    return canvas
+
+
+def photo_4000x3000() -> Image.Image:
+    canvas = background(4000, 3000, 1)
+    canvas.paste(astronaut().resize((2048, 2048), Image.Resampling.BICUBIC), (976, 476))
+    return canvas
+
+
+def small_face(width: int = 4000, height: int = 3000, face_px: int = 120) -> Image.Image:
+    canvas = background(width, height, 1)
+    canvas.paste(head(round(face_px / 0.49)), (width * 2 // 3, height // 3))
+    return canvas
+
+
+def tilted(angle: float) -> Image.Image:
+    canvas = background(640, 480, 2)
+    piece = head(300).rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=(120, 120, 120))
+    canvas.paste(piece, (170, 90))
+    return canvas
+
+
+def several() -> Image.Image:
+    canvas = background(1280, 720, 0)
+    for side, x, y in ((280, 60, 200), (240, 460, 120), (200, 820, 330), (240, 1000, 40)):
+        canvas.paste(head(side), (x, y))
+    return canvas
+
+
+def dark() -> Image.Image:
+    image = ImageEnhance.Brightness(portrait_640x480()).enhance(0.18)
+    return ImageEnhance.Contrast(image).enhance(0.5).filter(ImageFilter.GaussianBlur(0.6))
+
+
+def noise_field() -> Image.Image:
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    return Image.fromarray(blocks).resize((640, 480), Image.Resampling.BILINEAR)
+
+
+HARD_CASES: dict[str, tuple[Callable[[], Image.Image], int]] = {
+    # name: (builder, faces expected)
+    "portrait 640x480": (portrait_640x480, 1),
+    "photo 4000x3000, face 380 px": (photo_4000x3000, 1),
+    "small face 120 px in 4000x3000": (small_face, 1),
+    "small face 60 px in 1600x1200": (lambda: small_face(1600, 1200, 60), 1),
+    "head tilted +20 deg": (lambda: tilted(20), 1),
+    "head tilted -20 deg": (lambda: tilted(-20), 1),
+    "head tilted +30 deg": (lambda: tilted(30), 1),
+    "four faces 1280x720": (several, 4),
+    "dark low-contrast": (dark, 1),
+    "blank": (lambda: Image.new("RGB", (640, 480), (200, 200, 200)), 0),
+    "random colour blocks": (noise_field, 0),
+    "cat photo (chelsea)": (lambda: background(640, 480, 2), 0),
+    "coffee photo": (lambda: background(640, 480, 0), 0),
+}
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- measuring
+
+def make_checkpoint(directory: Path, img_size: int) -> Path:
+    torch.manual_seed(0)
+    model, _, _ = build_model(len(CLASS_NAMES), stem="small", pretrained=False)
+    path = directory / f"random_{img_size}.pt"
+    torch.save({"model_state": model.state_dict(), "class_names": list(CLASS_NAMES),
+                "config": {"img_size": img_size, "stem": "small"}}, path)
+    return path
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def end_to_end(predictor: Predictor, data: bytes, runs: int) -> dict[str, float]:
+    for _ in range(3):
+        predictor.predict(data)
+    totals, stages = [], {"load": [], "detect": [], "crop": [], "classify": []}
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = predictor.predict(data)
+        totals.append((time.perf_counter() - start) * 1000)
+        for stage, ms in result.timings_ms.items():
+            stages[stage].append(ms)
+    out = {"p50_ms": percentile(totals, 50), "p95_ms": percentile(totals, 95),
+           "faces": len(result.faces) if result.face_found else 0}
+    out.update({f"{stage}_p50_ms": statistics.median(v) for stage, v in stages.items()})
+    return out
+
+
+def crop_throughput(predictor: Predictor, crops: list[Image.Image], repeats: int = 5
+                    ) -> dict[str, float]:
+    predictor.probabilities(predictor.preprocess(crops[:8]))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.probabilities(predictor.preprocess(crops))
+        times.append(time.perf_counter() - start)
+    best = statistics.median(times)
+    return {"batch": len(crops), "ms": best * 1000, "crops_per_s": len(crops) / best}
+
+
+def hard_case_table() -> list[dict[str, object]]:
+    rows = []
+    for name, (build, expected) in HARD_CASES.items():
+        image = build()
+        detect_faces(image)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            boxes = detect_faces(image)
+            times.append((time.perf_counter() - start) * 1000)
+        rows.append({"case": name, "size": f"{image.width}x{image.height}", "expected": expected,
+                     "found": len(boxes), "ms": min(times),
+                     "passes": sorted({b.detector for b in boxes})})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[48, 64, 96])
+    args = parser.parse_args(argv)
+
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; "
+          f"torch {torch.__version__}")
+    portrait, photo = jpeg_bytes(portrait_640x480()), jpeg_bytes(photo_4000x3000())
+    crops = Predictor.face_crops(portrait_640x480(),
+                                 detect_faces(portrait_640x480())) * 100
+    summary: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for img_size in args.sizes:
+            path = make_checkpoint(Path(tmp), img_size)
+            for threads in args.threads:
+                predictor = Predictor.from_checkpoint(path, num_threads=threads)
+                runs = args.runs if img_size == args.sizes[0] else max(10, args.runs // 3)
+                small = end_to_end(predictor, portrait, runs)
+                large = end_to_end(predictor, photo, max(10, runs // 3))
+                batch = crop_throughput(predictor, crops[:100])
+                key = f"img{img_size}_t{threads}"
+                summary[key] = {"640x480": small, "4000x3000": large, "batch100": batch}
+                print(f"\nimg_size {img_size}, torch threads {threads} (load avg "
+                      f"{os.getloadavg()[0]:.2f})")
+                print(f"  {'image':10s} {'p50 ms':>7s} {'p95 ms':>7s} | {'decode':>6s} "
+                      f"{'detect':>6s} {'crop':>6s} {'model':>6s}  (stage p50 ms)")
+                for label, row in (("640x480", small), ("4000x3000", large)):
+                    print(f"  {label:10s} {row['p50_ms']:7.1f} {row['p95_ms']:7.1f} | "
+                          f"{row['load_p50_ms']:6.1f} {row['detect_p50_ms']:6.1f} "
+                          f"{row['crop_p50_ms']:6.1f} {row['classify_p50_ms']:6.1f}  "
+                          f"faces={row['faces']}")
+                print(f"  batch of {batch['batch']} crops: {batch['ms']:.1f} ms = "
+                      f"{batch['crops_per_s']:.0f} crops/s")
+
+    print("\nhard detection cases (detector 'auto', default settings)")
+    rows = hard_case_table()
+    for row in rows:
+        verdict = "ok" if row["found"] == row["expected"] else "MISS" if \
+            int(row["found"]) < int(row["expected"]) else "EXTRA"
+        print(f"  {row['case']:32s} {row['size']:>10s} found {row['found']}/{row['expected']} "
+              f"{verdict:5s} {row['ms']:7.1f} ms  {','.join(row['passes'])}")
+    summary["hard_cases"] = rows
+    summary["load_avg_end"] = os.getloadavg()[0]
+    print("RESULT " + json.dumps(summary, separators=(",", ":"), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Shape fer_core data into tables and figures for the app's pages (no streamlit here).
+
+Pages stay thin: they read widgets, call these helpers and draw what comes back. Everything
+here is a plain function of run directories, configs and evaluations, so it is testable
+without a browser.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .runs import RunInfo
+
+STATE_COLORS = {"queued": "gray", "running": "blue", "completed": "green", "failed": "red",
+                "cancelled": "orange", "damaged": "red"}
+STATE_ICONS = {"queued": ":material/schedule:", "running": ":material/progress_activity:",
+               "completed": ":material/check_circle:", "failed": ":material/error:",
+               "cancelled": ":material/cancel:", "damaged": ":material/report:"}
+ACTIVE_STATES = ("queued", "running")
+TRAIN_COLOR, VAL_COLOR = "#4f46e5", "#f97316"
+
+# Config keys that describe where files go or how the machine was, not the experiment.
+_BOOKKEEPING_KEYS = {"runs_dir", "checkpoints_dir", "notes", "weights_warning", "git_commit",
+                     "torch_version", "torchvision_version", "python_version"}
+# The keys shown first in a hyper-parameter diff, in this order; the rest follow sorted.
+_HPARAM_ORDER = ["data", "preset", "mode", "stem", "pretrained", "weights_source", "epochs",
+                 "batch_size", "lr", "optimizer", "scheduler", "weight_decay", "img_size", "amp",
+                 "augment", "label_smoothing", "class_weights", "val_fraction", "test_fraction",
+                 "patience", "tta", "seed", "max_per_class"]
+
+
+# ---- small formatters -----------------------------------------------------------------
+
+def format_duration(seconds: float | None) -> str:
+    """12 s, 3 min 05 s, 1 h 02 min; an em dash when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "—"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def format_percent(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def format_time(timestamp: float | None) -> str:
+    if not timestamp:
+        return "—"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(float(timestamp)))
+
+
+def dataset_label(spec: str | None, synthetic: bool | None = None) -> str:
+    """A short name for a data source; the demo is always marked SYNTHETIC."""
+    if not spec:
+        return "—"
+    if spec == "demo" or synthetic:
+        return "demo (SYNTHETIC)" if spec == "demo" else f"{Path(spec).name} (SYNTHETIC)"
+    path = Path(spec)
+    if path.suffix.lower() == ".csv":
+        return path.name
+    return path.name or str(path)
+
+
+# ---- datasets on disk -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatasetChoice:
+    """A data source the user can pick: its spec for load_dataset and a label to show."""
+
+    spec: str
+    label: str
+    kind: str          # "demo" | "folder" | "csv"
+    synthetic: bool = False
+
+
+def _looks_like_dataset_folder(path: Path) -> bool:
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        return True
+    try:
+        subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return False
+    return len(subdirs) >= 2 and all(any(True for _ in _limited_iter(d)) for d in subdirs[:3])
+
+
+def _limited_iter(folder: Path, limit: int = 1) -> Iterable[Path]:
+    for count, item in enumerate(folder.iterdir()):
+        if count >= limit:
+            return
+        yield item
+
+
+def discover_datasets(data_home: Path, demo_dir: Path | None = None) -> list[DatasetChoice]:
+    """The built-in demo first, then dataset folders and fer2013-style .csv files found in
+    data_home (two levels deep: a Kaggle download unpacks into data/<owner>__<name>/)."""
+    choices = [DatasetChoice("demo", "Built-in demo (SYNTHETIC cartoon faces)", "demo", True)]
+    data_home = Path(data_home)
+    if not data_home.is_dir():
+        return choices
+    skip = {Path(demo_dir).resolve()} if demo_dir else set()
+    found: list[DatasetChoice] = []
+    candidates = sorted(p for p in data_home.iterdir() if not p.name.startswith("."))
+    for entry in candidates:
+        if entry.resolve() in skip:
+            continue
+        if entry.is_file() and entry.suffix.lower() == ".csv":
+            found.append(DatasetChoice(str(entry), f"{entry.name} (csv)", "csv"))
+        elif entry.is_dir():
+            if (entry / "DEMO_DATASET.json").is_file():
+                found.append(DatasetChoice(str(entry), f"{entry.name} (SYNTHETIC demo folder)", "folder", True))
+            elif _looks_like_dataset_folder(entry):
+                found.append(DatasetChoice(str(entry), f"{entry.name} (folder)", "folder"))
+            else:
+                for inner in sorted(entry.iterdir()):
+                    if inner.is_file() and inner.suffix.lower() == ".csv" and "fer" in inner.name.lower():
+                        found.append(DatasetChoice(str(inner), f"{entry.name}/{inner.name} (csv)", "csv"))
+                    elif inner.is_dir() and not inner.name.startswith(".") and _looks_like_dataset_folder(inner):
+                        found.append(DatasetChoice(str(inner), f"{entry.name}/{inner.name} (folder)", "folder"))
+    return choices + found
+
+
+def split_frame(table: list[dict[str, Any]]) -> pd.DataFrame:
+    """data.split_table rows as the reference's table: class, total, train, val, test, %."""
+    columns = ["class", "total", "train", "val", "test", "train %", "test %"]
+    return pd.DataFrame(table, columns=columns)
+
+
+def class_distribution_figure(counts: dict[str, int], title: str = "Images per class") -> go.Figure:
+    classes, values = list(counts), list(counts.values())
+    total = max(sum(values), 1)
+    figure = go.Figure(go.Bar(x=classes, y=values, marker_color=TRAIN_COLOR,
+                              text=[f"{v} ({100 * v / total:.0f}%)" for v in values],
+                              textposition="outside", cliponaxis=False,
+                              hovertemplate="%{x}: %{y} images<extra></extra>"))
+    figure.update_layout(title=title, yaxis_title="images", xaxis_title=None, height=340,
+                         margin=dict(l=10, r=10, t=50, b=10), showlegend=False)
+    return figure
+
+
+def split_distribution_figure(table: list[dict[str, Any]]) -> go.Figure:
+    """Stacked bars: train / val / test images for every class."""
+    classes = [row["class"] for row in table]
+    figure = go.Figure()
+    for part, color in (("train", TRAIN_COLOR), ("val", "#a5b4fc"), ("test", VAL_COLOR)):
+        figure.add_bar(name=part, x=classes, y=[row[part] for row in table], marker_color=color,
+                       hovertemplate=f"%{{x}}: %{{y}} {part} images<extra></extra>")
+    figure.update_layout(barmode="stack", title="Images per class and split", height=340,
+                         margin=dict(l=10, r=10, t=50, b=10), yaxis_title="images",
+                         legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    return figure
+
+
+# ---- runs -----------------------------------------------------------------------------
+
+def display_state(run: RunInfo) -> str:
+    return "damaged" if run.damaged and run.state not in ACTIVE_STATES else run.state
+
+
+def run_row(run: RunInfo) -> dict[str, Any]:
+    """One row of the runs table."""
+    config = run.config
+    planned = config.get("epochs") or run.status.get("epochs")
+    done = len(run.metrics)
+    return {
+        "run": run.id,
+        "state": display_state(run),
+        "problems": "; ".join(run.problems),
+        "dataset": dataset_label(config.get("data"), config.get("synthetic_data")),
+        "mode": config.get("mode", "—"),
+        "stem": config.get("stem", "—"),
+        "img px": config.get("img_size"),
+        "batch": config.get("batch_size"),
+        "lr": config.get("lr"),
+        "weights": config.get("weights_source", "—"),
+        "epochs": f"{done}/{planned}" if planned else str(done),
+        "best val acc": run.best_val_acc,
+        "test acc": run.test_accuracy,
+        "macro-F1": run.macro_f1,
+        "duration": format_duration(run.duration_s),
+        "started": format_time(run.status.get("started_at") or run.status.get("queued_at")),
+        "path": str(run.path),
+    }
+
+
+def runs_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
+    columns = ["run", "state", "dataset", "mode", "stem", "img px", "batch", "lr", "weights",
+               "epochs", "best val acc", "test acc", "macro-F1", "duration", "started", "problems",
+               "path"]
+    return pd.DataFrame([run_row(r) for r in runs], columns=columns)
+
+
+def best_run(runs: Sequence[RunInfo]) -> RunInfo | None:
+    """The completed run with the highest test accuracy, or None."""
+    scored = [r for r in runs if r.state == "completed" and r.test_accuracy is not None]
+    return max(scored, key=lambda r: r.test_accuracy) if scored else None
+
+
+def hparam_diff(runs: Sequence[RunInfo]) -> pd.DataFrame:
+    """Hyper-parameters (rows) x runs (columns), only the keys whose values differ."""
+    keys = set()
+    for run in runs:
+        keys.update(k for k in run.config if k not in _BOOKKEEPING_KEYS)
+    ordered = [k for k in _HPARAM_ORDER if k in keys] + sorted(keys - set(_HPARAM_ORDER))
+    rows = {}
+    for key in ordered:
+        values = [run.config.get(key) for run in runs]
+        if len({_hashable(v) for v in values}) > 1:
+            rows[key] = ["—" if v is None else str(v) for v in values]
+    labels = _unique_labels(runs)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=labels) if rows else \
+        pd.DataFrame(columns=labels)
+
+
+def _hashable(value: Any) -> Any:
+    return repr(value) if isinstance(value, (list, dict, set)) else value
+
+
+def _unique_labels(runs: Sequence[RunInfo]) -> list[str]:
+    labels, seen = [], {}
+    for run in runs:
+        label = run.id
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return labels
+
+
+def metrics_frame(metrics: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds",
+               "images_per_second"]
+    return pd.DataFrame(list(metrics), columns=columns)
+
+
+def curves_figure(metrics: Sequence[dict[str, Any]], selection_split: str = "val",
+                  height: int = 340) -> go.Figure:
+    """Loss and accuracy per epoch, train vs validation, side by side."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"), horizontal_spacing=0.08)
+    epochs = [m.get("epoch") for m in metrics]
+    val_name = "validation" if selection_split == "val" else selection_split
+    for col, (key, label) in enumerate((("loss", "loss"), ("acc", "accuracy")), start=1):
+        for split, name, color, dash in (("train", "train", TRAIN_COLOR, "solid"),
+                                         ("val", val_name, VAL_COLOR, "solid")):
+            figure.add_trace(go.Scatter(
+                x=epochs, y=[m.get(f"{split}_{key}") for m in metrics], name=name,
+                mode="lines+markers", line=dict(color=color, dash=dash), legendgroup=split,
+                showlegend=col == 1,
+                hovertemplate=f"epoch %{{x}}<br>{name} {label} %{{y:.4f}}<extra></extra>"), row=1, col=col)
+    figure.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 20 else None)
+    figure.update_yaxes(tickformat=".0%", row=1, col=2, rangemode="tozero")
+    figure.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10), hovermode="x unified",
+                         legend=dict(orientation="h", y=1.12, x=1, xanchor="right", yanchor="bottom"))
+    return figure
+
+
+def overlay_figure(runs: Sequence[RunInfo], key: str, title: str, percent: bool = False) -> go.Figure:
+    """One line per run for one metric (e.g. val_acc) over epochs."""
+    figure = go.Figure()
+    for label, run in zip(_unique_labels(runs), runs):
+        figure.add_trace(go.Scatter(x=[m.get("epoch") for m in run.metrics],
+                                    y=[m.get(key) for m in run.metrics], mode="lines+markers",
+                                    name=label, hovertemplate=f"{label}<br>epoch %{{x}}: %{{y:.4f}}<extra></extra>"))
+    figure.update_layout(title=title, height=360, xaxis_title="epoch", margin=dict(l=10, r=10, t=50, b=10),
+                         legend=dict(orientation="h", y=-0.25))
+    if percent:
+        figure.update_yaxes(tickformat=".0%")
+    return figure
+
+
+def job_progress(status: dict[str, Any] | Any) -> float:
+    """Fraction of the whole run done, from epoch/batch counters (a dict or a JobInfo)."""
+    get = status.get if isinstance(status, dict) else (lambda k, d=None: getattr(status, k, d))
+    state = get("state")
+    if state == "completed":
+        return 1.0
+    epoch, epochs = int(get("epoch") or 0), int(get("epochs") or 0)
+    batch, batches = int(get("batch") or 0), int(get("batches") or 0)
+    if epochs <= 0 or epoch <= 0:
+        return 0.0
+    within = batch / batches if batches > 0 else 0.0
+    return float(min(1.0, max(0.0, (epoch - 1 + within) / epochs)))
+
+
+# ---- evaluation -----------------------------------------------------------------------
+
+def confusion_figure(evaluation: dict[str, Any], normalise: bool = False,
+                     selected: tuple[str, str] | None = None, title: str | None = None,
+                     height: int = 520, show_scale: bool = True) -> go.Figure:
+    """Interactive heatmap: rows = true class, columns = predicted, class order as trained.
+    Cells show counts (and the row share); hovering explains the cell in words."""
+    classes = list(evaluation["classes"])
+    counts = np.asarray(evaluation["confusion_matrix"], dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+    z = shares if normalise else counts
+    text = [[(f"{shares[i, j]:.0%}" if normalise else f"{counts[i, j]}") for j in range(len(classes))]
+            for i in range(len(classes))]
+    custom = np.dstack([counts, shares])
+    figure = go.Figure(go.Heatmap(
+        z=z, x=classes, y=classes, text=text, texttemplate="%{text}", customdata=custom,
+        colorscale="Blues", zmin=0, zmax=1 if normalise else max(int(counts.max()), 1),
+        showscale=show_scale, xgap=2, ygap=2,
+        colorbar=dict(title="share" if normalise else "images", tickformat=".0%" if normalise else None),
+        hovertemplate="true <b>%{y}</b> predicted as <b>%{x}</b><br>%{customdata[0]} images, "
+                      "%{customdata[1]:.1%} of %{y}<extra></extra>"))
+    if selected and selected[0] in classes and selected[1] in classes:
+        i, j = classes.index(selected[0]), classes.index(selected[1])
+        figure.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5,
+                         line=dict(color=VAL_COLOR, width=3))
+    figure.update_xaxes(title_text="predicted class", side="bottom", type="category", tickangle=-30)
+    figure.update_yaxes(title_text="true class", autorange="reversed", type="category")
+    figure.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=50 if title else 20, b=10),
+                         clickmode="event+select", dragmode=False)
+    return figure
+
+
+def cell_from_selection(selection: Any, classes: Sequence[str]) -> tuple[str, str] | None:
+    """(true, predicted) from a plotly chart selection event, or None."""
+    try:
+        points = selection["selection"]["points"]
+    except (KeyError, TypeError):
+        points = getattr(getattr(selection, "selection", None), "points", None)
+    if not points:
+        return None
+    point = points[0]
+    true, predicted = point.get("y"), point.get("x")
+    if true in classes and predicted in classes:
+        return str(true), str(predicted)
+    index = point.get("point_index") or point.get("point_indices")
+    if isinstance(index, (list, tuple)) and len(index) == 2:
+        row, col = index
+        return classes[int(row)], classes[int(col)]
+    return None
+
+
+def confusion_cells(evaluation: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """Every non-empty cell as (true, predicted, count): mistakes first, largest first."""
+    classes = list(evaluation["classes"])
+    matrix = evaluation["confusion_matrix"]
+    cells = [(classes[i], classes[j], int(matrix[i][j])) for i in range(len(classes))
+             for j in range(len(classes)) if matrix[i][j] > 0]
+    cells.sort(key=lambda c: (c[0] == c[1], -c[2]))
+    return cells
+
+
+def per_class_frame(evaluation: dict[str, Any]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class, from sklearn's report dict."""
+    report = evaluation.get("report", {})
+    rows = []
+    for name in evaluation["classes"]:
+        scores = report.get(name, {})
+        rows.append({"class": name, "precision": scores.get("precision", 0.0),
+                     "recall": scores.get("recall", 0.0), "f1": scores.get("f1-score", 0.0),
+                     "support": int(scores.get("support", 0))})
+    return pd.DataFrame(rows, columns=["class", "precision", "recall", "f1", "support"])
+
+
+def cell_examples(predictions: Sequence[dict[str, Any]], true: str, predicted: str,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+    """Test images with this true and predicted class, the most confident predictions first."""
+    rows = [r for r in predictions if r["true"] == true and r["predicted"] == predicted]
+    rows.sort(key=lambda r: -r["probabilities"].get(predicted, 0.0))
+    return rows[:limit] if limit else rows
+
+
+def load_image_array(path: str) -> np.ndarray | None:
+    """A test image as a 48x48-ish grey uint8 array for display; None if it cannot be read.
+
+    'file.csv#row' references (fer2013.csv rows) are decoded from the csv."""
+    if "#" in path and path.rsplit("#", 1)[0].lower().endswith(".csv"):
+        file, row = path.rsplit("#", 1)
+        images = load_csv_rows(file, [int(row)]) if row.isdigit() else {}
+        return images.get(int(row)) if row.isdigit() else None
+    try:
+        from PIL import Image
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+    except Exception:  # a moved or unreadable file only loses its thumbnail
+        return None
+
+
+def load_csv_rows(path: str, rows: Iterable[int]) -> dict[int, np.ndarray]:
+    """Decode the given 1-based csv line numbers (the header is line 1) of a fer2013.csv."""
+    wanted = set(rows)
+    found: dict[int, np.ndarray] = {}
+    if not wanted:
+        return found
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            reader = csv.DictReader(handle)
+            columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+            pixels_key = columns.get("pixels")
+            if pixels_key is None:
+                return found
+            last = max(wanted)
+            for line_number, row in enumerate(reader, start=2):
+                if line_number in wanted:
+                    try:
+                        values = np.array(str(row[pixels_key]).split(), dtype=np.int64)
+                        side = int(round(math.sqrt(values.size)))
+                        if side * side == values.size:
+                            found[line_number] = np.clip(values, 0, 255).astype(np.uint8).reshape(side, side)
+                    except (ValueError, TypeError):
+                        pass
+                if line_number >= last:
+                    break
+    except OSError:
+        pass
+    return found
+
+
+def probability_caption(row: dict[str, Any], top: int = 3) -> str:
+    """'happy 81% · neutral 12% · sad 4%' for one prediction row."""
+    probabilities = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:top]
+    return " · ".join(f"{name} {p:.0%}" for name, p in probabilities)
+
+
+def probability_frame(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> pd.DataFrame:
+    data = [{"image": Path(r["path"]).name, "true": r["true"], "predicted": r["predicted"],
+             **{c: r["probabilities"].get(c, 0.0) for c in classes}} for r in rows]
+    return pd.DataFrame(data, columns=["image", "true", "predicted", *classes])

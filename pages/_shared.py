@@ -1,0 +1,134 @@
+"""Streamlit bits every page shares: the folders in session state, the sidebar, badges.
+
+Not a page (the router lists pages explicitly). Anything that is not drawing lives in
+fer_core.ui_data instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from fer_core import ui_data
+
+RUNS_DIR_KEY = "runs_dir"
+CHECKPOINTS_DIR_KEY = "checkpoints_dir"
+SELECTED_RUN_KEY = "selected_run"          # a one-shot request: "show this run" (Train, Evaluate)
+DATA_SOURCE_KEY = "data_source"            # the data source last chosen on the Data page
+
+
+def init_settings() -> None:
+    """Folders default to FER_RUNS_DIR / FER_CHECKPOINTS_DIR, else runs/ and checkpoints/."""
+    st.session_state.setdefault(RUNS_DIR_KEY, os.environ.get("FER_RUNS_DIR", "runs"))
+    st.session_state.setdefault(CHECKPOINTS_DIR_KEY, os.environ.get("FER_CHECKPOINTS_DIR", "checkpoints"))
+
+
+def runs_dir() -> Path:
+    return Path(st.session_state.get(RUNS_DIR_KEY) or os.environ.get("FER_RUNS_DIR", "runs"))
+
+
+def checkpoints_dir() -> Path:
+    return Path(st.session_state.get(CHECKPOINTS_DIR_KEY)
+                or os.environ.get("FER_CHECKPOINTS_DIR", "checkpoints"))
+
+
+def data_home() -> Path:
+    from fer_core.download import default_data_home
+    return default_data_home()
+
+
+def demo_dir() -> Path:
+    from fer_core.demo import demo_dataset_dir
+    return demo_dataset_dir()
+
+
+@st.cache_resource(show_spinner=False)
+def limit_app_threads() -> None:
+    """One torch thread in the app process; the training process gets the cores."""
+    import torch
+    torch.set_num_threads(1)
+
+
+@st.cache_resource(show_spinner=False)
+def device_description() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"CUDA: {torch.cuda.get_device_name(0)}"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def _copy_setting(widget_key: str, setting_key: str) -> None:
+    value = str(st.session_state.get(widget_key, "")).strip()
+    if value:
+        st.session_state[setting_key] = value
+
+
+def settings_panel(device: str) -> None:
+    """Folders (editable) and the device, at the bottom of the sidebar."""
+    st.caption(f":material/memory: Device: **{device}**")
+    with st.expander("Folders", icon=":material/folder:"):
+        st.text_input("Runs folder", value=str(runs_dir()), key="_runs_dir_input",
+                      on_change=_copy_setting, args=("_runs_dir_input", RUNS_DIR_KEY),
+                      help="Where run directories are written and read. Default: runs/ "
+                           "(or $FER_RUNS_DIR).")
+        st.text_input("Checkpoints folder", value=str(checkpoints_dir()), key="_ckpt_dir_input",
+                      on_change=_copy_setting, args=("_ckpt_dir_input", CHECKPOINTS_DIR_KEY),
+                      help="Where finished best models are published. Default: checkpoints/ "
+                           "(or $FER_CHECKPOINTS_DIR).")
+
+
+@st.fragment(run_every=2)
+def active_job_panel() -> None:
+    """The running job's progress, refreshed every 2 s; also advances the job queue."""
+    folder = runs_dir()
+    st.markdown("**Training job**")
+    if not folder.is_dir():
+        st.caption("No runs yet.")
+        return
+    try:
+        from fer_core import jobs
+        jobs.pump_queue(folder, max_concurrent=1)
+        active = jobs.active_jobs(folder)
+    except Exception as exc:  # the sidebar must never take the page down
+        st.caption(f"Job status unavailable: {exc}")
+        return
+    running = [j for j in active if j.state == "running"]
+    queued = [j for j in active if j.state == "queued"]
+    if not running and not queued:
+        st.caption("Idle: no job running.")
+        return
+    for job in running[:1]:
+        epoch = f"epoch {job.epoch or 0}/{job.epochs or '?'}"
+        eta = f" · {ui_data.format_duration(job.eta_s)} left" if job.eta_s else ""
+        st.caption(f":material/progress_activity: `{job.experiment}` ({job.mode})")
+        st.progress(ui_data.job_progress(job), text=f"{epoch}{eta}")
+    if queued:
+        st.caption(f":material/schedule: {len(queued)} job(s) queued")
+    if st.button("Open monitor", key="sidebar_open_monitor", icon=":material/monitoring:",
+                 type="tertiary"):
+        st.switch_page("pages/train.py")
+
+
+def state_badge(state: str) -> None:
+    st.badge(state, icon=ui_data.STATE_ICONS.get(state), color=ui_data.STATE_COLORS.get(state, "gray"))
+
+
+def synthetic_badge(help_text: str | None = None) -> None:
+    st.badge("SYNTHETIC data", icon=":material/science:", color="orange",
+             help=help_text or "The built-in demo: procedurally drawn cartoon faces, not photographs. "
+                               "Scores on it say nothing about real faces.")
+
+
+def run_label(run) -> str:
+    """How a run is named in pickers: its id, state and (when scored) test accuracy."""
+    state = ui_data.display_state(run)
+    accuracy = f" · test {ui_data.format_percent(run.test_accuracy)}" if run.test_accuracy is not None else ""
+    synthetic = " · SYNTHETIC" if run.config.get("synthetic_data") else ""
+    return f"{run.id}  [{state}{accuracy}{synthetic}]"
+
+
+def take_selected_run() -> str | None:
+    """Pop the one-shot 'show this run' request set by another page."""
+    return st.session_state.pop(SELECTED_RUN_KEY, None)

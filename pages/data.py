@@ -1,0 +1,197 @@
+"""Data: choose a source, see its classes, its split, sample faces and unreadable files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import streamlit as st
+
+from fer_core import ui_data
+from fer_core.download import (CREDENTIALS_HELP, DEFAULT_DATASET, dataset_dest, download_dataset,
+                               find_credentials, is_downloaded)
+from fer_core.errors import FerError
+from pages._shared import DATA_SOURCE_KEY, data_home, demo_dir, synthetic_badge
+
+SOURCES = {"demo": "Built-in demo", "local": "Local folder or fer2013.csv", "kaggle": "Kaggle download"}
+SAMPLES_PER_CLASS = 8
+
+
+@st.cache_resource(show_spinner="Loading and decoding images (cached after the first time)…",
+                   max_entries=4)
+def load_source(spec: str, cache_dir: str):
+    """The decoded dataset for a source string; one copy shared by every session."""
+    from fer_core.data import load_dataset
+    return load_dataset(spec, cache_dir=cache_dir or None)
+
+
+def test_fraction_adjustable() -> bool:
+    """Training jobs take their settings as CLI flags; the test share is one only if offered."""
+    from fer_core.cli import TRAIN_FLAGS
+    return any(flag == "--test-fraction" for flag, _ in TRAIN_FLAGS)
+
+
+st.title("Data")
+st.caption("Pick where the faces come from. Training reads the same source, so what you see here "
+           "is what the model learns from.")
+
+initial = st.session_state.get(DATA_SOURCE_KEY, "demo")
+default_kind = "demo" if initial == "demo" else "local"
+kind = st.segmented_control("Source", list(SOURCES), format_func=SOURCES.get, key="data_kind",
+                            default=default_kind, required=True)
+spec: str | None = None
+
+if kind == "demo":
+    st.info("The built-in demo is :orange-badge[SYNTHETIC]: procedurally drawn cartoon faces, seven "
+            "emotions, generated offline. It is for trying the app; scores on it say nothing about "
+            "real faces.", icon=":material/science:")
+    spec = "demo"
+
+elif kind == "local":
+    found = [c for c in ui_data.discover_datasets(data_home(), demo_dir()) if c.kind != "demo"]
+    options = [c.spec for c in found] + ["__other__"]
+    labels = {c.spec: c.label for c in found} | {"__other__": "Another path…"}
+    default_index = options.index(initial) if initial in options else 0
+    picked = st.selectbox("Dataset", options, index=default_index, format_func=labels.get,
+                          key="data_local_pick",
+                          help=f"Folders and fer2013.csv files found under {data_home()}")
+    if picked == "__other__":
+        typed = st.text_input("Path to a folder or fer2013.csv", key="data_local_path",
+                              value="" if initial == "demo" or initial in options else initial,
+                              placeholder="/path/to/fer2013  or  /path/to/fer2013.csv",
+                              help="A folder of class folders (angry/, happy/, …), a folder with "
+                                   "train/ and test/ class folders, or Kaggle's fer2013.csv.")
+        spec = typed.strip() or None
+    else:
+        spec = picked
+
+elif kind == "kaggle":
+    slug = st.text_input("Kaggle dataset", value=DEFAULT_DATASET, key="data_kaggle_slug",
+                         help="owner/name as in the dataset's URL on kaggle.com").strip()
+    credentials = find_credentials()
+    if credentials:
+        st.success(f"Kaggle credentials found: {credentials}", icon=":material/key:")
+    else:
+        st.warning(CREDENTIALS_HELP, icon=":material/key_off:")
+    target = dataset_dest(slug) if "/" in slug else None
+    already = target is not None and is_downloaded(target)
+    if already:
+        st.caption(f"Already downloaded to `{target}`.")
+        spec = str(target)
+    if st.button("Download", icon=":material/download:", type="primary", key="data_download",
+                 disabled=already or not credentials,
+                 help=None if credentials else "Set Kaggle credentials first (see above)."):
+        with st.status(f"Downloading {slug} from Kaggle…", expanded=True) as status:
+            try:
+                folder = download_dataset(slug, log=st.write)
+            except FerError as exc:
+                status.update(label="Download failed", state="error")
+                st.error(str(exc), icon=":material/error:")
+            else:
+                status.update(label=f"Downloaded to {folder}", state="complete", expanded=False)
+                spec = str(folder)
+                load_source.clear()
+
+if not spec:
+    st.stop()
+
+try:
+    dataset = load_source(spec, os.environ.get("FER_CACHE_DIR", ""))
+except FerError as exc:
+    st.error(f"This source cannot be used: {exc}", icon=":material/error:")
+    st.stop()
+except OSError as exc:
+    st.error(f"Could not read {spec}: {exc}", icon=":material/error:")
+    st.stop()
+
+st.session_state[DATA_SOURCE_KEY] = spec
+
+# ---- overview --------------------------------------------------------------------------
+st.divider()
+head, action = st.columns([3, 1], vertical_alignment="center")
+with head:
+    st.subheader(ui_data.dataset_label(spec, dataset.synthetic))
+    if dataset.synthetic:
+        synthetic_badge()
+    st.caption(f"Source: `{dataset.source}`")
+with action:
+    if st.button("Train on this dataset", icon=":material/model_training:", type="primary",
+                 width="stretch", key="data_to_train"):
+        st.switch_page("pages/train.py")
+    if st.button("Reload from disk", icon=":material/refresh:", width="stretch", key="data_reload",
+                 help="Re-read the folder (after adding or removing files)."):
+        load_source.clear()
+        st.rerun()
+
+counts = dataset.class_counts()
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Images", f"{len(dataset):,}", border=True)
+m2.metric("Classes", len(dataset.classes), border=True)
+m3.metric("Smallest class", f"{min(counts.values()):,}", border=True,
+          help=f"{min(counts, key=counts.get)}: imbalance makes rare classes harder to learn")
+m4.metric("Unreadable files", len(dataset.bad_files), border=True,
+          help="Files skipped because they are not images or cannot be decoded")
+
+# ---- split -----------------------------------------------------------------------------
+st.subheader("Class distribution and split")
+has_given_split = dataset.given_split is not None
+c1, c2, c3 = st.columns(3)
+seed = c1.number_input("Seed", min_value=0, value=42, step=1, key="data_seed",
+                       help="The same seed always gives the same split (training uses it too).")
+val_fraction = c2.slider("Validation fraction", 0.0, 0.45, 0.10, 0.05, key="data_val_fraction",
+                         help="Share of the training images held out to pick the best epoch. 0 picks "
+                              "on the test split, as the reference did (optimistic).")
+test_fraction = c3.slider("Test fraction", 0.05, 0.5, 0.25, 0.05, key="data_test_fraction",
+                          disabled=has_given_split or not test_fraction_adjustable(),
+                          help="The source's own train/test split is kept when it has one."
+                          if has_given_split else "Share of all images kept for the final test "
+                          "(training uses 0.25 unless the training command offers --test-fraction).")
+if has_given_split:
+    st.caption("This source has its own **train/test** split; it is kept as given and validation "
+               "images are carved from train.")
+
+from fer_core.data import assign_splits, split_table  # noqa: E402  (torch-heavy, after the UI is up)
+
+try:
+    splits = assign_splits(dataset, test_fraction=test_fraction, val_fraction=val_fraction, seed=int(seed))
+except FerError as exc:
+    st.error(f"Cannot split this dataset: {exc}", icon=":material/error:")
+    splits = None
+
+chart_left, chart_right = st.columns(2)
+chart_left.plotly_chart(ui_data.class_distribution_figure(counts), key="data_class_chart")
+if splits is not None:
+    table = split_table(dataset, splits)
+    chart_right.plotly_chart(ui_data.split_distribution_figure(table), key="data_split_chart")
+    frame = ui_data.split_frame(table)
+    st.dataframe(frame, hide_index=True, key="data_split_table",
+                 column_config={"train %": st.column_config.NumberColumn(format="%.1f%%",
+                                                                         help="train + val share"),
+                                "test %": st.column_config.NumberColumn(format="%.1f%%")})
+    parts = {p: int((splits == p).sum()) for p in ("train", "val", "test")}
+    st.caption(f"Total: {len(dataset):,} images = {parts['train']:,} train + {parts['val']:,} "
+               f"validation + {parts['test']:,} test. Stratified: every class keeps its share in "
+               "every split.")
+
+# ---- samples ---------------------------------------------------------------------------
+st.subheader("Sample faces per class")
+st.caption("Stored as FER2013 stores them: 48×48 grey. Shown enlarged.")
+rng = np.random.default_rng(int(seed))
+labels = dataset.labels.numpy()
+for index, name in enumerate(dataset.classes):
+    members = np.flatnonzero(labels == index)
+    chosen = rng.choice(members, size=min(SAMPLES_PER_CLASS, len(members)), replace=False)
+    label_col, images_col = st.columns([1, 7], vertical_alignment="center")
+    label_col.markdown(f"**{name}**  \n{len(members):,} images")
+    images_col.image([dataset.images[i].numpy() for i in sorted(chosen)], width=72)
+
+# ---- bad files -------------------------------------------------------------------------
+st.subheader("Unreadable files")
+if dataset.bad_files:
+    st.warning(f"{len(dataset.bad_files)} file(s) were skipped. Training ignores them too.",
+               icon=":material/warning:")
+    st.dataframe(dataset.bad_files, hide_index=True, key="data_bad_files",
+                 column_config={"path": st.column_config.TextColumn("file", width="large"),
+                                "reason": st.column_config.TextColumn("why it was skipped")})
+else:
+    st.success("Every file was readable.", icon=":material/check_circle:")

@@ -1,0 +1,192 @@
+"""Evaluate: test scores, the confusion matrix, the faces behind each cell, per-class scores,
+and two runs side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from fer_core import runs, ui_data
+from fer_core.evaluate import read_predictions, top_confusions
+from pages._shared import run_label, runs_dir, synthetic_badge, take_selected_run
+
+GALLERY_LIMIT = 30
+
+st.title("Evaluate")
+st.caption("How the best checkpoint of a run does on its held-out test images, and where it goes wrong.")
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def load_predictions(path: str, mtime_ns: int) -> list[dict]:
+    return read_predictions(Path(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=2048)
+def load_thumbnail(path: str):
+    return ui_data.load_image_array(path)
+
+
+def predictions_of(run: runs.RunInfo) -> list[dict]:
+    path = run.path / runs.PREDICTIONS_FILE
+    try:
+        return load_predictions(str(path), path.stat().st_mtime_ns)
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+folder = runs_dir()
+scored = [r for r in runs.list_runs(folder) if r.evaluation and r.evaluation.get("confusion_matrix")]
+if not scored:
+    st.info("No evaluated run yet. A run is evaluated on its test split when training completes: "
+            "start one on the **Train** page.", icon=":material/info:")
+    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.stop()
+
+by_path = {str(r.path): r for r in scored}
+options = list(by_path)
+requested = take_selected_run()
+if requested in options:
+    st.session_state["eval_run"] = requested
+elif st.session_state.get("eval_run") not in options:
+    st.session_state["eval_run"] = options[0]
+chosen = st.selectbox("Run", options, key="eval_run", format_func=lambda p: run_label(by_path[p]))
+run = by_path[chosen]
+evaluation = run.evaluation
+classes = list(evaluation["classes"])
+synthetic = bool(evaluation.get("synthetic") or run.config.get("synthetic_data"))
+
+if synthetic:
+    synthetic_badge()
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Test accuracy", ui_data.format_percent(evaluation.get("accuracy")), border=True,
+          help="Share of test images whose top prediction is the true class.")
+m2.metric("Macro-F1", ui_data.format_percent(evaluation.get("macro_f1")), border=True,
+          help="F1 averaged over classes with equal weight: rare classes count as much as common ones.")
+m3.metric("Test images", f"{evaluation.get('num_images', 0):,}", border=True)
+m4.metric("Best epoch", evaluation.get("best_epoch", "—"), border=True,
+          help="The checkpoint with the best validation accuracy; it is the one evaluated."
+               + (" Predictions average the face and its mirror image (TTA)." if evaluation.get("tta") else ""))
+
+mistakes_tab, classes_tab, compare_tab = st.tabs(["Mistakes", "Per-class scores", "Compare two runs"])
+
+# ---- confusion matrix and the faces behind a cell ----------------------------------------
+with mistakes_tab:
+    chart_key = f"eval_cm::{run.id}"
+    cell_key = f"eval_cell::{run.id}"
+    click_key = f"eval_click::{run.id}"
+    cells = ui_data.confusion_cells(evaluation)
+    matrix = evaluation["confusion_matrix"]
+    all_cells = [f"{t}|{p}" for t, p, _ in cells] + [
+        f"{t}|{p}" for t in classes for p in classes if matrix[classes.index(t)][classes.index(p)] == 0]
+    clicked = ui_data.cell_from_selection(st.session_state.get(chart_key), classes)
+    if clicked and clicked != st.session_state.get(click_key):
+        st.session_state[click_key] = clicked
+        st.session_state[cell_key] = "|".join(clicked)
+    if st.session_state.get(cell_key) not in all_cells:
+        st.session_state[cell_key] = all_cells[0]
+    true_class, predicted_class = st.session_state[cell_key].split("|")
+
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        normalise = st.toggle("Row-normalised (share of each true class)", key="eval_normalise",
+                              help="Off: image counts. On: each row sums to 100%, so rare classes "
+                                   "are as readable as common ones.")
+        st.plotly_chart(ui_data.confusion_figure(evaluation, normalise, (true_class, predicted_class)),
+                        key=chart_key, on_select="rerun", selection_mode=("points",),
+                        config={"displayModeBar": False})
+        st.caption("Rows: the true emotion. Columns: what the model predicted. The diagonal is "
+                   "correct. **Click a cell** to see those faces below.")
+    with right:
+        st.markdown("**Most common mistakes**")
+        confusions = top_confusions(evaluation, k=6)
+        if confusions:
+            for item in confusions:
+                st.markdown(f"- **{item['true']}** predicted as **{item['predicted']}**: "
+                            f"{item['count']} images, {item['share_of_true']:.0%} of {item['true']}")
+        else:
+            st.success("No mistakes on the test split.")
+        report = evaluation.get("report", {})
+        f1 = {c: report.get(c, {}).get("f1-score", 0.0) for c in classes}
+        hardest = min(f1, key=f1.get)
+        easiest = max(f1, key=f1.get)
+        st.markdown(f"**Easiest class:** {easiest} (F1 {f1[easiest]:.0%}).  \n"
+                    f"**Hardest class:** {hardest} (F1 {f1[hardest]:.0%}).")
+
+    counts_by_cell = {f"{t}|{p}": n for t, p, n in cells}
+
+    def describe_cell(key: str) -> str:
+        t, p = key.split("|")
+        n = counts_by_cell.get(key, 0)
+        kind = "correct" if t == p else "mistake"
+        return f"true {t} → predicted {p} · {n} image{'s' if n != 1 else ''} ({kind})"
+
+    st.selectbox("Cell to inspect", all_cells, key=cell_key, format_func=describe_cell,
+                 help="The same as clicking a cell of the matrix.")
+    predictions = predictions_of(run)
+    examples = ui_data.cell_examples(predictions, true_class, predicted_class)
+    heading = (f"{len(examples)} test face(s) that are **{true_class}** and were predicted "
+               f"**{predicted_class}**")
+    st.markdown(heading + (" (correct)" if true_class == predicted_class else ""))
+    if not predictions:
+        st.warning("This run has no readable predictions.csv, so the faces cannot be shown.")
+    elif examples:
+        shown = examples[:GALLERY_LIMIT]
+        images, captions, missing = [], [], 0
+        for row in shown:
+            array = load_thumbnail(row["path"])
+            if array is None:
+                missing += 1
+                continue
+            images.append(array)
+            captions.append(ui_data.probability_caption(row, top=2))
+        if images:
+            st.image(images, caption=captions, width=110)
+        if missing:
+            st.caption(f"{missing} image(s) could not be loaded (moved or deleted since training).")
+        if len(examples) > GALLERY_LIMIT:
+            st.caption(f"Showing the {GALLERY_LIMIT} most confident of {len(examples)}.")
+        with st.expander("Probabilities of these faces"):
+            st.dataframe(ui_data.probability_frame(shown, classes), hide_index=True,
+                         key=f"eval_probs::{run.id}",
+                         column_config={c: st.column_config.ProgressColumn(c, min_value=0.0, max_value=1.0,
+                                                                           format="percent")
+                                        for c in classes})
+    else:
+        st.caption("No test image falls in this cell.")
+
+# ---- per-class report --------------------------------------------------------------------
+with classes_tab:
+    frame = ui_data.per_class_frame(evaluation)
+    bar = {c: st.column_config.ProgressColumn(c, min_value=0.0, max_value=1.0, format="percent")
+           for c in ("precision", "recall", "f1")}
+    st.dataframe(frame, hide_index=True, key=f"eval_report::{run.id}",
+                 column_config={**bar, "support": st.column_config.NumberColumn("test images")})
+    st.caption("**Precision**: of the faces predicted as this class, the share that really are. "
+               "**Recall**: of the faces of this class, the share found. **F1**: their harmonic mean.")
+
+# ---- two runs side by side ----------------------------------------------------------------
+with compare_tab:
+    others = [p for p in options if p != chosen and list(by_path[p].evaluation["classes"]) == classes]
+    if not others:
+        st.caption("Train another run on the same classes to compare their confusion matrices.")
+    else:
+        other_path = st.selectbox("Compare with", others, key="eval_compare",
+                                  format_func=lambda p: run_label(by_path[p]))
+        other = by_path[other_path]
+        shared_normalise = st.toggle("Row-normalised", value=True, key="eval_compare_normalise")
+        a, b = st.columns(2)
+        for column, item in ((a, run), (b, other)):
+            with column:
+                ev = item.evaluation
+                st.markdown(f"**{item.id}**")
+                st.caption(f"test accuracy {ui_data.format_percent(ev.get('accuracy'))} · macro-F1 "
+                           f"{ui_data.format_percent(ev.get('macro_f1'))}")
+                st.plotly_chart(ui_data.confusion_figure(ev, shared_normalise, height=420, show_scale=False),
+                                key=f"eval_compare_cm::{item.id}", config={"displayModeBar": False})
+        delta = ui_data.per_class_frame(run.evaluation)[["class", "f1"]].merge(
+            ui_data.per_class_frame(other.evaluation)[["class", "f1"]], on="class", suffixes=(" (this)", " (other)"))
+        delta["difference"] = delta["f1 (this)"] - delta["f1 (other)"]
+        st.dataframe(delta, hide_index=True, key="eval_compare_f1",
+                     column_config={c: st.column_config.NumberColumn(format="percent")
+                                    for c in ("f1 (this)", "f1 (other)", "difference")})

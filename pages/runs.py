@@ -1,0 +1,128 @@
+"""Runs: every run with its scores; compare curves and settings; download, archive, delete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from fer_core import run_admin, runs, ui_data
+from fer_core.errors import FerError
+from pages._shared import SELECTED_RUN_KEY, run_label, runs_dir
+
+st.title("Runs")
+folder = runs_dir()
+all_runs = runs.list_runs(folder)
+st.caption(f"Every run folder under `{folder}`, newest first.")
+
+if not all_runs:
+    st.info("No runs yet. Start one on the **Train** page, or with one click on **Home**.",
+            icon=":material/info:")
+    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.stop()
+
+states = [ui_data.display_state(r) for r in all_runs]
+counts = {s: states.count(s) for s in dict.fromkeys(states)}
+st.markdown(" ".join(f":{ui_data.STATE_COLORS.get(s, 'gray')}-badge[{s}: {n}]" for s, n in counts.items()))
+
+frame = ui_data.runs_frame(all_runs)
+st.dataframe(
+    frame, hide_index=True, key="runs_table",
+    column_order=["run", "state", "dataset", "mode", "stem", "img px", "batch", "lr", "weights",
+                  "epochs", "best val acc", "test acc", "macro-F1", "duration", "started", "problems"],
+    column_config={
+        "run": st.column_config.TextColumn(width="medium", pinned=True),
+        "best val acc": st.column_config.NumberColumn(format="percent"),
+        "test acc": st.column_config.NumberColumn(format="percent"),
+        "macro-F1": st.column_config.NumberColumn(format="percent"),
+        "lr": st.column_config.NumberColumn(format="%g"),
+        "problems": st.column_config.TextColumn(width="large"),
+    })
+damaged = [r for r in all_runs if r.damaged]
+if damaged:
+    with st.expander(f"{len(damaged)} damaged run folder(s)", icon=":material/report:"):
+        for run in damaged:
+            st.markdown(f"- `{run.id}`: " + "; ".join(run.problems))
+
+# ---- compare ---------------------------------------------------------------------------
+st.subheader("Compare runs")
+by_path = {str(r.path): r for r in all_runs}
+with_metrics = [str(r.path) for r in all_runs if r.metrics]
+default = with_metrics[:2]
+chosen = st.multiselect("Runs to compare", with_metrics, default=default, key="runs_compare",
+                        format_func=lambda p: run_label(by_path[p]),
+                        help="Overlay their validation curves and list the settings that differ.")
+picked = [by_path[p] for p in chosen]
+if picked:
+    left, right = st.columns(2)
+    left.plotly_chart(ui_data.overlay_figure(picked, "val_acc", "Validation accuracy", percent=True),
+                      key="runs_overlay_acc")
+    right.plotly_chart(ui_data.overlay_figure(picked, "val_loss", "Validation loss"), key="runs_overlay_loss")
+    if len(picked) >= 2:
+        diff = ui_data.hparam_diff(picked)
+        st.markdown("**Settings that differ**")
+        if diff.empty:
+            st.caption("These runs used identical settings.")
+        else:
+            st.dataframe(diff, key="runs_diff")
+else:
+    st.caption("Pick runs with at least one finished epoch to compare them.")
+
+# ---- one run ---------------------------------------------------------------------------
+st.subheader("Manage a run")
+paths = [str(r.path) for r in all_runs]
+target = st.selectbox("Run", paths, format_func=lambda p: run_label(by_path[p]), key="runs_manage")
+run = by_path[target]
+busy = run.state in run_admin.BUSY_STATES
+
+with st.container(horizontal=True):
+    if run.best_checkpoint.is_file():
+        st.download_button("Download best checkpoint", data=run.best_checkpoint.read_bytes,
+                           file_name=f"{run.id.replace('/', '_')}_best.pt",
+                           mime="application/octet-stream", icon=":material/download:",
+                           key="runs_download", on_click="ignore")
+    else:
+        st.button("Download best checkpoint", disabled=True, key="runs_download_none",
+                  help="This run has no best.pt yet (no finished epoch).")
+    if st.button("Open in Train", icon=":material/monitoring:", key="runs_open_train"):
+        st.session_state[SELECTED_RUN_KEY] = target
+        st.switch_page("pages/train.py")
+    if run.evaluation and st.button("Open in Evaluate", icon=":material/grid_on:", key="runs_open_eval"):
+        st.session_state[SELECTED_RUN_KEY] = target
+        st.switch_page("pages/evaluate.py")
+    archive = st.button("Archive…", icon=":material/archive:", key="runs_archive", disabled=busy,
+                        help="Refused while the run is queued or running." if busy
+                        else f"Move it to {folder / run_admin.ARCHIVE_DIR}/ (hidden from the app).")
+    delete = st.button("Delete…", icon=":material/delete:", key="runs_delete", disabled=busy,
+                       help="Refused while the run is queued or running." if busy
+                       else "Delete the run folder and its checkpoints for good.")
+
+if archive or delete:
+    st.session_state["runs_pending"] = ("archive" if archive else "delete", target)
+
+pending = st.session_state.get("runs_pending")
+if pending and pending[1] == target:
+    action, path = pending
+    with st.container(border=True):
+        verb = "Archive" if action == "archive" else "Permanently delete"
+        st.warning(f"{verb} `{run.id}`?" + (" Its checkpoints are deleted too; this cannot be undone."
+                                             if action == "delete" else ""), icon=":material/warning:")
+        yes, no = st.columns(2)
+        if yes.button(f"Yes, {action}", type="primary", key="runs_confirm", width="stretch"):
+            st.session_state.pop("runs_pending", None)
+            try:
+                if action == "archive":
+                    moved = run_admin.archive_run(Path(path), folder)
+                    st.toast(f"Archived to {moved}", icon=":material/archive:")
+                else:
+                    run_admin.delete_run(Path(path), folder)
+                    st.toast(f"Deleted {run.id}", icon=":material/delete:")
+            except FerError as exc:
+                st.error(str(exc))
+            else:
+                st.rerun()
+        if no.button("Keep it", key="runs_cancel_action", width="stretch"):
+            st.session_state.pop("runs_pending", None)
+            st.rerun()
+elif busy:
+    st.caption(f"This run is {run.state}: cancel it on the Train page before archiving or deleting it.")

@@ -1,0 +1,59 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fer_core import runs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env_extra: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "fer_core", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_on_demo_end_to_end_prints_the_run_dir_last(tmp_path):
+    demo_env = {"FER_DEMO_DIR": str(tmp_path / "demo")}
+    result = cli("train", "--data", "demo", "--epochs", "2", "--img-size", "32", "--max-per-class", "10",
+                 "--batch-size", "16", "--no-pretrained", "--runs-dir", str(tmp_path / "runs"),
+                 "--checkpoints-dir", str(tmp_path / "ckpt"), "--experiment", "cli", env_extra=demo_env)
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert run_dir.is_dir() and run_dir.parts[-3:] == ("cli", "resnet18", "finetune")
+    assert "epoch 2/2" in result.stdout and "test accuracy" in result.stdout
+    for name in ("checkpoints/best.pt", "evaluation.json", "predictions.csv"):
+        assert (run_dir / name).is_file()
+    assert runs.read_json(run_dir / "config.json")["synthetic_data"] is True
+    assert list((tmp_path / "ckpt").glob("*.pt"))
+
+    listing = cli("runs", "--runs-dir", str(tmp_path / "runs"))
+    assert "completed" in listing.stdout and str(run_dir) in listing.stdout
+
+    evaluated = cli("evaluate", str(run_dir), env_extra=demo_env)
+    assert evaluated.returncode == 0 and "test accuracy" in evaluated.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["train", "--data", "demo", "--epochs", "-1"], "epochs"),
+    (["train", "--data", "demo", "--img-size", "4096"], "image size"),
+    (["train", "--data", "/no/such/folder"], "dataset not found"),
+    (["train", "--resume", "/no/such/run"], "cannot resume"),
+])
+def test_errors_exit_non_zero_with_one_line(tmp_path, args, words):
+    result = cli(*args, "--runs-dir", str(tmp_path / "runs"), timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("error:")
+
+
+def test_download_without_credentials_is_a_clear_message_not_a_hang(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE")}
+    env["KAGGLE_CONFIG_DIR"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "fer_core", "download", "--dest", str(tmp_path / "d")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "KAGGLE_API_TOKEN" in result.stderr and "Traceback" not in result.stderr

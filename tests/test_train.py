@@ -1,0 +1,164 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fer_core import runs
+from fer_core.models import load_checkpoint, model_from_checkpoint
+from fer_core.train import fit, lr_factor, resume
+
+from conftest import tiny_config
+
+CHECKPOINT_KEYS = {"model_state", "optimizer_state", "scheduler_state", "scaler_state", "epoch",
+                   "best_val_acc", "val_loss", "training_history", "config", "class_names"}
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
+def test_a_run_directory_has_everything_a_user_expects(trained_run):
+    parts = trained_run.parts
+    assert parts[-2:] == ("resnet18", "finetune") and parts[-3] == "default"
+    for name in ("config.json", "status.json", "metrics.jsonl", "split.csv", "data_report.json",
+                 "evaluation.json", "predictions.csv", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (trained_run / name).is_file(), name
+    assert list(trained_run.glob("events.out.tfevents.*"))
+    config = runs.read_json(trained_run / "config.json")
+    assert config["weights_source"] == "random" and config["torch_version"] == torch.__version__
+    assert runs.read_json(trained_run / "status.json")["state"] == "completed"
+
+
+def test_checkpoints_hold_the_promised_keys_and_load_weights_only(trained_run):
+    for name in ("best.pt", "last.pt"):
+        checkpoint = torch.load(trained_run / "checkpoints" / name, weights_only=True)
+        assert CHECKPOINT_KEYS <= set(checkpoint)
+    last = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and [h["epoch"] for h in last["training_history"]] == [1, 2]
+    model = model_from_checkpoint(load_checkpoint(trained_run / "checkpoints" / "best.pt"))
+    assert model.fc.out_features == 7
+
+
+def test_metrics_file_and_tensorboard_have_one_entry_per_epoch(trained_run):
+    rows, bad = runs.read_metrics(trained_run)
+    assert bad == 0 and [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_second"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    val_acc = scalars(trained_run, "epoch/val_acc")
+    assert [step for step, _ in val_acc] == [1, 2]
+    assert [round(v, 5) for _, v in val_acc] == [round(r["val_acc"], 5) for r in rows]
+
+
+def test_tensorboard_gets_images_graph_and_hparams(trained_run):
+    accumulator = EventAccumulator(str(trained_run))
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert "inputs/train_batch" in tags["images"]
+    assert "test/confusion_matrix" in tags["images"]
+    assert tags["graph"] is True
+
+
+def test_evaluation_covers_exactly_the_test_split(trained_run):
+    evaluation = runs.read_json(trained_run / "evaluation.json")
+    split = [line for line in (trained_run / "split.csv").read_text().splitlines()[1:] if line.endswith(",test")]
+    matrix = torch.tensor(evaluation["confusion_matrix"])
+    assert matrix.shape == (7, 7) and int(matrix.sum()) == len(split) == evaluation["num_images"]
+    assert 0.0 <= evaluation["accuracy"] <= 1.0
+    assert abs(evaluation["accuracy"] - float(matrix.trace()) / float(matrix.sum())) < 1e-9
+    assert evaluation["report"]["macro avg"]["f1-score"] == pytest.approx(evaluation["macro_f1"])
+    predictions = (trained_run / "predictions.csv").read_text().splitlines()
+    assert len(predictions) == len(split) + 1 and predictions[0].startswith("path,true,predicted,p_angry")
+
+
+def test_best_model_is_published_for_prediction(trained_run):
+    published = runs.read_json(trained_run / "status.json")["published_checkpoint"]
+    checkpoint = load_checkpoint(published)
+    assert "optimizer_state" not in checkpoint
+    assert checkpoint["evaluation"]["accuracy"] == runs.read_json(trained_run / "evaluation.json")["accuracy"]
+
+
+def test_resume_continues_the_same_history_and_logs(tiny_demo, tmp_path):
+    run_dir = fit(tiny_config(tiny_demo, tmp_path, epochs=1))
+    first_split = (run_dir / "split.csv").read_text()
+    resume(run_dir, epochs=3)
+    rows, _ = runs.read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert [h["epoch"] for h in last["training_history"]] == [1, 2, 3]
+    assert (run_dir / "split.csv").read_text() == first_split
+    assert [step for step, _ in scalars(run_dir, "epoch/val_acc")] == [1, 2, 3]
+    assert runs.read_json(run_dir / "status.json")["state"] == "completed"
+
+
+def test_resume_drops_epochs_logged_after_the_last_checkpoint(tiny_demo, tmp_path):
+    run_dir = fit(tiny_config(tiny_demo, tmp_path, epochs=1))
+    runs.append_metrics(run_dir, {"epoch": 2, "val_acc": 0.0})   # as if killed after logging
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 3, "val_')                        # and a torn line
+    resume(run_dir, epochs=2)
+    rows, bad = runs.read_metrics(run_dir)
+    assert bad == 0 and [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_cancel_request_stops_within_one_batch_and_keeps_checkpoints(tiny_demo, tmp_path):
+    config = tiny_config(tiny_demo, tmp_path, epochs=3, batch_size=8)
+    batches_after_cancel = []
+    run_dir_holder: list[Path] = []
+
+    def on_progress(event):
+        if batches_after_cancel:
+            batches_after_cancel.append(event["batch"])
+        if event["epoch"] == 2 and event["batch"] == 2:
+            run_dir = next(Path(config.runs_dir).glob("*/*/*/*"))
+            (run_dir / runs.CANCEL_FILE).touch()
+            run_dir_holder.append(run_dir)
+            batches_after_cancel.append("requested")
+
+    run_dir = fit(config, on_progress=on_progress)
+    assert batches_after_cancel == ["requested"]  # no batch ran after the request
+    assert runs.read_json(run_dir / "status.json")["state"] == "cancelled"
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 1
+    assert not (run_dir / "evaluation.json").exists()
+    resume(run_dir)
+    assert [r["epoch"] for r in runs.read_metrics(run_dir)[0]] == [1, 2, 3]
+
+
+def test_same_config_and_seed_give_the_same_metrics(tiny_demo, tmp_path):
+    first = fit(tiny_config(tiny_demo, tmp_path / "a", epochs=1))
+    second = fit(tiny_config(tiny_demo, tmp_path / "b", epochs=1))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in rows]
+    assert strip(runs.read_metrics(first)[0]) == strip(runs.read_metrics(second)[0])
+
+
+def test_head_only_trains_only_the_classifier(tiny_demo, tmp_path):
+    run_dir = fit(tiny_config(tiny_demo, tmp_path, epochs=1, mode="head_only", augment=False))
+    before_state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    from fer_core.models import build_model
+    torch.manual_seed(42)
+    fresh, _, _ = build_model(7, "head_only", "small", pretrained=False)
+    for name, tensor in fresh.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(tensor, before_state["model_state"][name]), name
+
+
+def test_a_failing_run_is_recorded_as_failed(tmp_path):
+    from fer_core.errors import DataError
+    with pytest.raises(DataError):
+        fit(tiny_config(tmp_path / "missing", tmp_path))
+    status_files = list((tmp_path / "runs").glob("*/*/*/*/status.json"))
+    status = json.loads(status_files[0].read_text())
+    assert status["state"] == "failed" and "not found" in status["error"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_schedules_start_low_or_at_base_and_end_near_zero(schedule):
+    factors = [lr_factor(step, 100, schedule, warmup_steps=0) for step in range(101)]
+    assert max(factors) == pytest.approx(1.0, abs=0.02)
+    assert factors[-1] < 0.01
+    if schedule == "onecycle":
+        assert factors[0] < 0.1

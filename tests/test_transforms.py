@@ -1,0 +1,35 @@
+import torch
+
+from fer_core.transforms import IMAGENET_MEAN, denormalise, eval_transform, train_transform
+
+
+def test_eval_transform_shape_dtype_and_normalisation():
+    images = torch.full((4, 48, 48), 255, dtype=torch.uint8)
+    x = eval_transform(images, 64)
+    assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    back = denormalise(x)
+    assert torch.allclose(back, torch.ones_like(back), atol=1e-5)
+
+
+def test_train_transform_is_seeded_and_random():
+    images = torch.randint(0, 256, (8, 48, 48), dtype=torch.uint8)
+    a = train_transform(images, 48, torch.Generator().manual_seed(1))
+    b = train_transform(images, 48, torch.Generator().manual_seed(1))
+    c = train_transform(images, 48, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.shape == (8, 3, 48, 48)
+
+
+def test_train_transform_keeps_a_face_recognisable():
+    """Augmentation must perturb, not destroy: augmented images stay correlated with the source."""
+    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+    pattern = ((yy < 24).to(torch.uint8) * 200 + 30).expand(16, 48, 48).clone()
+    clean = eval_transform(pattern, 48)[:, 0]
+    noisy = train_transform(pattern, 48, torch.Generator().manual_seed(0))[:, 0]
+    corr = torch.nn.functional.cosine_similarity(
+        (clean - clean.mean()).flatten(1), (noisy - noisy.mean()).flatten(1))
+    assert corr.median() > 0.6
+    assert not torch.allclose(clean, noisy)
+    assert IMAGENET_MEAN[0] > 0
