@@ -7,6 +7,7 @@ wrong, so the CLI and the app can show it as it is.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
 import os
@@ -14,6 +15,7 @@ import re
 import socket
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 from urllib.parse import urljoin
@@ -42,8 +44,10 @@ _REFUSED_PREFIXES = ("data:", "javascript:", "mailto:", "blob:")
 # Types that name no particular format: the bytes decide (many CDNs serve images like this).
 _UNTYPED = {"", "application/octet-stream", "binary/octet-stream", "application/binary"}
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
-          b"MM\x00*", b"\x00\x00\x01\x00")
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF",
+               b"GIF89a": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+               b"RIFF": "WebP"}
+_MAGIC = tuple(_SIGNATURES)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -55,7 +59,8 @@ def load_image(source: ImageSource, *, allow_private_urls: bool = False) -> Imag
     scheme is refused, a string without a scheme is a path.
     """
     if isinstance(source, Image.Image):
-        return _normalise(source, "the image")
+        with _pillow_warnings():
+            return _normalise(source, "the image")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image_bytes(bytes(source))
     if isinstance(source, str):
@@ -112,19 +117,36 @@ def decode_image_bytes(data: bytes, *, name: str = "the image") -> Image.Image:
     """Decode encoded image bytes (first frame) into an upright RGB image."""
     if not data:
         raise ImageInputError(f"{name} is empty (0 bytes)")
+    with _pillow_warnings():
+        return _normalise(_open(data, name), name)
+
+
+@contextlib.contextmanager
+def _pillow_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        # Pillow warns (not raises) between its own limit and twice that: treat both alike.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # "Corrupt EXIF data" and the like: the image is still usable, the log need not know
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        yield
+
+
+def _open(data: bytes, name: str) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (not raises) between its own limit and twice that: treat both alike.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageInputError(f"{name} is too large to decode safely ({exc})") from exc
     except UnidentifiedImageError as exc:
+        claimed = next((kind for magic, kind in _SIGNATURES.items() if data.startswith(magic)), None)
+        if claimed:
+            raise ImageInputError(f"{name} starts like a {claimed} file but its header is corrupt "
+                                  "or unsupported") from exc
         raise ImageInputError(f"{name} is not an image in a format this tool reads "
                               f"(JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF){_describe_start(data)}") from exc
     except Exception as exc:  # hostile headers make Pillow's parsers raise all sorts of errors
+        if "truncated" in str(exc).lower():
+            raise ImageInputError(f"{name} is truncated: the file ends inside its header") from exc
         raise ImageInputError(f"{name} has a corrupt image header ({type(exc).__name__}: {exc})") from exc
-    return _normalise(image, name)
 
 
 def _describe_start(data: bytes) -> str:
@@ -287,7 +309,7 @@ def blocked_address_reason(address: str) -> str | None:
             return blocked_address_reason(str(embedded))
     for reason, flag in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
                          ("multicast", ip.is_multicast), ("unspecified", ip.is_unspecified),
-                         ("private", ip.is_private), ("reserved", ip.is_reserved)):
+                         ("reserved", ip.is_reserved), ("private", ip.is_private)):
         if flag:
             return reason
     return None if ip.is_global else "non-public"
@@ -361,7 +383,7 @@ def _check_content_type(response: requests.Response) -> str:
 
 
 def _read_capped(response: requests.Response, max_bytes: int, deadline: float, host: str) -> bytes:
-    declared = response.headers.get("Content-Length", "")
+    declared = response.headers.get("Content-Length", "").split(",")[0].strip()
     if declared.isdigit() and int(declared) > max_bytes:
         raise ImageInputError(f"the image is {int(declared) / 2**20:.1f} MiB; downloads over "
                               f"{max_bytes / 2**20:.1f} MiB are refused")

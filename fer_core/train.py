@@ -176,15 +176,17 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None
     if checkpoint is None:
         log_run_start(writer, model, data, config, device)
 
+    source = batch_source(model, config, device, data)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         progress = _ProgressReporter(run_dir, epoch, config.epochs, steps_per_epoch, on_progress)
-        train_result = train_one_epoch(model, data, config, epoch, optimizer, scheduler, scaler,
+        train_result = train_one_epoch(source, data, config, epoch, optimizer, scheduler, scaler,
                                        criterion, device, run_dir, progress)
-        val_loss, val_acc = validate(model, data, config, criterion, device)
+        val_loss, val_acc = validate(source, data, config, device)
         row = {"epoch": epoch, "train_loss": train_result.loss, "train_acc": train_result.accuracy,
                "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
                "seconds": train_result.seconds,
-               "images_per_second": train_result.images / max(train_result.seconds, 1e-9)}
+               "images_per_second": train_result.images / max(train_result.seconds, 1e-9),
+               "peak_rss_mb": peak_rss_mb()}
         state.epoch = epoch
         state.history.append(row)
         improved = val_acc > state.best_val_acc
@@ -210,6 +212,12 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None
     log_run_end(writer, config, evaluation, state)
     writer.close()
     publish_best(run_dir, config)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---- data -----------------------------------------------------------------------------
@@ -296,12 +304,82 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def train_one_epoch(model: nn.Module, data: SplitTensors, config: TrainConfig, epoch: int,
+class ImageBatches:
+    """Batches of images through the whole network, augmented on the fly when training."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors):
+        self.model, self.config, self.device, self.data = model, config, device, data
+
+    def train_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images = self.data.train_x[index]
+        if self.config.augment:
+            return train_transform(images, self.config.img_size, generator).to(self.device, non_blocking=True)
+        return eval_transform(images, self.config.img_size).to(self.device, non_blocking=True)
+
+    def val_batch(self, start: int, stop: int) -> torch.Tensor:
+        return eval_transform(self.data.val_x[start:stop], self.config.img_size).to(self.device, non_blocking=True)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs)
+
+    def set_train_mode(self) -> None:
+        self.model.train()
+        freeze_batchnorm_if_head_only(self.model, self.config.mode)
+
+
+class FeatureBatches:
+    """Head-only training without augmentation: the frozen backbone's output never changes, so
+    it is computed once per image and every epoch only trains the linear head on it."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors):
+        self.model, self.config, self.device = model, config, device
+        self.train_features = self._backbone_features(data.train_x)
+        self.val_features = self._backbone_features(data.val_x)
+
+    @torch.inference_mode()
+    def _backbone_features(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        head, self.model.fc = self.model.fc, nn.Identity()
+        self.model.eval()
+        try:
+            chunks = []
+            for start in range(0, len(images), batch_size):
+                x = eval_transform(images[start:start + batch_size], self.config.img_size).to(self.device)
+                with autocast_context(self.device, self.config.amp):
+                    chunks.append(self.model(x))
+            return torch.cat(chunks)
+        finally:
+            self.model.fc = head
+
+    def train_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.train_features[index]
+
+    def val_batch(self, start: int, stop: int) -> torch.Tensor:
+        return self.val_features[start:stop]
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.fc(inputs)
+
+    def set_train_mode(self) -> None:
+        self.model.eval()
+        self.model.fc.train()
+
+
+BatchSource = ImageBatches | FeatureBatches
+
+
+def uses_feature_cache(config: TrainConfig) -> bool:
+    return config.mode == "head_only" and not config.augment
+
+
+def batch_source(model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors) -> BatchSource:
+    return (FeatureBatches if uses_feature_cache(config) else ImageBatches)(model, config, device, data)
+
+
+def train_one_epoch(source: BatchSource, data: SplitTensors, config: TrainConfig, epoch: int,
                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
                     criterion: nn.Module, device: torch.device, run_dir: Path,
                     progress: "_ProgressReporter") -> EpochResult:
-    model.train()
-    freeze_batchnorm_if_head_only(model, config.mode)
+    source.set_train_mode()
     generator = epoch_generator(config.seed, epoch)
     order = torch.randperm(len(data.train_x), generator=generator)
     cancel_file = run_dir / runs.CANCEL_FILE
@@ -311,12 +389,10 @@ def train_one_epoch(model: nn.Module, data: SplitTensors, config: TrainConfig, e
         if cancel_file.exists():
             raise Cancelled()
         index = order[start:start + config.batch_size]
-        images = data.train_x[index]
-        x = (train_transform(images, config.img_size, generator) if config.augment
-             else eval_transform(images, config.img_size)).to(device, non_blocking=True)
+        x = source.train_batch(index, generator)
         y = data.train_y[index].to(device, non_blocking=True)
         with autocast_context(device, config.amp):
-            logits = model(x)
+            logits = source.forward(x)
             loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -332,15 +408,15 @@ def train_one_epoch(model: nn.Module, data: SplitTensors, config: TrainConfig, e
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, data: SplitTensors, config: TrainConfig, criterion: nn.Module,
+def validate(source: BatchSource, data: SplitTensors, config: TrainConfig,
              device: torch.device) -> tuple[float, float]:
-    model.eval()
+    source.model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(data.val_x), 256):
-        x = eval_transform(data.val_x[start:start + 256], config.img_size).to(device)
+        x = source.val_batch(start, start + 256)
         y = data.val_y[start:start + 256].to(device)
         with autocast_context(device, config.amp):
-            logits = model(x).float()
+            logits = source.forward(x).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     n = max(len(data.val_x), 1)

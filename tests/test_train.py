@@ -162,3 +162,16 @@ def test_schedules_start_low_or_at_base_and_end_near_zero(schedule):
     assert factors[-1] < 0.01
     if schedule == "onecycle":
         assert factors[0] < 0.1
+
+
+def test_cached_head_only_features_give_the_same_results_as_the_plain_loop(tiny_demo, tmp_path, monkeypatch):
+    """Head-only without augmentation trains on cached backbone features; the numbers must
+    match recomputing the backbone for every batch."""
+    from fer_core import train as train_module
+    config = dict(epochs=2, mode="head_only", augment=False, amp=False)
+    cached = fit(tiny_config(tiny_demo, tmp_path / "cached", **config))
+    monkeypatch.setattr(train_module, "uses_feature_cache", lambda config: False)
+    plain = fit(tiny_config(tiny_demo, tmp_path / "plain", **config))
+    for a, b in zip(runs.read_metrics(cached)[0], runs.read_metrics(plain)[0]):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key

@@ -1,0 +1,314 @@
+"""Background jobs with real trainer processes: queue, cancel, crash, restart, races, resume.
+
+Every job trains a tiny ResNet18 (7 classes x 8 images, 32 px, one thread) so a 2-epoch run
+takes seconds; "long" jobs have many epochs and are cancelled or killed early. A finalizer
+kills whatever a test left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from fer_core import jobs, runs
+from fer_core.config import TrainConfig
+from fer_core.errors import ConfigError, FerError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 60.0   # a trainer imports torch and loads data first; slow when the CPU is busy
+FINISH_TIMEOUT_S = 120.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll until predicate() is truthy; fail with `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def status_of(run_dir: Path) -> dict[str, Any]:
+    return runs.read_json(run_dir / runs.STATUS_FILE)
+
+
+def state_is(run_dir: Path, *states: str) -> Callable[[], bool]:
+    return lambda: jobs.job_info(run_dir).state in states
+
+
+def trainer_started(run_dir: Path) -> Callable[[], bool]:
+    """The runner has spawned the trainer (pid differs from the runner's) and it is alive."""
+    def check() -> bool:
+        status = status_of(run_dir)
+        return (status.get("state") == "running" and status.get("pid") != status.get("runner_pid")
+                and runs.pid_alive(status.get("pid")))
+    return check
+
+
+def epochs_logged(run_dir: Path, n: int) -> Callable[[], bool]:
+    return lambda: len(runs.read_metrics(run_dir)[0]) >= n
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fer_core.demo import generate_demo_dataset
+    return generate_demo_dataset(tmp_path_factory.mktemp("jobs_demo") / "demo", per_class=8, seed=0)
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh runs folder; at the end every job process still alive in it is killed."""
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))  # inherited by the children
+    folder = tmp_path / "runs"
+    yield folder
+    _kill_everything_in(folder)
+
+
+def _kill_everything_in(folder: Path) -> None:
+    pids = set()
+    for run_dir in runs.find_run_dirs(folder):
+        status = jobs._read_status(run_dir)
+        pids.update(p for p in (status.get("pid"), status.get("runner_pid")) if runs.pid_alive(p))
+    own_group = os.getpgid(0)
+    pids = {p for p in pids if p != os.getpid() and os.getpgid(p) != own_group}  # never pytest itself
+    for pid in pids:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: not any(runs.pid_alive(p) for p in pids), 10, "leftover job processes to die")
+
+
+@pytest.fixture
+def make_config(demo_data: Path, runs_dir: Path, tmp_path: Path) -> Callable[..., TrainConfig]:
+    def make(**overrides: Any) -> TrainConfig:
+        values = dict(data=str(demo_data), epochs=2, img_size=32, batch_size=16, val_fraction=0.2,
+                      runs_dir=str(runs_dir), checkpoints_dir=str(tmp_path / "ckpt"), pretrained=False,
+                      num_threads=1)
+        values.update(overrides)
+        return TrainConfig(**values)
+    return make
+
+
+def fake_run(runs_dir: Path, state: str, **fields: Any) -> Path:
+    """A run directory with only a status (no process of ours behind it)."""
+    run_dir = runs.new_run_dir(runs_dir, "fake", "finetune")
+    runs.write_status(run_dir, state, **fields)
+    return run_dir
+
+
+def fresh_process_view(runs_dir: Path) -> list[list[Any]]:
+    """What a freshly started app would see: list_jobs() in a brand-new interpreter."""
+    code = ("import json, sys; from fer_core.jobs import list_jobs; "
+            "print(json.dumps([[str(j.run_dir), j.state, j.pid] for j in list_jobs(sys.argv[1])]))")
+    out = subprocess.run([sys.executable, "-c", code, str(runs_dir)], cwd=PROJECT_ROOT, check=True,
+                         capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+def view(runs_dir: Path) -> list[list[Any]]:
+    return [[str(j.run_dir), j.state, j.pid] for j in jobs.list_jobs(runs_dir)]
+
+
+# ---- without processes ----------------------------------------------------------------
+
+def test_trainer_flags_rebuild_the_same_config_through_the_cli(make_config, runs_dir):
+    from fer_core.cli import TRAIN_FLAGS, TRAIN_SWITCHES, build_parser
+    from fer_core.config import config_from_preset
+
+    config = make_config(preset="cpu-fast", optimizer="sgd", lr=0.05, amp=False, tta=True,
+                         max_per_class=5, label_smoothing=0.1, patience=3).validate()
+    args = build_parser().parse_args(["train", *jobs.trainer_flags(config)])
+    fields = [flag.lstrip("-").replace("-", "_") for flag, _ in TRAIN_FLAGS]
+    rebuilt = config_from_preset(args.preset, **{name: getattr(args, name) for name in [*fields, *TRAIN_SWITCHES]})
+    assert rebuilt == config
+
+
+def test_a_setting_the_cli_cannot_carry_is_refused_not_dropped(make_config):
+    with pytest.raises(ConfigError, match="test_fraction"):
+        jobs.trainer_flags(make_config(test_fraction=0.3))
+
+
+def test_an_invalid_config_is_refused_before_anything_is_written(make_config, runs_dir):
+    with pytest.raises(ConfigError, match="epochs"):
+        jobs.launch(make_config(epochs=0))
+    assert runs.find_run_dirs(runs_dir) == []
+
+
+def test_resume_is_refused_for_active_runs_and_runs_without_last_checkpoint(runs_dir):
+    queued = fake_run(runs_dir, "queued", queued_at=time.time(), train_args=["train"])
+    with pytest.raises(FerError, match="queued"):
+        jobs.resume_job(queued)
+    running = fake_run(runs_dir, "running", pid=os.getpid())
+    with pytest.raises(FerError, match="running"):
+        jobs.resume_job(running)
+    cancelled = fake_run(runs_dir, "cancelled")
+    with pytest.raises(FerError, match="last.pt"):
+        jobs.resume_job(cancelled)
+    assert status_of(cancelled)["state"] == "cancelled"
+
+
+def test_pump_queue_records_a_dead_running_job_as_failed_with_its_log_tail(runs_dir):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run_dir = fake_run(runs_dir, "running", pid=gone.pid, runner_pid=gone.pid)
+    (run_dir / runs.LOG_FILE).write_text("epoch 1/5 ...\nTraceback: something broke\n")
+    assert jobs.job_info(run_dir).state == "failed"  # visible at once, before any reconcile
+    assert jobs.pump_queue(runs_dir) == []
+    status = status_of(run_dir)
+    assert status["state"] == "failed" and status["error"] == jobs.DEAD_PROCESS_ERROR
+    assert "something broke" in status["log_tail"]
+    info = jobs.job_info(run_dir)
+    assert info.error == jobs.DEAD_PROCESS_ERROR and "something broke" in info.log_tail
+
+
+def test_cancel_escalates_to_sigkill_when_the_process_ignores_sigterm(runs_dir):
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                               "print('ready', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert stubborn.stdout.readline().strip() == "ready"
+        run_dir = fake_run(runs_dir, "running", pid=stubborn.pid)  # no runner: cancel's own reaper acts
+        started = time.monotonic()
+        jobs.cancel(run_dir, grace_s=0.3)
+        assert (run_dir / runs.CANCEL_FILE).exists() and jobs.job_info(run_dir).cancel_requested
+        assert stubborn.wait(timeout=10) == -signal.SIGKILL
+        assert time.monotonic() - started >= 0.6  # SIGKILL only after grace + grace
+        wait_for(lambda: status_of(run_dir)["state"] == "cancelled", 5, "status 'cancelled' on disk")
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
+            stubborn.wait()
+
+
+def test_read_log_tail_keeps_the_last_lines_as_a_progress_bar_finally_showed_them(tmp_path):
+    (tmp_path / runs.LOG_FILE).write_text("".join(f"line {i}\n" for i in range(100)) + "bar 10%\rbar 90%\n\n")
+    tail = jobs.read_log_tail(tmp_path, lines=3)
+    assert tail.splitlines() == ["line 98", "line 99", "bar 90%"]
+    assert jobs.read_log_tail(tmp_path / "missing") == ""
+
+
+# ---- with real trainer processes ------------------------------------------------------
+
+def test_queued_jobs_run_one_at_a_time_in_order_and_continue_without_the_app(make_config, runs_dir):
+    first = jobs.launch(make_config(epochs=1))
+    second = jobs.launch(make_config(epochs=2))
+    assert first != second
+    assert [j.run_dir for j in jobs.active_jobs(runs_dir)] == [first, second]
+    assert jobs.job_info(first).state == "running" and jobs.job_info(first).pid
+    assert jobs.job_info(second).state == "queued" and jobs.job_info(second).pid is None
+    assert jobs.pump_queue(runs_dir) == []  # the slot is taken: pumping again starts nothing
+
+    # a restarted app (a new interpreter) reads the same jobs from disk
+    for _ in range(5):
+        before, fresh, after = view(runs_dir), fresh_process_view(runs_dir), view(runs_dir)
+        if before == after:
+            assert fresh == before
+            break
+    else:
+        pytest.fail("the jobs kept changing while comparing views")
+
+    # only reads from here on: the first job's runner must start the second one by itself
+    wait_for(trainer_started(first), START_TIMEOUT_S, "the first trainer to start")
+    assert jobs.job_info(second).state == "queued"
+    wait_for(state_is(first, "completed"), FINISH_TIMEOUT_S, "the first job to complete")
+    wait_for(state_is(second, "running", "completed"), 30, "the second job to start by itself")
+    wait_for(state_is(second, "completed"), FINISH_TIMEOUT_S, "the second job to complete")
+
+    one, two = jobs.job_info(first), jobs.job_info(second)
+    assert two.started_at >= one.finished_at
+    assert (one.epoch, one.epochs, two.epoch, two.epochs) == (1, 1, 2, 2)
+    for run_dir in (first, second):
+        assert (run_dir / runs.EVALUATION_FILE).is_file()
+        assert runs.read_json(run_dir / runs.CONFIG_FILE)["img_size"] == 32
+        runner = status_of(run_dir)["runner_pid"]
+        wait_for(lambda: not runs.pid_alive(runner), 10, "the runner to exit after its job")
+    assert "test accuracy" in one.log_tail
+    assert jobs.active_jobs(runs_dir) == []
+    assert view(runs_dir) == fresh_process_view(runs_dir)
+
+
+def test_cancel_stops_a_running_job_keeps_last_pt_and_resume_finishes_it(make_config, runs_dir):
+    run_dir = jobs.launch(make_config(epochs=200))
+    wait_for(epochs_logged(run_dir, 1), START_TIMEOUT_S, "the first epoch")
+    trainer_pid = status_of(run_dir)["pid"]
+    started = time.monotonic()
+    jobs.cancel(run_dir, grace_s=60)  # a long grace: the engine itself must stop within a batch
+    wait_for(state_is(run_dir, "cancelled"), 20, "the job to be cancelled")
+    assert time.monotonic() - started < 20
+    wait_for(lambda: not runs.pid_alive(trainer_pid), 10, "the trainer to exit")
+    assert status_of(run_dir)["state"] == "cancelled"  # written by the engine, not inferred
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    trained = len(runs.read_metrics(run_dir)[0])
+    assert 1 <= trained < 200
+
+    target = trained + 1
+    jobs.resume_job(run_dir, epochs=target)
+    with pytest.raises(FerError, match="queued|running"):
+        jobs.resume_job(run_dir, epochs=target)
+    wait_for(state_is(run_dir, "completed"), FINISH_TIMEOUT_S, "the resumed job to complete")
+    rows, bad = runs.read_metrics(run_dir)
+    assert bad == 0 and [row["epoch"] for row in rows] == list(range(1, target + 1))
+    assert status_of(run_dir)["epoch"] == target and (run_dir / runs.EVALUATION_FILE).is_file()
+
+
+def test_a_killed_trainer_shows_failed_with_its_log_and_the_queue_moves_on(make_config, runs_dir):
+    doomed = jobs.launch(make_config(epochs=200))
+    waiting = jobs.launch(make_config(epochs=200, experiment="next"))
+    wait_for(epochs_logged(doomed, 1), START_TIMEOUT_S, "the first epoch")
+    trainer_pid = status_of(doomed)["pid"]
+    os.kill(trainer_pid, signal.SIGKILL)
+    wait_for(state_is(doomed, "failed"), 5, "the killed job to show as failed")
+    info = jobs.job_info(doomed)
+    assert info.error.startswith(jobs.DEAD_PROCESS_ERROR)
+    assert "epoch 1/200" in info.log_tail
+    wait_for(lambda: status_of(doomed)["state"] == "failed", 10, "'failed' recorded on disk")
+    assert "SIGKILL" in status_of(doomed)["error"]
+    # nobody called pump_queue: the dead job's runner started the next one
+    wait_for(state_is(waiting, "running"), 30, "the queued job to start after the crash")
+    jobs.cancel(waiting, grace_s=0.5)
+    wait_for(state_is(waiting, "cancelled"), 30, "the second job to be cancelled")
+
+
+def test_two_threads_launching_at_once_start_exactly_one_job(make_config, runs_dir):
+    barrier = threading.Barrier(2)
+    launched: list[Path] = []
+    errors: list[BaseException] = []
+
+    def launch() -> None:
+        try:
+            barrier.wait()
+            launched.append(jobs.launch(make_config(epochs=200)))
+        except BaseException as exc:  # surfaced below; a thread cannot fail the test itself
+            errors.append(exc)
+
+    threads = [threading.Thread(target=launch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors and len(launched) == 2 and launched[0] != launched[1]
+    states = sorted(jobs.job_info(run_dir).state for run_dir in launched)
+    assert states == ["queued", "running"]
+
+    queued = next(r for r in launched if jobs.job_info(r).state == "queued")
+    running = next(r for r in launched if r != queued)
+    jobs.cancel(queued)
+    assert jobs.job_info(queued).state == "cancelled"  # at once, no process involved
+    jobs.cancel(running, grace_s=0.5)
+    wait_for(state_is(running, "cancelled"), 30, "the running job to be cancelled")
+    wait_for(lambda: not runs.pid_alive(status_of(running).get("runner_pid")), 10, "the runner to exit")
+    assert jobs.job_info(queued).state == "cancelled" and jobs.job_info(queued).started_at is None
