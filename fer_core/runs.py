@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import FerError
+
 MODEL_NAME = "resnet18"
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 FINAL_STATES = ("completed", "failed", "cancelled")
@@ -90,6 +92,8 @@ def new_run_dir(runs_dir: Path, experiment: str, mode: str, now: datetime | None
             return path
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise FerError(f"cannot create a run directory under {runs_dir}: {exc.strerror or exc}") from exc
     raise RuntimeError(f"could not create a run directory under {runs_dir}")
 
 

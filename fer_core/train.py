@@ -123,14 +123,24 @@ def _guarded(run_dir: Path, body: Callable[[], None]) -> Path:
     except Cancelled:
         runs.write_status(run_dir, "cancelled", finished_at=time.time())
         log.info("cancelled; checkpoints kept in %s", run_dir / runs.CHECKPOINT_DIR)
+    except OSError as exc:  # disk full, folder removed or read-only: say so in words
+        message = f"could not write to {run_dir}: {exc.strerror or exc}"
+        _record_failure(run_dir, message)
+        raise FerError(message) from exc
     except BaseException as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        runs.write_status(run_dir, "failed", finished_at=time.time(), error=message)
+        _record_failure(run_dir, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     return run_dir
+
+
+def _record_failure(run_dir: Path, message: str) -> None:
+    try:
+        runs.write_status(run_dir, "failed", finished_at=time.time(), error=message)
+    except OSError:
+        log.error("could not record the failure in status.json: %s", message)
 
 
 def _in_main_thread() -> bool:

@@ -115,7 +115,7 @@ with st.expander("New training run", expanded=not active_runs, icon=":material/a
     if data == "demo":
         synthetic_badge()
 
-    with st.form("train_form", border=False):
+    with st.form("train_form", border=False, enter_to_submit=False):
         c1, c2, c3 = st.columns(3)
         with c1:
             st.text_input("Experiment name", key="tf_experiment", help=HELP["experiment"])

@@ -29,6 +29,7 @@ FINISH_TIMEOUT_S = 120.0
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    print(f"{time.time():.1f} waiting for {what}", flush=True)
     """Poll until predicate() is truthy; fail with `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -1,0 +1,118 @@
+"""Faults done for real: kill -9 mid-epoch, a failed checkpoint write, a full disk, an
+unwritable runs folder. Nothing a user trained may be lost."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fer_core import runs
+from fer_core.errors import FerError
+from fer_core.train import fit, resume
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate, timeout: float = 300, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")
+
+
+def status_of(run_dir: Path) -> dict:
+    try:
+        return runs.read_json(run_dir / runs.STATUS_FILE)
+    except (OSError, ValueError):
+        return {}
+
+
+def test_kill_9_mid_epoch_loses_nothing_and_resume_logs_every_epoch_once(tiny_demo, tmp_path):
+    run_dir = runs.new_run_dir(tmp_path / "runs", "kill", "finetune")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fer_core", "train", "--data", str(tiny_demo), "--run-dir", str(run_dir),
+         "--epochs", "4", "--img-size", "32", "--batch-size", "8", "--no-pretrained", "--val-fraction", "0.2",
+         "--runs-dir", str(tmp_path / "runs"), "--checkpoints-dir", str(tmp_path / "ckpt"), "--num-threads", "2"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # mid-epoch 2: epoch 1 checkpointed, some batches of epoch 2 done
+        wait_for(lambda: status_of(run_dir).get("epoch") == 2 and 1 <= status_of(run_dir).get("batch", 0) < 6)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert runs.load_run(run_dir).state == "failed"
+    for name in ("best.pt", "last.pt"):
+        checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert checkpoint["epoch"] == 1
+    resume(run_dir)
+    rows, bad = runs.read_metrics(run_dir)
+    assert bad == 0 and [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    history = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["training_history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("epoch/val_acc")] == [1, 2, 3, 4]
+    assert runs.load_run(run_dir).state == "completed"
+
+
+def test_a_failure_between_checkpoint_write_and_rename_keeps_the_previous_checkpoint(
+        tiny_demo, tmp_path, monkeypatch):
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def replace_failing_in_epoch_2(src, dst):
+        if str(dst).endswith("last.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.EIO, "injected failure before rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_failing_in_epoch_2)
+    with pytest.raises(FerError, match="could not write"):
+        fit(tiny_config(tiny_demo, tmp_path, epochs=3))
+    monkeypatch.setattr(os, "replace", real_replace)
+    run_dir = next((tmp_path / "runs").glob("*/*/*/*"))
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 1
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    assert runs.load_run(run_dir).state == "failed"
+    resume(run_dir)
+    assert [r["epoch"] for r in runs.read_metrics(run_dir)[0]] == [1, 2, 3]
+
+
+def test_a_full_disk_is_a_clear_error_and_earlier_runs_are_untouched(tiny_demo, tmp_path, monkeypatch,
+                                                                     trained_run):
+    before = {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
+    import fer_core.runs as runs_module
+    real = runs_module.atomic_save
+
+    def disk_full(path, write):
+        if path.name == "last.pt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(runs_module, "atomic_save", disk_full)
+    with pytest.raises(FerError, match="No space left on device"):
+        fit(tiny_config(tiny_demo, tmp_path, epochs=1))
+    assert {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()} == before
+
+
+def test_an_unusable_runs_folder_is_a_clear_error(tiny_demo, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the runs folder should be")
+    with pytest.raises(FerError, match="cannot create a run directory"):
+        fit(tiny_config(tiny_demo, tmp_path, runs_dir=str(blocker / "runs")))
