@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 from torch import nn
 
-from .transforms import eval_transform
+from .transforms import eval_transform, tta_views
 
 
 def autocast_context(device: torch.device, amp: bool):
@@ -27,19 +27,17 @@ def autocast_context(device: torch.device, amp: bool):
 def predict_probabilities(model: nn.Module, images: torch.Tensor, img_size: int, *,
                           device: torch.device | None = None, batch_size: int = 256,
                           amp: bool = False, tta: bool = False) -> np.ndarray:
-    """Class probabilities (N, C) for uint8 grey images; `tta` averages with the mirror image."""
+    """Class probabilities (N, C) for uint8 grey images; `tta` averages ten mirrored and shifted views."""
     device = device or next(model.parameters()).device
     model.eval()
     chunks = []
     for start in range(0, len(images), batch_size):
         x = eval_transform(images[start:start + batch_size], img_size).to(device)
+        views = tta_views(x) if tta else [x]
         with autocast_context(device, amp):
-            logits = model(x).float()
-            if tta:
-                logits = (logits.softmax(1) + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2
-                chunks.append(logits.cpu())
-                continue
-        chunks.append(logits.softmax(1).cpu())
+            probabilities = torch.stack([model(view.contiguous(memory_format=torch.channels_last))
+                                         .float().softmax(1) for view in views]).mean(0)
+        chunks.append(probabilities.cpu())
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(chunks).numpy().astype(np.float32)

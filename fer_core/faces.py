@@ -18,7 +18,7 @@ from PIL import Image
 DETECTORS = ("auto", "haar-alt2", "haar-default")
 """auto: alt2 cascade with the tilt and small-face fallbacks; the others: one upright pass."""
 
-WORK_SIDE = 320
+WORK_SIDE = 256
 """Longest side of the image the fast pass searches: sets speed and the smallest face it sees
 (the cascade's 20 px window here is 6% of the image's longest side)."""
 FINE_SIDE = 1280

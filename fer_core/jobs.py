@@ -310,8 +310,8 @@ def _start_runner(run_dir: Path, status: dict[str, Any]) -> bool:
             cwd=PROJECT_ROOT, env=_child_env(), stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
     now = time.time()
-    fields: dict[str, Any] = {"pid": process.pid, "runner_pid": process.pid, "finished_at": None,
-                              "error": None}
+    fields: dict[str, Any] = {"pid": process.pid, "runner_pid": process.pid, "runner_started_at": now,
+                              "finished_at": None, "error": None}
     fields["resumed_at" if status.get("resume") else "started_at"] = now
     runs.write_status(run_dir, "running", **fields)
     # reap the runner when it ends so it does not linger as a zombie of the app

@@ -102,6 +102,21 @@ def _random_erase(x: torch.Tensor, prob: float, generator: torch.Generator) -> t
     return torch.where(mask.unsqueeze(1), noise, x)
 
 
+def tta_views(x: torch.Tensor, shift: int | None = None) -> list[torch.Tensor]:
+    """Test-time views of a model-input batch: the image and its mirror, each centred and
+    shifted by ~6% towards the four corners (a "ten-crop" that keeps the full size)."""
+    size = x.shape[-1]
+    shift = shift if shift is not None else max(1, round(size * 0.06))
+    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    offsets = [(shift, shift), (0, 0), (0, 2 * shift), (2 * shift, 0), (2 * shift, 2 * shift)]
+    views = []
+    for image in (x, torch.flip(x, dims=[3])):
+        source = padded if image is x else torch.flip(padded, dims=[3])
+        views.append(image)
+        views.extend(source[..., top:top + size, left:left + size] for top, left in offsets[1:])
+    return views
+
+
 def denormalise(x: torch.Tensor) -> torch.Tensor:
     """Model input back to [0, 1] grey-as-RGB, for image grids in TensorBoard."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -162,7 +162,8 @@ def split_distribution_figure(table: list[dict[str, Any]]) -> go.Figure:
                        hovertemplate=f"%{{x}}: %{{y}} {part} images<extra></extra>")
     figure.update_layout(barmode="stack", title="Images per class and split", height=340,
                          margin=dict(l=10, r=10, t=50, b=10), yaxis_title="images",
-                         legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+                         legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom",
+                                     traceorder="normal"))
     return figure
 
 
@@ -309,9 +310,9 @@ def confusion_figure(evaluation: dict[str, Any], normalise: bool = False,
     z = shares if normalise else counts
     text = [[(f"{shares[i, j]:.0%}" if normalise else f"{counts[i, j]}") for j in range(len(classes))]
             for i in range(len(classes))]
-    custom = np.dstack([counts, shares])
+    custom = np.dstack([counts, shares]).tolist()
     figure = go.Figure(go.Heatmap(
-        z=z, x=classes, y=classes, text=text, texttemplate="%{text}", customdata=custom,
+        z=z.tolist(), x=classes, y=classes, text=text, texttemplate="%{text}", customdata=custom,
         colorscale="Blues", zmin=0, zmax=1 if normalise else max(int(counts.max()), 1),
         showscale=show_scale, xgap=2, ygap=2,
         colorbar=dict(title="share" if normalise else "images", tickformat=".0%" if normalise else None),

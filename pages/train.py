@@ -239,8 +239,9 @@ def monitor(run_dir: Path, was_active: bool) -> None:
     head, badges = st.columns([3, 2], vertical_alignment="center")
     with head:
         st.subheader(f"{job.experiment or config.get('experiment', '')} · {job.mode or config.get('mode', '')}")
-        st.caption(f"`{run.id}` · data: {ui_data.dataset_label(config.get('data'), config.get('synthetic_data'))}"
-                   f" · preset: {config.get('preset') or '—'} · {config.get('device', '')}")
+        facts = [f"`{run.id}`", f"data: {ui_data.dataset_label(config.get('data'), config.get('synthetic_data'))}",
+                 f"preset: {config.get('preset') or '—'}", config.get("device") or ""]
+        st.caption(" · ".join(f for f in facts if f))
     with badges:
         with st.container(horizontal=True, horizontal_alignment="right"):
             state_badge(state)
@@ -258,6 +259,9 @@ def monitor(run_dir: Path, was_active: bool) -> None:
     if state == "failed":
         st.error(f"Training failed: {job.error or run.status.get('error') or 'the process ended unexpectedly'}",
                  icon=":material/error:")
+    elif state == "running" and job.cancel_requested:
+        st.info("Stopping: cancel requested. The run stops after the current batch and keeps its "
+                "checkpoints.", icon=":material/hourglass_top:")
     elif state == "queued":
         st.info("Queued: one job trains at a time; this one starts when the current job ends.",
                 icon=":material/schedule:")
@@ -319,7 +323,7 @@ def monitor(run_dir: Path, was_active: bool) -> None:
                 height=240, wrap_lines=True)
 
     with st.container(horizontal=True):
-        if state in ui_data.ACTIVE_STATES:
+        if state in ui_data.ACTIVE_STATES and not job.cancel_requested:
             if st.button("Cancel run", icon=":material/stop_circle:", key=f"cancel_{run.id}",
                          help="Stops after the current batch; checkpoints are kept."):
                 with st.spinner("Stopping…"):

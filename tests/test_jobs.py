@@ -29,7 +29,6 @@ FINISH_TIMEOUT_S = 120.0
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    print(f"{time.time():.1f} waiting for {what}", flush=True)
     """Poll until predicate() is truthy; fail with `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -206,7 +205,7 @@ def test_read_log_tail_keeps_the_last_lines_as_a_progress_bar_finally_showed_the
 
 def test_queued_jobs_run_one_at_a_time_in_order_and_continue_without_the_app(make_config, runs_dir):
     first = jobs.launch(make_config(epochs=1))
-    second = jobs.launch(make_config(epochs=2))
+    second = jobs.launch(make_config(epochs=1, experiment="second"))
     assert first != second
     assert [j.run_dir for j in jobs.active_jobs(runs_dir)] == [first, second]
     assert jobs.job_info(first).state == "running" and jobs.job_info(first).pid
@@ -230,8 +229,9 @@ def test_queued_jobs_run_one_at_a_time_in_order_and_continue_without_the_app(mak
     wait_for(state_is(second, "completed"), FINISH_TIMEOUT_S, "the second job to complete")
 
     one, two = jobs.job_info(first), jobs.job_info(second)
-    assert two.started_at >= one.finished_at
-    assert (one.epoch, one.epochs, two.epoch, two.epochs) == (1, 1, 2, 2)
+    assert status_of(second)["runner_started_at"] >= one.finished_at  # not a moment before
+    assert (one.epoch, one.epochs, two.epoch, two.epochs) == (1, 1, 1, 1)
+    assert (one.experiment, two.experiment) == ("default", "second")
     for run_dir in (first, second):
         assert (run_dir / runs.EVALUATION_FILE).is_file()
         assert runs.read_json(run_dir / runs.CONFIG_FILE)["img_size"] == 32

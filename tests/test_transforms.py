@@ -33,3 +33,14 @@ def test_train_transform_keeps_a_face_recognisable():
     assert corr.median() > 0.6
     assert not torch.allclose(clean, noisy)
     assert IMAGENET_MEAN[0] > 0
+
+
+def test_tta_views_are_ten_same_size_shifted_and_mirrored_copies():
+    from fer_core.transforms import tta_views
+    x = eval_transform(torch.randint(0, 256, (2, 48, 48), dtype=torch.uint8), 48)
+    views = tta_views(x)
+    assert len(views) == 10 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[0], x) and torch.equal(views[5], torch.flip(x, dims=[3]))
+    assert len({v.sum().item() for v in views}) > 5  # genuinely different views
+    # a corner-shifted view is the image moved by the shift (3 px at 48 px)
+    assert torch.equal(views[4][..., :-6, :-6], x[..., 3:-3, 3:-3])
