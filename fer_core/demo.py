@@ -27,7 +27,7 @@ from . import CLASS_NAMES
 from .errors import DataError
 
 IMAGE_SIZE = 48
-DEFAULT_PER_CLASS = 200
+DEFAULT_PER_CLASS = 250
 MARKER_NAME = "DEMO_DATASET.json"
 # Bump whenever the drawing changes, so cached datasets made by older code are regenerated.
 DEMO_VERSION = 1
@@ -62,23 +62,23 @@ _TARGETS: dict[str, _Expression] = {
     "angry": _Expression(brow_raise=-0.9, brow_slant=-1.0, brow_arch=0.0, eye_open=0.6,
                          mouth_curve=-0.25, mouth_width=0.8),
     "disgust": _Expression(brow_raise=-0.6, brow_slant=-0.4, eye_open=0.7, mouth_curve=-0.35,
-                           mouth_open=0.2, mouth_asym=1.0, nose_wrinkle=1.0),
-    "fear": _Expression(brow_raise=0.8, brow_slant=0.8, brow_arch=0.1, eye_open=1.5,
-                        mouth_curve=-0.25, mouth_width=1.3, mouth_open=0.45),
+                           mouth_open=0.2, mouth_asym=1.2, nose_wrinkle=1.2),
+    "fear": _Expression(brow_raise=0.9, brow_slant=0.9, brow_arch=0.1, eye_open=1.6,
+                        mouth_curve=-0.3, mouth_width=1.35, mouth_open=0.55),
     "happy": _Expression(eye_open=0.8, mouth_curve=1.0, mouth_width=1.2, cheek_raise=1.0),
     "neutral": _NEUTRAL,
     "sad": _Expression(brow_raise=0.15, brow_slant=1.0, eye_open=0.8, mouth_curve=-0.9,
                        mouth_width=0.9),
-    "surprise": _Expression(brow_raise=1.2, brow_arch=1.0, eye_open=1.6, mouth_width=0.6,
-                            mouth_open=1.0),
+    "surprise": _Expression(brow_raise=1.2, brow_arch=1.0, eye_open=1.7, mouth_width=0.55,
+                            mouth_open=1.1),
 }
 # Per-face jitter of each parameter (in parameter units), independent of the class.
 _JITTER: dict[str, float] = {
-    "brow_raise": 0.2, "brow_slant": 0.2, "brow_arch": 0.15, "eye_open": 0.12,
+    "brow_raise": 0.15, "brow_slant": 0.15, "brow_arch": 0.15, "eye_open": 0.12,
     "mouth_curve": 0.15, "mouth_width": 0.1, "mouth_open": 0.06, "mouth_asym": 0.1,
     "nose_wrinkle": 0.1, "cheek_raise": 0.1,
 }
-_INTENSITY = (0.4, 1.0)
+_INTENSITY = (0.55, 1.0)
 
 
 # --------------------------------------------------------------------------- public API
@@ -206,11 +206,11 @@ def _sample_expression(class_name: str, rng: np.random.Generator) -> _Expression
     """Interpolate from neutral towards the class target by a random intensity, plus jitter."""
     target = _TARGETS[class_name]
     intensity = float(rng.uniform(*_INTENSITY))
-    values = {}
+    values: dict[str, float] = {}
     for f in fields(_Expression):
         base, goal = getattr(_NEUTRAL, f.name), getattr(target, f.name)
         values[f.name] = base + intensity * (goal - base) + float(rng.normal(0.0, _JITTER[f.name]))
-    # Happy faces are sometimes an open laugh with teeth; the draw keeps the rng call count fixed.
+    # Some happy faces are an open laugh showing teeth rather than a closed smile.
     laugh = float(rng.uniform(0.0, 1.0))
     if class_name == "happy" and laugh < 0.4:
         values["mouth_open"] += intensity * 0.6
@@ -228,7 +228,7 @@ def _pose_matrix(rng: np.random.Generator) -> tuple[float, ...]:
     angle = math.radians(rng.uniform(-15.0, 15.0))
     scale = rng.uniform(0.85, 1.15)
     squash = rng.uniform(0.85, 1.0)  # a turned head looks narrower
-    tx, ty = rng.uniform(-0.08, 0.08, size=2) * _CANVAS
+    tx, ty = rng.uniform(-0.05, 0.05, size=2) * _CANVAS
     c = _CANVAS / 2
     cos, sin = math.cos(angle), math.sin(angle)
     sx, sy = scale * squash, scale
@@ -250,10 +250,11 @@ def _background(rng: np.random.Generator) -> Image.Image:
     grad = level + slope * (xs * math.cos(theta) + ys * math.sin(theta))
     img = Image.fromarray(np.clip(grad, 0, 255).astype(np.uint8), mode="L")
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(0, 4))):
         x0, y0 = rng.uniform(-20, _CANVAS, size=2)
         w, h = rng.uniform(15, 90, size=2)
-        grey = int(rng.integers(0, 256))
+        # Low contrast against the background, so clutter never outshines the face.
+        grey = int(np.clip(level + rng.uniform(-60, 60), 0, 255))
         kind = int(rng.integers(0, 3))
         box = (x0, y0, x0 + w, y0 + h)
         if kind == 0:
@@ -296,8 +297,8 @@ def _draw_face(expr: _Expression, rng: np.random.Generator) -> tuple[Image.Image
         eye_dx=rng.uniform(0.36, 0.44) * face_w, eye_y=c - rng.uniform(0.12, 0.20) * face_h,
         eye_w=rng.uniform(0.30, 0.36) * face_w, eye_h=rng.uniform(0.17, 0.21) * face_w,
         brow_y=c - rng.uniform(0.38, 0.44) * face_h, brow_w=rng.uniform(0.30, 0.38) * face_w,
-        mouth_y=c + rng.uniform(0.42, 0.50) * face_h, mouth_w=rng.uniform(0.28, 0.36) * face_w,
-        nose_y=c + rng.uniform(0.15, 0.22) * face_h, stroke=int(rng.integers(7, 10)),
+        mouth_y=c + rng.uniform(0.42, 0.50) * face_h, mouth_w=rng.uniform(0.32, 0.40) * face_w,
+        nose_y=c + rng.uniform(0.15, 0.22) * face_h, stroke=int(rng.integers(8, 11)),
     )
     face = Image.new("L", (_CANVAS, _CANVAS), 0)
     mask = Image.new("L", (_CANVAS, _CANVAS), 0)
@@ -314,7 +315,8 @@ def _draw_face(expr: _Expression, rng: np.random.Generator) -> tuple[Image.Image
     return face, mask
 
 
-def _draw_hair(draw: ImageDraw.ImageDraw, oval: tuple[float, ...], rng: np.random.Generator) -> None:
+def _draw_hair(draw: ImageDraw.ImageDraw, oval: tuple[float, ...],
+               rng: np.random.Generator) -> None:
     """A hair cap over the top of the oval, of random darkness and depth (or none)."""
     style = float(rng.uniform(0, 1))
     grey = int(rng.integers(10, 120))
@@ -336,12 +338,12 @@ def _draw_brows(draw: ImageDraw.ImageDraw, lay: _Layout, expr: _Expression) -> N
         inner = (inner_x, y - slant)
         outer = (outer_x, y + slant * 0.4)
         mid = ((inner_x + outer_x) / 2, y - slant * 0.3 - arch)
-        draw.line([inner, mid, outer], fill=lay.ink, width=lay.stroke + 2, joint="curve")
+        draw.line([inner, mid, outer], fill=lay.ink, width=lay.stroke + 3, joint="curve")
 
 
 def _draw_eyes(draw: ImageDraw.ImageDraw, lay: _Layout, expr: _Expression,
                rng: np.random.Generator) -> None:
-    """Light sclera ellipse, dark iris clipped to the opening, and an upper lid line."""
+    """Light sclera ellipse, a dark iris squashed to fit the opening, and an upper lid line."""
     half_h = lay.eye_h * expr.eye_open * 0.5
     sclera = int(min(255, lay.skin + rng.uniform(20, 60)))
     gaze = rng.uniform(-0.25, 0.25) * lay.eye_w
@@ -388,7 +390,7 @@ def _draw_mouth(draw: ImageDraw.ImageDraw, lay: _Layout, expr: _Expression,
     half_w = lay.mouth_w * expr.mouth_width
     side = 1 if rng.uniform(0, 1) < 0.5 else -1  # which side a sneer lifts
     xs = np.linspace(-1.0, 1.0, 25)
-    centre = (lay.mouth_y - expr.mouth_curve * lay.eye_h * 1.3 * xs ** 2
+    centre = (lay.mouth_y - expr.mouth_curve * lay.eye_h * 1.6 * xs ** 2
               - expr.mouth_asym * lay.eye_h * 0.5 * np.clip(side * xs, 0, None)
               + expr.mouth_asym * lay.eye_h * 0.15 * np.sin(3 * math.pi * xs))
     opening = expr.mouth_open * lay.eye_h * 1.8 * np.sqrt(np.clip(1 - xs ** 2, 0, None))
@@ -414,7 +416,7 @@ def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) / IMAGE_SIZE - 0.5
     theta = rng.uniform(0, 2 * math.pi)
     light = 1.0 + rng.uniform(0.0, 0.5) * (xs * math.cos(theta) + ys * math.sin(theta))
-    contrast, brightness = rng.uniform(0.7, 1.3), rng.uniform(-30, 30)
+    contrast, brightness = rng.uniform(0.8, 1.25), rng.uniform(-25, 25)
     img = (img * light - 128.0) * contrast + 128.0 + brightness
-    img = img + rng.normal(0.0, rng.uniform(2.0, 7.0), size=img.shape)
+    img = img + rng.normal(0.0, rng.uniform(2.0, 6.0), size=img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)

@@ -19,15 +19,17 @@ DETECTORS = ("auto", "haar-alt2", "haar-default")
 """auto: alt2 cascade with the tilt and small-face fallbacks; the others: one upright pass."""
 
 WORK_SIDE = 256
-"""Longest side of the image the fast pass searches: sets speed and the smallest face it sees
-(the cascade's 20 px window here is 6% of the image's longest side)."""
+"""Longest side of the copy the fast pass searches: it sets the speed and the smallest face that
+pass sees (alt2's 20 px window = 7.8% of the longest side; 50 px in a 640x480 photo). Searching
+320 px costs ~1.6x as much; smaller faces are left to the fine fallback."""
 FINE_SIDE = 1280
 """Longest side for the small-face fallback (faces down to ~1.6% of the longest side)."""
 SCALE_FACTOR = 1.1
-# Agreeing windows needed per pass. Measured with alt2 at scale 1.1: on 280 FER2013 test faces
-# (upscaled 3x) 3 finds 229, 4 finds 221, 5 finds 212; on 44 face-free photos at 320 px none of
-# them fires, at 640 px 3 fires 6 times, 4 three times, 5 once. The extra passes search more
-# windows, so they ask for more agreement.
+# Agreeing windows needed per pass (`bench/predict_latency.py --detector-study`): at scale 1.1
+# on 280 FER2013 test faces alt2 finds 229 / 221 / 212 with 3 / 4 / 5, with 4 / 2 / 1 false
+# alarms on 40 face-free photos (20 skimage images at 320 and 640 px). The default cascade finds
+# 230 / 225 / 222 but raises 27 / 21 / 18 false alarms: hence alt2. The fallback passes search
+# more windows, so they ask for more agreement.
 MIN_NEIGHBORS = 3
 MIN_NEIGHBORS_TILT = 4
 MIN_NEIGHBORS_FINE = 5
@@ -106,7 +108,7 @@ def _haar_pass(work: np.ndarray, scale: float, cascade_name: str, label: str, mi
         maxSize=(max_size, max_size) if max_size else (0, 0))
     return [FaceBox(round(x / scale), round(y / scale), round(w / scale), round(h / scale),
                     _score(int(n)), label)
-            for (x, y, w, h), n in zip(np.asarray(rects).reshape(-1, 4), np.ravel(neighbours))]
+            for (x, y, w, h), n in zip(np.asarray(rects).reshape(-1, 4), np.ravel(neighbours), strict=True)]
 
 
 def _rotated_pass(work: np.ndarray, scale: float, angle: float, cascade_name: str, label: str,

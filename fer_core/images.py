@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -17,7 +18,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
 from urllib.parse import urljoin
 
 import numpy as np
@@ -27,7 +27,7 @@ from urllib3.util import parse_url
 
 from .errors import ImageInputError
 
-ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image]
+ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
 
 MAX_PIXELS = 50_000_000
 """Refuse images with more pixels than this before decoding them (a 50 MP photo is ~150 MB RGB)."""
@@ -39,6 +39,7 @@ DEFAULT_TOTAL_TIMEOUT = 30.0
 MAX_REDIRECTS = 3
 USER_AGENT = "fer_core-image-fetch/1"
 
+_ORIENTATION = 0x0112
 _URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 _REFUSED_PREFIXES = ("data:", "javascript:", "mailto:", "blob:")
 # Types that name no particular format: the bytes decide (many CDNs serve images like this).
@@ -52,27 +53,31 @@ _MAGIC = tuple(_SIGNATURES)
 
 # --------------------------------------------------------------------------- entry point
 
-def load_image(source: ImageSource, *, allow_private_urls: bool = False) -> Image.Image:
+def load_image(source: ImageSource, *, allow_private_urls: bool = False,
+               reduce_to: int | None = None) -> Image.Image:
     """Return `source` as an upright RGB image, or raise ImageInputError saying why not.
 
     `source` is raw bytes, a PIL image, a path, or a string: http(s) URLs are fetched, any other
-    scheme is refused, a string without a scheme is a path.
+    scheme is refused, a string without a scheme is a path. With `reduce_to`, large JPEGs decode
+    at 1/2, 1/4 or 1/8 scale (much faster) while the longest side stays >= `reduce_to`;
+    `image.info["original_size"]` always holds the full upright size.
     """
     if isinstance(source, Image.Image):
         with _pillow_warnings():
             return _normalise(source, "the image")
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return decode_image_bytes(bytes(source))
+        return decode_image_bytes(bytes(source), reduce_to=reduce_to)
     if isinstance(source, str):
         text = source.strip()
         if is_url(text):
             return decode_image_bytes(fetch_image_bytes(text, allow_private=allow_private_urls),
-                                      name=_short(text))
+                                      name=_short(text), reduce_to=reduce_to)
         _refuse_other_schemes(text)
-        return decode_image_bytes(read_image_file(Path(source)), name=Path(source).name)
+        return decode_image_bytes(read_image_file(Path(source)), name=Path(source).name,
+                                  reduce_to=reduce_to)
     if isinstance(source, os.PathLike):
         path = Path(source)
-        return decode_image_bytes(read_image_file(path), name=path.name)
+        return decode_image_bytes(read_image_file(path), name=path.name, reduce_to=reduce_to)
     raise ImageInputError(f"cannot read an image from a {type(source).__name__}; "
                           "give bytes, a file path, an http(s) URL or a PIL image")
 
@@ -113,12 +118,13 @@ def read_image_file(path: Path) -> bytes:
 
 # --------------------------------------------------------------------------- decoding
 
-def decode_image_bytes(data: bytes, *, name: str = "the image") -> Image.Image:
-    """Decode encoded image bytes (first frame) into an upright RGB image."""
+def decode_image_bytes(data: bytes, *, name: str = "the image", reduce_to: int | None = None
+                       ) -> Image.Image:
+    """Decode encoded image bytes (first frame) into an upright RGB image (see `load_image`)."""
     if not data:
         raise ImageInputError(f"{name} is empty (0 bytes)")
     with _pillow_warnings():
-        return _normalise(_open(data, name), name)
+        return _normalise(_open(data, name), name, reduce_to)
 
 
 @contextlib.contextmanager
@@ -158,7 +164,7 @@ def _describe_start(data: bytes) -> str:
     return ""
 
 
-def _normalise(image: Image.Image, name: str) -> Image.Image:
+def _normalise(image: Image.Image, name: str, reduce_to: int | None = None) -> Image.Image:
     """Check the size, load the first frame, apply EXIF orientation, convert to RGB."""
     width, height = image.size
     if width < 1 or height < 1:
@@ -169,22 +175,32 @@ def _normalise(image: Image.Image, name: str) -> Image.Image:
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
+        if reduce_to and image.format == "JPEG" and max(width, height) > reduce_to:
+            ratio = reduce_to / max(width, height)
+            # libjpeg's DCT scaling: decodes only the pixels asked for
+            image.draft(image.mode, (math.ceil(width * ratio), math.ceil(height * ratio)))
         image.load()
     except Exception as exc:  # truncated streams and corrupt chunks surface here, as OSError & co
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise ImageInputError(f"{name} is {reason}: the image data cannot be decoded ({exc})") from exc
     try:
+        decoded_size = image.size
         image = _exif_upright(image)
-        return _to_rgb(image)
+        rgb = _to_rgb(image)
     except ImageInputError:
         raise
     except Exception as exc:
         raise ImageInputError(f"{name} uses a colour mode that cannot be converted "
                               f"({image.mode}: {exc})") from exc
+    turned = rgb.size != decoded_size and rgb.size == decoded_size[::-1]
+    rgb.info["original_size"] = (height, width) if turned else (width, height)
+    return rgb
 
 
 def _exif_upright(image: Image.Image) -> Image.Image:
     try:
+        if image.getexif().get(_ORIENTATION, 1) == 1:
+            return image  # exif_transpose would copy every pixel for nothing
         upright = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block should not cost the user the picture
         return image
@@ -223,7 +239,7 @@ def _high_depth_to_grey(image: Image.Image) -> Image.Image:
         scaled = values / 257.0
     else:
         scaled = (values - low) * (255.0 / max(high - low, 1e-12))
-    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8))  # 2-D uint8 is "L"
 
 
 # --------------------------------------------------------------------------- URLs
@@ -244,7 +260,9 @@ def fetch_image_bytes(url: str, *, timeout: tuple[float, float] = DEFAULT_TIMEOU
         # No proxies or .netrc from the environment: the address we check is the one we connect to.
         session.trust_env = False
         for _hop in range(max_redirects + 1):
-            host, port = _check_url(current, allow_private)
+            if time.monotonic() > deadline:
+                raise ImageInputError(f"fetching {_short(url)} took too long")
+            host, _port = _check_url(current, allow_private)
             seen.add(current)
             response = _get(session, current, timeout, host)
             with response:
@@ -350,11 +368,27 @@ def _next_hop(response: requests.Response, current: str, seen: set[str]) -> str:
 
 def _check_peer(response: requests.Response, host: str, allow_private: bool) -> None:
     """Check the address actually connected to, in case DNS answered differently the second time."""
-    try:
-        peer = response.raw.connection.sock.getpeername()[0]
-    except Exception:  # no socket to inspect (already closed, or a test double): nothing to add
+    if allow_private:
         return
+    peer = _peer_address(response)
+    if peer is None:  # fail closed: an unverified connection might be anywhere
+        raise ImageInputError(f"cannot verify which address {host} connected to; not fetching")
     _check_address(peer, host, allow_private)
+
+
+def _peer_address(response: requests.Response) -> str | None:
+    # urllib3 drops conn.sock once a "Connection: close" response arrives; the body's reader
+    # (http.client's buffered socket file) still holds the socket then.
+    conn = getattr(response.raw, "connection", None)
+    body = getattr(getattr(response.raw, "_fp", None), "fp", None)
+    for sock in (getattr(conn, "sock", None), getattr(getattr(body, "raw", None), "_sock", None)):
+        if sock is None:
+            continue
+        try:
+            return str(sock.getpeername()[0])
+        except OSError:
+            continue
+    return None
 
 
 def _check_status(response: requests.Response, host: str) -> None:

@@ -24,6 +24,9 @@ waits for the trainer and afterwards:
     'cancelled' when a cancel was requested, else 'failed' with the exit reason and log tail;
   * calls pump_queue(), so the next queued job starts even when no browser is open.
 The app's own pump_queue() reconciles the rare case where the runner itself is gone too.
+A runner only writes to a run while status.json still names it as the runner (a cancelled run
+may be resumed under a new runner while the old one is still exiting), and a resumed run's
+runner first waits for the previous trainer of that folder to exit.
 
 Cancelling
 ----------
@@ -45,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -70,6 +72,7 @@ DEAD_PROCESS_ERROR = "process exited without finishing"
 POLL_S = 0.2
 LOG_TAIL_LINES = 40
 STATUS_LOG_TAIL_LINES = 20
+PREVIOUS_EXIT_TIMEOUT_S = 60.0
 _LOG_TAIL_BYTES = 64 * 1024
 STAMP_LENGTH = len("YYYY-mm-dd_HH-MM-SS")  # runs.new_run_dir's folder name, before any "-<n>"
 # TrainConfig fields the job manager passes some other way than a same-named CLI flag.
@@ -131,11 +134,15 @@ def resume_job(run_dir: Path, *, epochs: int | None = None, max_concurrent: int 
     with _queue_lock(runs_dir):
         _check_resumable(run_dir, epochs)
         (run_dir / runs.CANCEL_FILE).unlink(missing_ok=True)  # else the runner sees a cancel
+        previous = _read_status(run_dir)
+        still_exiting = [p for p in (previous.get("pid"), previous.get("runner_pid")) if runs.pid_alive(p)]
         args = ["train", "--resume", str(run_dir)] + (["--epochs", str(epochs)] if epochs else [])
+        more = {"epochs": epochs} if epochs else {}
         runs.write_status(run_dir, "queued", queued_at=time.time(), resume=True, resume_epochs=epochs,
                           train_args=args, max_concurrent=max_concurrent, pid=None, runner_pid=None,
                           finished_at=None, error=None, log_tail=None, eta_s=None,
-                          cancel_requested_at=None, cancel_grace_s=None)
+                          cancel_requested_at=None, cancel_grace_s=None, previous_pids=still_exiting,
+                          **more)
         _pump_locked(runs_dir, max_concurrent)
 
 
@@ -354,31 +361,53 @@ def _run_job(run_dir: Path) -> int:
     runs_dir = _runs_dir_of(run_dir)
     with _queue_lock(runs_dir):  # waits until the launcher has recorded us as running
         status = _read_status(run_dir)
-        if status.get("state") != "running" or status.get("runner_pid") != os.getpid():
-            _say(f"not starting: the job is {status.get('state')!r} and not assigned to this runner")
-            return 0
-        max_concurrent = _int_or_none(status.get("max_concurrent")) or 1
-        trainer = None
-        if _cancel_request(run_dir, status):
-            runs.write_status(run_dir, "cancelled", finished_at=time.time())
-        else:
-            try:
-                trainer = subprocess.Popen([sys.executable, "-m", "fer_core", *status["train_args"]],
-                                           cwd=PROJECT_ROOT, env=_child_env(), stdin=subprocess.DEVNULL,
-                                           start_new_session=True)
-                runs.write_status(run_dir, "running", pid=trainer.pid)
-            except OSError as exc:
-                runs.write_status(run_dir, "failed", finished_at=time.time(),
-                                  error=f"could not start the trainer: {exc}")
+    if not _is_ours(status):
+        _say(f"not starting: the job is {status.get('state')!r} and not assigned to this runner")
+        return 0
+    max_concurrent = _int_or_none(status.get("max_concurrent")) or 1
+    # a resumed run's previous trainer may still be exiting: never two trainers in one folder
+    _wait_until_gone(status.get("previous_pids") or [], PREVIOUS_EXIT_TIMEOUT_S)
+    with _queue_lock(runs_dir):
+        trainer = _spawn_trainer(run_dir, _read_status(run_dir))
     if trainer is not None:
         code = _supervise(run_dir, trainer)
         with _queue_lock(runs_dir):
             status = _read_status(run_dir)
-            if status.get("state") == "running":
+            # only while the run is still ours: it may already have been resumed under a new runner
+            if _is_ours(status):
                 outcome = _record_end_of_dead_job(run_dir, status, _describe_exit(code))
                 _say(f"trainer exited with code {code} without recording an outcome: {outcome}")
     pump_queue(runs_dir, max_concurrent=max_concurrent)
     return 0
+
+
+def _spawn_trainer(run_dir: Path, status: dict[str, Any]) -> subprocess.Popen | None:
+    """Start the trainer and record its pid (caller holds the lock); None if it must not run."""
+    if not _is_ours(status):
+        return None
+    if _cancel_request(run_dir, status):
+        runs.write_status(run_dir, "cancelled", finished_at=time.time())
+        return None
+    try:
+        trainer = subprocess.Popen([sys.executable, "-m", "fer_core", *status["train_args"]],
+                                   cwd=PROJECT_ROOT, env=_child_env(), stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    except OSError as exc:
+        runs.write_status(run_dir, "failed", finished_at=time.time(),
+                          error=f"could not start the trainer: {exc}")
+        return None
+    runs.write_status(run_dir, "running", pid=trainer.pid)
+    return trainer
+
+
+def _is_ours(status: dict[str, Any]) -> bool:
+    return status.get("state") == "running" and status.get("runner_pid") == os.getpid()
+
+
+def _wait_until_gone(pids: list[Any], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(runs.pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
 
 
 def _supervise(run_dir: Path, trainer: subprocess.Popen) -> int:
@@ -419,7 +448,7 @@ def _reap_without_runner(run_dir: Path, pid: Any, requested_at: float, grace_s: 
     runs_dir = _runs_dir_of(run_dir)
     with _queue_lock(runs_dir):
         status = _read_status(run_dir)
-        if status.get("state") == "running" and not _job_alive(status):
+        if status.get("state") == "running" and status.get("pid") == pid and not _job_alive(status):
             _record_end_of_dead_job(run_dir, status)
         max_concurrent = _int_or_none(status.get("max_concurrent")) or 1
     pump_queue(runs_dir, max_concurrent=max_concurrent)

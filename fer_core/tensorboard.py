@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -61,18 +61,19 @@ def start_tensorboard(runs_dir: Path, port: int | None = None, *,
                       timeout_s: float = START_TIMEOUT_S) -> TensorBoardInfo:
     """Return the runs folder's TensorBoard, starting one (on `port`, or a free one) if needed.
 
+    An explicit port different from the running instance's moves TensorBoard to that port.
+
     Raises FerError if TensorBoard is not installed, the requested port is busy, or it exits
     or stays silent during start-up (with the end of its log).
     """
     runs_dir = Path(runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
+    port = port or None  # 0 means "any free port", as it does for bind()
     with _lock(runs_dir):
         current = tensorboard_status(runs_dir)
         if current and port in (None, current.port):
             return current
-        if current:  # a different port was asked for explicitly: move it there
-            _stop_process(current.pid)
-        _state_path(runs_dir).unlink(missing_ok=True)
+        _stop_recorded(runs_dir)  # on another port than asked, or alive but not answering
         _require_installed()
         if port is not None:
             _require_free(port)
@@ -99,17 +100,14 @@ def stop_tensorboard(runs_dir: Path) -> bool:
     """Stop the runs folder's TensorBoard; True if a running one was stopped."""
     runs_dir = Path(runs_dir).resolve()
     with _lock(runs_dir):
-        pid = _read_state(runs_dir).get("pid")
-        stopped = isinstance(pid, int) and _is_our_tensorboard(pid, runs_dir) and _stop_process(pid)
-        _state_path(runs_dir).unlink(missing_ok=True)
-        return bool(stopped)
+        return _stop_recorded(runs_dir)
 
 
 # ---- starting -------------------------------------------------------------------------
 
 def _start_on_some_port(runs_dir: Path, port: int | None, timeout_s: float) -> TensorBoardInfo:
     attempts = 1 if port is not None else _AUTO_PORT_ATTEMPTS
-    for attempt in range(attempts):
+    for _ in range(attempts):
         chosen = port if port is not None else _free_port()
         try:
             return _launch(runs_dir, chosen, timeout_s)
@@ -204,22 +202,30 @@ def _is_our_tensorboard(pid: int, runs_dir: Path) -> bool:
     return any(b"tensorboard" in arg for arg in argv) and str(runs_dir).encode() in argv
 
 
+def _stop_recorded(runs_dir: Path) -> bool:
+    """Stop the recorded TensorBoard if it is still ours, and forget it (caller holds the lock)."""
+    pid = _read_state(runs_dir).get("pid")
+    stopped = isinstance(pid, int) and _is_our_tensorboard(pid, runs_dir) and _stop_process(pid)
+    _state_path(runs_dir).unlink(missing_ok=True)
+    return bool(stopped)
+
+
 def _stop_process(pid: int) -> bool:
     """SIGTERM its process group, SIGKILL if still alive after a while. True if it was alive."""
     if not runs.pid_alive(pid):
         return False
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(pid, sig)  # started with start_new_session: pgid == pid
+            os.killpg(pid, sig)  # started with start_new_session: pgid == pid, data server included
         except ProcessLookupError:
             return True
-        except PermissionError:
-            os.kill(pid, sig)
+        except PermissionError as exc:
+            raise FerError(f"not allowed to stop TensorBoard (pid {pid}): {exc}") from exc
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while runs.pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if not runs.pid_alive(pid):
-            return True
+            break
     return True
 
 

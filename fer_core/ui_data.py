@@ -180,6 +180,7 @@ def run_row(run: RunInfo) -> dict[str, Any]:
     done = len(run.metrics)
     return {
         "run": run.id,
+        "experiment": config.get("experiment") or (run.path.parts[-3] if len(run.path.parts) >= 3 else "—"),
         "state": display_state(run),
         "problems": "; ".join(run.problems),
         "dataset": dataset_label(config.get("data"), config.get("synthetic_data")),
@@ -200,9 +201,9 @@ def run_row(run: RunInfo) -> dict[str, Any]:
 
 
 def runs_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
-    columns = ["run", "state", "dataset", "mode", "stem", "img px", "batch", "lr", "weights",
-               "epochs", "best val acc", "test acc", "macro-F1", "duration", "started", "problems",
-               "path"]
+    columns = ["started", "experiment", "state", "dataset", "mode", "img px", "epochs",
+               "best val acc", "test acc", "macro-F1", "duration", "batch", "lr", "stem", "weights",
+               "problems", "run", "path"]
     return pd.DataFrame([run_row(r) for r in runs], columns=columns)
 
 
@@ -264,7 +265,7 @@ def curves_figure(metrics: Sequence[dict[str, Any]], selection_split: str = "val
     figure.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 20 else None)
     figure.update_yaxes(tickformat=".0%", row=1, col=2, rangemode="tozero")
     figure.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10), hovermode="x unified",
-                         legend=dict(orientation="h", y=1.12, x=1, xanchor="right", yanchor="bottom"))
+                         legend=dict(orientation="h", y=1.12, x=0, xanchor="left", yanchor="bottom"))
     return figure
 
 
@@ -275,8 +276,10 @@ def overlay_figure(runs: Sequence[RunInfo], key: str, title: str, percent: bool 
         figure.add_trace(go.Scatter(x=[m.get("epoch") for m in run.metrics],
                                     y=[m.get(key) for m in run.metrics], mode="lines+markers",
                                     name=label, hovertemplate=f"{label}<br>epoch %{{x}}: %{{y:.4f}}<extra></extra>"))
+    longest = max((len(run.metrics) for run in runs), default=0)
     figure.update_layout(title=title, height=360, xaxis_title="epoch", margin=dict(l=10, r=10, t=50, b=10),
                          legend=dict(orientation="h", y=-0.25))
+    figure.update_xaxes(dtick=1 if longest <= 20 else None)
     if percent:
         figure.update_yaxes(tickformat=".0%")
     return figure
@@ -316,8 +319,19 @@ def confusion_figure(evaluation: dict[str, Any], normalise: bool = False,
         colorscale="Blues", zmin=0, zmax=1 if normalise else max(int(counts.max()), 1),
         showscale=show_scale, xgap=2, ygap=2,
         colorbar=dict(title="share" if normalise else "images", tickformat=".0%" if normalise else None),
-        hovertemplate="true <b>%{y}</b> predicted as <b>%{x}</b><br>%{customdata[0]} images, "
-                      "%{customdata[1]:.1%} of %{y}<extra></extra>"))
+        hoverinfo="skip"))
+    # Heatmap cells cannot be selected in plotly, markers can: an invisible square marker on
+    # every cell carries the hover text and makes a click select that cell.
+    n = len(classes)
+    cells = [(i, j) for i in range(n) for j in range(n)]
+    figure.add_trace(go.Scatter(
+        x=[classes[j] for _, j in cells], y=[classes[i] for i, _ in cells], mode="markers",
+        marker=dict(symbol="square", size=max(8, int((height - 130) / max(n, 1) * 0.9)),
+                    color="rgba(0,0,0,0)"),
+        selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)),
+        customdata=[[int(counts[i, j]), float(shares[i, j])] for i, j in cells], showlegend=False,
+        name="cells", hovertemplate="true <b>%{y}</b> predicted as <b>%{x}</b><br>%{customdata[0]} images, "
+                                    "%{customdata[1]:.1%} of %{y}<extra></extra>"))
     if selected and selected[0] in classes and selected[1] in classes:
         i, j = classes.index(selected[0]), classes.index(selected[1])
         figure.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5,
@@ -392,6 +406,24 @@ def load_image_array(path: str) -> np.ndarray | None:
             return np.asarray(image.convert("L"), dtype=np.uint8).copy()
     except Exception:  # a moved or unreadable file only loses its thumbnail
         return None
+
+
+def load_image_arrays(paths: Sequence[str]) -> list[np.ndarray | None]:
+    """load_image_array for many paths; rows of one fer2013.csv are decoded in a single pass."""
+    wanted: dict[str, set[int]] = {}
+    for path in paths:
+        file, _, row = path.rpartition("#")
+        if file.lower().endswith(".csv") and row.isdigit():
+            wanted.setdefault(file, set()).add(int(row))
+    decoded = {file: load_csv_rows(file, rows) for file, rows in wanted.items()}
+    images: list[np.ndarray | None] = []
+    for path in paths:
+        file, _, row = path.rpartition("#")
+        if file in decoded:
+            images.append(decoded[file].get(int(row)))
+        else:
+            images.append(load_image_array(path))
+    return images
 
 
 def load_csv_rows(path: str, rows: Iterable[int]) -> dict[int, np.ndarray]:

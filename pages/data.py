@@ -51,7 +51,10 @@ elif kind == "local":
     found = [c for c in ui_data.discover_datasets(data_home(), demo_dir()) if c.kind != "demo"]
     options = [c.spec for c in found] + ["__other__"]
     labels = {c.spec: c.label for c in found} | {"__other__": "Another path…"}
-    default_index = options.index(initial) if initial in options else 0
+    if initial in options:
+        default_index = options.index(initial)
+    else:  # a path typed earlier (or chosen on another page) that is not under the data folder
+        default_index = options.index("__other__") if initial != "demo" or not found else 0
     picked = st.selectbox("Dataset", options, index=default_index, format_func=labels.get,
                           key="data_local_pick",
                           help=f"Folders and fer2013.csv files found under {data_home()}")

@@ -22,9 +22,9 @@ def load_predictions(path: str, mtime_ns: int) -> list[dict]:
     return read_predictions(Path(path))
 
 
-@st.cache_data(show_spinner=False, max_entries=2048)
-def load_thumbnail(path: str):
-    return ui_data.load_image_array(path)
+@st.cache_data(show_spinner="Loading the faces…", max_entries=256)
+def load_thumbnails(paths: tuple[str, ...]):
+    return ui_data.load_image_arrays(list(paths))
 
 
 def predictions_of(run: runs.RunInfo) -> list[dict]:
@@ -133,15 +133,14 @@ with mistakes_tab:
     elif examples:
         shown = examples[:GALLERY_LIMIT]
         images, captions, missing = [], [], 0
-        for row in shown:
-            array = load_thumbnail(row["path"])
+        for row, array in zip(shown, load_thumbnails(tuple(r["path"] for r in shown))):
             if array is None:
                 missing += 1
                 continue
             images.append(array)
             captions.append(ui_data.probability_caption(row, top=2))
         if images:
-            st.image(images, caption=captions, width=110)
+            st.image(images, caption=captions, width=140)
         if missing:
             st.caption(f"{missing} image(s) could not be loaded (moved or deleted since training).")
         if len(examples) > GALLERY_LIMIT:

@@ -35,8 +35,8 @@ with st.container(border=True):
     left, right = st.columns([3, 2], vertical_alignment="center")
     with left:
         st.subheader(":material/rocket_launch: Start here")
-        st.markdown("No dataset needed: the built-in **demo** draws cartoon faces for each emotion "
-                    "(:orange-badge[SYNTHETIC]). The *demo-quick* recipe fine-tunes ResNet18 on them "
+        st.markdown("No dataset needed: the built-in **demo** draws :orange-badge[SYNTHETIC] cartoon "
+                    "faces for each emotion. The *demo-quick* recipe fine-tunes ResNet18 on them "
                     "at 48 px in about a minute on a CPU. You will land on the **Train** page to "
                     "watch the loss fall, then **Evaluate** shows which faces it confuses.")
     with right:

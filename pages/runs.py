@@ -28,10 +28,12 @@ st.markdown(" ".join(f":{ui_data.STATE_COLORS.get(s, 'gray')}-badge[{s}: {n}]" f
 frame = ui_data.runs_frame(all_runs)
 st.dataframe(
     frame, hide_index=True, key="runs_table",
-    column_order=["run", "state", "dataset", "mode", "stem", "img px", "batch", "lr", "weights",
-                  "epochs", "best val acc", "test acc", "macro-F1", "duration", "started", "problems"],
+    column_order=["started", "experiment", "state", "dataset", "mode", "img px", "epochs", "best val acc",
+                  "test acc", "macro-F1", "duration", "batch", "lr", "stem", "weights", "problems", "run"],
     column_config={
-        "run": st.column_config.TextColumn(width="medium", pinned=True),
+        "started": st.column_config.TextColumn(pinned=True),
+        "experiment": st.column_config.TextColumn(pinned=True),
+        "run": st.column_config.TextColumn("run id", width="large"),
         "best val acc": st.column_config.NumberColumn(format="percent"),
         "test acc": st.column_config.NumberColumn(format="percent"),
         "macro-F1": st.column_config.NumberColumn(format="percent"),

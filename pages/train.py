@@ -12,7 +12,7 @@ from fer_core.cli import TRAIN_FLAGS, TRAIN_SWITCHES
 from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, TrainConfig, config_from_preset
 from fer_core.errors import FerError
 from pages._shared import (DATA_SOURCE_KEY, SELECTED_RUN_KEY, checkpoints_dir, data_home, demo_dir,
-                           run_label, runs_dir, state_badge, synthetic_badge, take_selected_run)
+                           runs_dir, state_badge, synthetic_badge, take_selected_run)
 
 REFRESH_S = 1.5
 # Background jobs rebuild the config from `python -m fer_core train` flags: offer only those.
@@ -51,6 +51,8 @@ HELP = {
     "augment": "Random crops, flips, small rotations, brightness/contrast and erasing while training.",
     "max_per_class": "Use at most this many training images per class (0 = all): for quick trials.",
     "test_fraction": "Share of all images kept for the test (ignored when the source has its own split).",
+    "num_threads": "Threads the training process may use on the CPU. Fewer is faster when other "
+                   "programs keep the cores busy: oversubscribed cores slow training sharply.",
     "backbone_lr_scale": "When fine-tuning, the backbone learns at LR x this (the new head at LR).",
 }
 
@@ -91,7 +93,12 @@ def on_data_change() -> None:
 all_runs = runs.list_runs(folder)
 active_runs = [r for r in all_runs if r.state in ui_data.ACTIVE_STATES]
 
-with st.expander("New training run", expanded=not active_runs, icon=":material/add_circle:"):
+FORM_OPEN_KEY = "train_form_open"
+if st.session_state.pop("collapse_train_form", False):
+    st.session_state[FORM_OPEN_KEY] = False  # a run was just launched: make room for the monitor
+form_label = ("Start another run (it waits for the current one)" if active_runs else "New training run")
+with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:", key=FORM_OPEN_KEY,
+                 on_change="rerun"):
     choices = ui_data.discover_datasets(data_home(), demo_dir())
     labels = {c.spec: c.label for c in choices}
     remembered = st.session_state.get(DATA_SOURCE_KEY)
@@ -158,6 +165,9 @@ with st.expander("New training run", expanded=not active_runs, icon=":material/a
             if "test_fraction" in CLI_FIELDS:
                 a3.number_input("Test fraction", min_value=0.0, max_value=1.0, step=0.05,
                                 key="tf_test_fraction", help=HELP["test_fraction"])
+            if "num_threads" in CLI_FIELDS:
+                a3.number_input("CPU threads (0 = all cores)", min_value=0, max_value=256, step=1,
+                                key="tf_num_threads", help=HELP["num_threads"])
             a1.toggle("Augmentation", key="tf_augment", help=HELP["augment"])
         submitted = st.form_submit_button("Launch training", type="primary", icon=":material/play_arrow:")
 
@@ -165,7 +175,7 @@ with st.expander("New training run", expanded=not active_runs, icon=":material/a
         names = ["experiment", "mode", "stem", "pretrained", "epochs", "batch_size", "lr", "img_size",
                  "amp", "val_fraction", "label_smoothing", "patience", "seed", "class_weights", "tta",
                  "optimizer", "scheduler", "weight_decay", "backbone_lr_scale", "max_per_class",
-                 "test_fraction", "augment"]
+                 "test_fraction", "augment", "num_threads"]
         values = {name: st.session_state[f"tf_{name}"] for name in names
                   if name in CLI_FIELDS or name in CLI_SWITCHES}
         values["experiment"] = str(values["experiment"]).strip()
@@ -182,13 +192,19 @@ with st.expander("New training run", expanded=not active_runs, icon=":material/a
             st.error(f"Nothing was started: could not create the run ({exc})", icon=":material/error:")
         else:
             st.session_state[SELECTED_RUN_KEY] = str(run_dir)
+            st.session_state["collapse_train_form"] = True
             st.toast(f"Launched {runs.run_id(run_dir)}", icon=":material/rocket_launch:")
             st.rerun()
 
 
 # ---- monitor ---------------------------------------------------------------------------
 
-def pick_run() -> Path | None:
+def stable_label(run: runs.RunInfo) -> str:
+    data = ui_data.dataset_label(run.config.get("data"), run.config.get("synthetic_data"))
+    return f"{run.id} · {data}"
+
+
+def pick_run() -> runs.RunInfo | None:
     """The run to watch: a requested one, else the picker's, else newest active, else newest."""
     fresh = runs.list_runs(folder)
     if not fresh:
@@ -201,9 +217,11 @@ def pick_run() -> Path | None:
     elif st.session_state.get("train_run_picker") not in options:
         active = [r for r in fresh if r.state in ui_data.ACTIVE_STATES]
         st.session_state["train_run_picker"] = str((active or fresh)[0].path)
+    # A label that never changes: the picker's text does not reliably redraw when a label
+    # changes under a kept selection, and the state is shown (live) by the monitor below.
     chosen = st.selectbox("Run", options, key="train_run_picker",
-                          format_func=lambda p: run_label(by_path[p]))
-    return Path(chosen)
+                          format_func=lambda p: stable_label(by_path[p]))
+    return by_path[chosen]
 
 
 def resume_controls(run_dir: Path, run: runs.RunInfo, state: str) -> None:
@@ -251,9 +269,10 @@ def monitor(run_dir: Path, was_active: bool) -> None:
                 st.badge(f"weights: {config['weights_source']}", color="gray")
 
     if config.get("weights_source") == "random" and config.get("pretrained"):
-        st.warning("ImageNet weights were requested but are not available, so this run trains from "
-                   "random initialisation (expect lower accuracy, especially in head-only mode). "
-                   + (config.get("weights_warning") or ""), icon=":material/cloud_off:")
+        st.warning("**ImageNet weights were requested but are not available**, so this run started "
+                   "from random weights: expect lower accuracy, especially in head-only mode."
+                   + (f"  \nDetails: {config['weights_warning']}" if config.get("weights_warning") else ""),
+                   icon=":material/cloud_off:")
     if run.problems:
         st.warning("This run folder is damaged: " + "; ".join(run.problems), icon=":material/report:")
     if state == "failed":
@@ -274,6 +293,19 @@ def monitor(run_dir: Path, was_active: bool) -> None:
     st.progress(fraction, text=f"Run: epoch {epoch}/{epochs} · {fraction:.0%}")
     if state == "running" and batches:
         st.progress(min(batch / batches, 1.0), text=f"Epoch {epoch}: batch {batch}/{batches}")
+
+    if state in ui_data.ACTIVE_STATES:
+        if not job.cancel_requested and st.button(
+                "Cancel run", icon=":material/stop_circle:", key=f"cancel_{run.id}",
+                help="Stops after the current batch; checkpoints are kept and it can be resumed."):
+            try:
+                jobs.cancel(run_dir)
+            except (FerError, OSError) as exc:
+                st.error(f"Cannot cancel: {exc}")
+            else:
+                st.rerun(scope="app")
+    elif run.last_checkpoint.is_file():
+        resume_controls(run_dir, run, state)
 
     m1, m2, m3, m4 = st.columns(4)
     if state in ui_data.ACTIVE_STATES:
@@ -319,21 +351,8 @@ def monitor(run_dir: Path, was_active: bool) -> None:
             st.caption("No epoch finished yet.")
     with log_col:
         st.markdown("**Log**")
-        st.code(jobs.read_log_tail(run_dir, lines=40) or "(no output yet)", language=None,
+        st.code(job.log_tail or "(no output yet)", language=None,
                 height=240, wrap_lines=True)
-
-    with st.container(horizontal=True):
-        if state in ui_data.ACTIVE_STATES and not job.cancel_requested:
-            if st.button("Cancel run", icon=":material/stop_circle:", key=f"cancel_{run.id}",
-                         help="Stops after the current batch; checkpoints are kept."):
-                with st.spinner("Stopping…"):
-                    try:
-                        jobs.cancel(run_dir)
-                    except (FerError, OSError) as exc:
-                        st.error(f"Cannot cancel: {exc}")
-                st.rerun(scope="app")
-        elif run.last_checkpoint.is_file():
-            resume_controls(run_dir, run, state)
 
     queued = [j for j in jobs.list_jobs(folder) if j.state == "queued" and Path(j.run_dir) != run_dir]
     if queued:
@@ -350,8 +369,8 @@ if selected is None:
     st.info("No runs yet. Launch one above, or use **Train a quick model** on the Home page.",
             icon=":material/info:")
 else:
-    was_active = runs.load_run(selected).state in ui_data.ACTIVE_STATES
-    if was_active:
-        st.fragment(monitor, run_every=REFRESH_S)(selected, True)
+    # the same reading as the picker's label, so the two never disagree
+    if selected.state in ui_data.ACTIVE_STATES:
+        st.fragment(monitor, run_every=REFRESH_S)(selected.path, True)
     else:
-        monitor(selected, False)
+        monitor(selected.path, False)

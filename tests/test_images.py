@@ -109,6 +109,21 @@ def test_exif_orientation_is_honoured() -> None:
     assert red > 200 and blue < 60
 
 
+def test_large_jpeg_can_decode_at_reduced_scale() -> None:
+    big = encode(gradient(64, 48).resize((3200, 2400)), "JPEG", quality=80)
+    full = decode_image_bytes(big)
+    assert full.size == (3200, 2400) and full.info["original_size"] == (3200, 2400)
+    reduced = decode_image_bytes(big, reduce_to=1000)
+    assert reduced.size == (1600, 1200)  # 1/2 scale: 1/4 would fall below 1000
+    assert reduced.info["original_size"] == (3200, 2400)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = decode_image_bytes(encode(gradient(64, 48).resize((3200, 2400)), "JPEG",
+                                       exif=exif.tobytes()), reduce_to=1000)
+    assert turned.size == (1200, 1600) and turned.info["original_size"] == (2400, 3200)
+    assert decode_image_bytes(PNG, reduce_to=10).size == (64, 48)  # only JPEG can do this
+
+
 def test_animated_gif_uses_first_frame() -> None:
     frames = [Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))]
     buffer = io.BytesIO()
@@ -244,6 +259,21 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _KeepAliveHandler(_Handler):
+    protocol_version = "HTTP/1.1"  # the connection stays open after the response
+
+
+@pytest.fixture(scope="module")
+def keep_alive_server(server: str) -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAliveHandler)
+    httpd.daemon_threads = True
+    httpd.block_on_close = False
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -367,3 +397,14 @@ def test_redirect_to_private_address_is_refused(server: str, monkeypatch: pytest
         fetch_image_bytes(f"{server}/to-metadata", timeout=(1.0, 2.0))
     with pytest.raises(ImageInputError, match=r"10\.0\.0\.7.*private"):
         fetch_image_bytes(f"{server}/to-private", timeout=(1.0, 2.0))
+
+
+@pytest.mark.parametrize("which", ["server", "keep_alive_server"])
+def test_connected_address_is_checked_again(which: str, request: pytest.FixtureRequest,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the lookup we check says public, the connection lands on loopback."""
+    base = request.getfixturevalue(which)
+    assert fetch(f"{base}/face.jpg") == JPEG
+    monkeypatch.setattr(images, "_resolve", lambda host, port: ["93.184.216.34"])
+    with pytest.raises(ImageInputError, match=r"127\.0\.0\.1.*loopback"):
+        fetch_image_bytes(f"{base}/face.jpg", timeout=(1.0, 2.0))

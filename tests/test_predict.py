@@ -75,6 +75,16 @@ def test_face_is_found_and_classified(predictor: Predictor, astronaut_jpeg: byte
     assert set(result.timings_ms) == {"load", "detect", "crop", "classify"}
 
 
+def test_boxes_of_a_large_jpeg_are_in_original_pixels(predictor: Predictor) -> None:
+    photo = Image.new("RGB", (3600, 2700), (70, 90, 80))
+    photo.paste(Image.fromarray(data.astronaut()).resize((1536, 1536)), (1200, 600))
+    result = predictor.predict(jpeg(photo))  # decoded at 1/2 scale for speed
+    (face,) = result.faces
+    assert result.image_size == (3600, 2700)
+    assert abs(face.box.x - (1200 + 177 * 3)) < 40 and abs(face.box.w - 95 * 3) < 45
+    assert face.crop.size == (STORE_SIZE, STORE_SIZE)
+
+
 def test_blank_image_falls_back_to_the_whole_image(predictor: Predictor) -> None:
     result = predictor.predict(Image.new("RGB", (320, 240), (180, 180, 180)))
     assert not result.face_found and result.message == NO_FACE_MESSAGE
@@ -95,6 +105,25 @@ def test_preprocessing_is_exactly_the_evaluation_path(predictor: Predictor,
     with torch.inference_mode():
         expected = torch.softmax(predictor.model(eval_transform(batch, 48)), dim=1)[0]
     assert list(result.faces[0].probabilities.values()) == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("amp, tta", [(False, False), (True, False), (False, True)])
+def test_probabilities_match_the_evaluation_code(checkpoint: Path, amp: bool, tta: bool) -> None:
+    from fer_core.evaluate import predict_probabilities
+    predictor = Predictor.from_checkpoint(checkpoint, amp=amp, tta=tta, num_threads=1)
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8))
+    expected = predict_probabilities(predictor.model, batch, 48, amp=amp, tta=tta)
+    assert np.allclose(predictor.probabilities(batch).numpy(), expected, atol=1e-6)
+
+
+def test_amp_and_tta_follow_the_checkpoint_config(tmp_path: Path) -> None:
+    path = tmp_path / "evaluated.pt"
+    ckpt = torch.load(save_checkpoint(path), weights_only=True)
+    ckpt["config"].update(amp=True, tta=True)
+    torch.save(ckpt, path)
+    predictor = Predictor.from_checkpoint(path)
+    assert predictor.amp and predictor.tta and predictor.info["tta"]
+    assert not Predictor.from_checkpoint(path, tta=False).tta
 
 
 def test_probabilities_follow_the_checkpoint_class_order(tmp_path: Path, predictor: Predictor,
@@ -140,6 +169,10 @@ def test_options(predictor: Predictor, astronaut_jpeg: bytes) -> None:
         predictor.predict(astronaut_jpeg, top_k=0)
     with pytest.raises(ValueError, match="uncertain_below"):
         predictor.predict(astronaut_jpeg, uncertain_below=1.5)
+
+
+def test_empty_batch(predictor: Predictor) -> None:
+    assert tuple(predictor.probabilities(predictor.preprocess([])).shape) == (0, len(CLASSES))
 
 
 def test_threads_are_restored(checkpoint: Path, astronaut_jpeg: bytes) -> None:

@@ -96,3 +96,13 @@ def test_an_early_exit_reports_the_log_tail(runs_dir: Path, monkeypatch: pytest.
     with pytest.raises(FerError, match=r"exited during start-up \(exit code 3\)[\s\S]*bad things happened"):
         tb.start_tensorboard(runs_dir)
     assert not (runs_dir / tb.STATE_FILE).exists()
+
+
+def test_asking_for_another_port_moves_it_there(runs_dir: Path):
+    first = tb.start_tensorboard(runs_dir)
+    port = tb._free_port()
+    moved = tb.start_tensorboard(runs_dir, port=port)
+    assert not moved.reused and moved.port == port and moved.pid != first.pid
+    assert not runs.pid_alive(first.pid)  # the old one does not linger
+    assert http_get(moved.url)[0] == 200
+    assert tb.start_tensorboard(runs_dir, port=0).pid == moved.pid  # 0 = any port: reuse

@@ -1,0 +1,234 @@
+"""One end-to-end test in a real Chromium: start the app, train from the Train form, watch it
+finish, open Evaluate and find the confusion matrix. Saves screenshots to docs/.
+
+Skipped (with the reason) when /usr/bin/chromium or the playwright package is missing; it
+never downloads a browser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SERVER_START_TIMEOUT_S = 90
+TRAINING_TIMEOUT_S = 420  # a tiny run; generous because the CPU is shared with other jobs
+SHOT_SIZE = {"width": 1400, "height": 1500}
+# Small enough for about a minute of training on one busy core, big enough that the curves
+# and the confusion matrix in the screenshots show a model that learns.
+EPOCHS, IMG_SIZE, MAX_PER_CLASS = 8, 48, 60
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); browser test skipped",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_health(url: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"streamlit exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"streamlit did not answer /_stcore/health in {SERVER_START_TIMEOUT_S} s:\n"
+                f"{log.read_text()[-3000:]}")
+
+
+def stop_training_processes(runs_dir: Path) -> None:
+    """Kill any trainer/runner the test started through the app (each is its own session)."""
+    for status_file in runs_dir.glob("*/*/*/*/status.json"):
+        try:
+            status = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("pid", "runner_pid"):
+            pid = status.get(key)
+            if isinstance(pid, int) and pid > 0:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+@pytest.fixture
+def app_server(tmp_path: Path):
+    """The app on a free port, with its runs/checkpoints/cache/demo folders under tmp_path."""
+    from fer_core.demo import DEFAULT_PER_CLASS, generate_demo_dataset
+
+    demo_dir = tmp_path / "demo"
+    # The default-size demo, so neither the app nor the trainer has to draw it; the form's
+    # "max images per class" keeps the training itself tiny.
+    generate_demo_dataset(demo_dir, per_class=DEFAULT_PER_CLASS)
+    runs_dir = tmp_path / "runs"
+    env = {**os.environ, "FER_RUNS_DIR": str(runs_dir), "FER_CHECKPOINTS_DIR": str(tmp_path / "checkpoints"),
+           "FER_CACHE_DIR": str(tmp_path / "cache"), "FER_DEMO_DIR": str(demo_dir),
+           "FER_DATA_HOME": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    log = tmp_path / "streamlit.log"
+    with open(log, "wb") as handle:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.address", "127.0.0.1",
+             "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
+             "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, server, log)
+        yield url, runs_dir
+    finally:
+        stop_training_processes(runs_dir)
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        except ProcessLookupError:
+            pass
+
+
+def wait_until_idle(page, timeout_s: float = 60) -> None:
+    """Wait until the script run finishes (Streamlit's 'running' indicator is gone)."""
+    deadline = time.monotonic() + timeout_s
+    time.sleep(0.5)
+    while time.monotonic() < deadline:
+        if page.locator("[data-testid='stStatusWidget']").count() == 0:
+            return
+        time.sleep(0.25)
+
+
+def screenshot(page, name: str) -> None:
+    DOCS.mkdir(exist_ok=True)
+    page.set_viewport_size(SHOT_SIZE)
+    time.sleep(1.0)
+    page.screenshot(path=str(DOCS / name))
+
+
+def set_number(page, label: str, value: int) -> None:
+    field = page.get_by_role("spinbutton", name=label, exact=True)
+    field.fill(str(value))
+    field.press("Tab")  # commit the value without submitting anything
+
+
+def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
+    url, runs_dir = app_server
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+
+            page.goto(url)
+            page.get_by_role("button", name="Train a quick model on the demo dataset").wait_for()
+            page.get_by_text("No trained model yet.").wait_for()
+
+            page.goto(f"{url}/data")
+            page.get_by_text("Sample faces per class").wait_for(timeout=120_000)
+            page.locator("[data-testid='stPlotlyChart']").first.wait_for()
+            wait_until_idle(page, 120)
+            screenshot(page, "data.png")
+
+            page.goto(f"{url}/train")
+            page.get_by_role("button", name="Launch training").wait_for()
+            wait_until_idle(page)
+            page.get_by_role("textbox", name="Experiment name").fill("browser-test")
+            set_number(page, "Epochs", EPOCHS)
+            set_number(page, "Image size (px)", IMG_SIZE)
+            set_number(page, "Batch size", 32)
+            page.get_by_text("Advanced", exact=True).click()
+            set_number(page, "Max images per class (0 = all)", MAX_PER_CLASS)
+            set_number(page, "CPU threads (0 = all cores)", 1)  # the CPU is shared: do not oversubscribe
+            page.get_by_role("button", name="Launch training").click()
+
+            # the monitor takes over: queued/running, then finished with a test accuracy
+            page.get_by_text("browser-test · finetune").wait_for(timeout=60_000)
+            deadline = time.monotonic() + TRAINING_TIMEOUT_S
+            live_shot = False
+            while time.monotonic() < deadline:
+                if page.get_by_text("Finished.").count():
+                    break
+                if (not live_shot and page.get_by_role("button", name="Cancel run").count()
+                        and page.locator("[data-testid='stPlotlyChart']").count()):
+                    screenshot(page, "train_live.png")  # mid-run: progress, ETA, first curves
+                    live_shot = True
+                failed = page.get_by_text("Training failed").count()
+                assert not failed, page.locator("[data-testid='stAlert']").all_inner_texts()
+                time.sleep(2)
+            else:
+                pytest.fail(f"training did not finish in {TRAINING_TIMEOUT_S} s")
+            # "Finished." is only drawn by the static redraw that follows the end of the run
+            assert "browser-test/finetune" in page.get_by_role("combobox", name="Run", exact=True).input_value()
+            page.locator("[data-testid='stPlotlyChart']").first.wait_for()
+            wait_until_idle(page)
+            text = page.locator("[data-testid='stMain']").inner_text()
+            assert "SYNTHETIC" in text and "Test accuracy" in text
+            assert "ImageNet weights were requested but are not available" in text  # offline
+            screenshot(page, "train.png")
+
+            status_files = list(runs_dir.glob("*/browser-test/resnet18/finetune/status.json"))
+            assert len(status_files) == 1, "exactly one run was launched"
+            assert json.loads(status_files[0].read_text())["state"] == "completed"
+            config = json.loads((status_files[0].parent / "config.json").read_text())
+            assert (config["epochs"], config["img_size"], config["max_per_class"]) == (EPOCHS, IMG_SIZE, MAX_PER_CLASS)
+
+            page.set_viewport_size({"width": 1400, "height": 1000})
+            page.get_by_role("button", name="See which faces it gets wrong").click()
+            page.get_by_role("heading", name="Evaluate").wait_for()
+            heatmap = page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot").first
+            heatmap.wait_for()
+            assert page.locator("[data-testid='stPlotlyChart'] g.hm").count() >= 1  # a heatmap trace
+            wait_until_idle(page)
+            evaluation = json.loads((status_files[0].parent / "evaluation.json").read_text())
+            for name in evaluation["classes"]:
+                assert page.locator("[data-testid='stPlotlyChart']").first.get_by_text(name).count() >= 1
+            page.get_by_text("test face(s) that are").first.wait_for()
+
+            # clicking a cell of the matrix shows that cell's faces: the first class's diagonal
+            first = evaluation["classes"][0]
+            area = page.locator("[data-testid='stPlotlyChart'] .nsewdrag").first.bounding_box()
+            cell = area["width"] / len(evaluation["classes"]), area["height"] / len(evaluation["classes"])
+            page.mouse.click(area["x"] + cell[0] / 2, area["y"] + cell[1] / 2)
+            page.get_by_text(re.compile(rf"test face\(s\) that are {first} and were predicted {first}")).wait_for()
+            expected = f"true {first} → predicted {first}"
+            assert page.get_by_role("combobox", name="Cell to inspect").input_value().startswith(expected)
+            wait_until_idle(page)
+            page.mouse.move(0, 0)
+            screenshot(page, "evaluate.png")
+
+            page.goto(f"{url}/runs")
+            page.get_by_text("Compare runs").wait_for()
+            wait_until_idle(page)
+            screenshot(page, "runs.png")
+
+            page.goto(url)
+            page.get_by_text("Best so far:").wait_for()
+            wait_until_idle(page)
+            screenshot(page, "home.png")
+        finally:
+            browser.close()
