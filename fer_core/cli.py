@@ -34,6 +34,8 @@ TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--scheduler", dict(choices=["cosine", "onecycle", "none"])),
     ("--img-size", dict(type=int, help="input size in px (48-112 suit 48 px faces; 224 is the reference)")),
     ("--val-fraction", dict(type=float, help="validation share carved from train; 0 selects on test")),
+    ("--test-fraction", dict(type=float, help="test share of a single pool (default 0.25)")),
+    ("--warmup-epochs", dict(type=float, help="linear warm-up for the cosine schedule")),
     ("--seed", dict(type=int)),
     ("--patience", dict(type=int, help="early-stopping patience in epochs (0 = off)")),
     ("--max-per-class", dict(type=int, help="use at most N training images per class")),

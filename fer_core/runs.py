@@ -274,7 +274,14 @@ def find_run_dirs(runs_dir: Path) -> list[Path]:
         return []
     found = {p.parent for pattern in (f"*/*/*/*/{CONFIG_FILE}", f"*/*/*/*/{STATUS_FILE}")
              for p in runs_dir.glob(pattern)}
-    return sorted(found, key=lambda p: str(p), reverse=True)
+    return sorted(found, key=_newest_first_key, reverse=True)
+
+
+def _newest_first_key(run_dir: Path) -> tuple[str, int, str]:
+    """Sort by timestamp, then by the clash suffix ('<stamp>-2' is newer than '<stamp>')."""
+    folder = run_dir.parts[-4] if len(run_dir.parts) >= 4 else run_dir.name
+    stamp, suffix = folder[:19], folder[20:]  # "YYYY-MM-DD_HH-MM-SS" then "-N" on a clash
+    return stamp, int(suffix) if suffix.isdigit() else 0, str(run_dir)
 
 
 def list_runs(runs_dir: Path) -> list[RunInfo]:

@@ -106,9 +106,7 @@ def active_job_panel() -> None:
         st.progress(ui_data.job_progress(job), text=f"{epoch}{eta}")
     if queued:
         st.caption(f":material/schedule: {len(queued)} job(s) queued")
-    if st.button("Open monitor", key="sidebar_open_monitor", icon=":material/monitoring:",
-                 type="tertiary"):
-        st.switch_page("pages/train.py")
+    st.page_link("pages/train.py", label="Open monitor", icon=":material/monitoring:")
 
 
 def state_badge(state: str) -> None:

@@ -81,7 +81,9 @@ with right:
             st.markdown(f"Test accuracy **{ui_data.format_percent(best.test_accuracy)}**, "
                         f"macro-F1 **{ui_data.format_percent(best.macro_f1)}** on "
                         f"{ui_data.dataset_label(best.config.get('data'), best.config.get('synthetic_data'))}")
-            st.page_link("pages/evaluate.py", label="See its mistakes", icon=":material/grid_on:")
+            if st.button("See its mistakes", icon=":material/grid_on:", type="tertiary", key="home_best_eval"):
+                st.session_state[SELECTED_RUN_KEY] = str(best.path)
+                st.switch_page("pages/evaluate.py")
     else:
         st.caption("No trained model yet.")
     for run in active:
@@ -92,7 +94,7 @@ with right:
                 state_badge(run.state)
             st.progress(ui_data.job_progress({**run.status, "state": run.state}))
     if all_runs:
-        st.page_link("pages/runs.py", label=f"All {len(all_runs)} runs", icon=":material/table_rows:")
+        st.page_link("pages/runs.py", label=f"All runs ({len(all_runs)})", icon=":material/table_rows:")
 
 with st.expander("How FER Studio works", icon=":material/help:"):
     st.markdown(

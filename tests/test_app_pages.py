@@ -526,3 +526,47 @@ def test_tensorboard_start_errors_are_shown_as_text(env, monkeypatch):
     at.button(key="tb_start").click().run(timeout=TIMEOUT)
     assert "TensorBoard did not start: port 6006 on 127.0.0.1 is already in use" in \
         " ".join(e.value for e in at.error)
+
+
+# ---- the pure helpers behind the pages -------------------------------------------------
+
+def test_ui_helpers_format_and_measure_progress():
+    assert ui_data.format_duration(None) == "—" and ui_data.format_duration(42) == "42 s"
+    assert ui_data.format_duration(185) == "3 min 05 s" and ui_data.format_duration(3720) == "1 h 02 min"
+    assert ui_data.job_progress({"state": "running", "epoch": 2, "epochs": 4, "batch": 5, "batches": 10}) == 0.375
+    assert ui_data.job_progress({"state": "queued", "epoch": 0, "epochs": 4}) == 0.0
+    assert ui_data.job_progress({"state": "completed", "epoch": 3, "epochs": 4}) == 1.0
+    assert ui_data.dataset_label("demo") == "demo (SYNTHETIC)"
+    assert ui_data.dataset_label("/data/fer2013/fer2013.csv") == "fer2013.csv"
+
+
+def test_a_click_on_the_matrix_names_its_cell():
+    classes = ["angry", "happy", "sad"]
+    click = {"selection": {"points": [{"curve_number": 1, "point_index": 5, "x": "sad", "y": "happy"}],
+                           "point_indices": [5], "box": [], "lasso": []}}
+    assert ui_data.cell_from_selection(click, classes) == ("happy", "sad")
+    assert ui_data.cell_from_selection({"selection": {"points": []}}, classes) is None
+    assert ui_data.cell_from_selection(None, classes) is None
+    figure = ui_data.confusion_figure({"classes": classes, "confusion_matrix": [[3, 1, 0], [0, 4, 1], [2, 0, 5]]})
+    heatmap, cells = figure.data
+    assert heatmap.type == "heatmap" and list(heatmap.y) == classes
+    assert cells.type == "scatter" and len(cells.x) == 9  # one clickable marker per cell
+
+
+def test_gallery_images_decode_from_files_and_fer2013_csv_rows(tmp_path):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    png = tmp_path / "face.png"
+    Image.fromarray(np.full((48, 48), 7, dtype=np.uint8)).save(png)
+    table = tmp_path / "fer2013.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["emotion", "pixels", "Usage"])
+        for value in (10, 20, 30):
+            writer.writerow([3, " ".join([str(value)] * 48 * 48), "PublicTest"])
+    images = ui_data.load_image_arrays([str(png), f"{table}#3", f"{table}#4", f"{table}#99",
+                                        str(tmp_path / "gone.png")])
+    assert [None if a is None else int(a[0, 0]) for a in images] == [7, 20, 30, None, None]

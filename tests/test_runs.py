@@ -71,3 +71,12 @@ def test_a_damaged_run_is_listed_as_damaged_and_others_still_load(trained_run, t
     assert listed[good].test_accuracy is not None and len(listed[good].metrics) == 2
     assert listed[bad].damaged and any("status.json" in p for p in listed[bad].problems)
     assert any("1 unreadable line" in p for p in listed[bad].problems)
+
+
+def test_runs_created_in_the_same_second_list_newest_first(tmp_path):
+    from datetime import datetime
+    now = datetime(2026, 1, 2, 3, 4, 5)
+    made = [runs.new_run_dir(tmp_path, "exp", "finetune", now) for _ in range(3)]
+    for path in made:
+        runs.write_status(path, "queued")
+    assert runs.find_run_dirs(tmp_path) == list(reversed(made))
