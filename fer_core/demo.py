@@ -30,7 +30,7 @@ IMAGE_SIZE = 48
 DEFAULT_PER_CLASS = 250
 MARKER_NAME = "DEMO_DATASET.json"
 # Bump whenever the drawing changes, so cached datasets made by older code are regenerated.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 ENV_DIR = "FER_DEMO_DIR"
 
 _SCALE = 4  # faces are drawn at 4x and downsampled, which antialiases every stroke

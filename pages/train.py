@@ -51,6 +51,7 @@ HELP = {
     "augment": "Random crops, flips, small rotations, brightness/contrast and erasing while training.",
     "max_per_class": "Use at most this many training images per class (0 = all): for quick trials.",
     "test_fraction": "Share of all images kept for the test (ignored when the source has its own split).",
+    "warmup_epochs": "Epochs of linear LR warm-up before the cosine schedule (one-cycle has its own).",
     "num_threads": "Threads the training process may use on the CPU. Fewer is faster when other "
                    "programs keep the cores busy: oversubscribed cores slow training sharply.",
     "backbone_lr_scale": "When fine-tuning, the backbone learns at LR x this (the new head at LR).",
@@ -70,8 +71,12 @@ def default_preset(data: str) -> str:
 
 
 def preset_values(preset: str) -> dict[str, Any]:
-    values = TrainConfig().to_dict()
+    defaults = TrainConfig().to_dict()
+    values = dict(defaults)
     values.update(PRESETS[preset])
+    for name, value in values.items():  # number inputs refuse an int where a float is expected
+        if isinstance(defaults.get(name), float) and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
     values["experiment"] = preset
     values["max_per_class"] = values.get("max_per_class") or 0
     return values
@@ -165,6 +170,9 @@ with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:"
             if "test_fraction" in CLI_FIELDS:
                 a3.number_input("Test fraction", min_value=0.0, max_value=1.0, step=0.05,
                                 key="tf_test_fraction", help=HELP["test_fraction"])
+            if "warmup_epochs" in CLI_FIELDS:
+                a2.number_input("Warm-up epochs", min_value=0.0, step=0.5, format="%g",
+                                key="tf_warmup_epochs", help=HELP["warmup_epochs"])
             if "num_threads" in CLI_FIELDS:
                 a3.number_input("CPU threads (0 = all cores)", min_value=0, max_value=256, step=1,
                                 key="tf_num_threads", help=HELP["num_threads"])
@@ -175,7 +183,7 @@ with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:"
         names = ["experiment", "mode", "stem", "pretrained", "epochs", "batch_size", "lr", "img_size",
                  "amp", "val_fraction", "label_smoothing", "patience", "seed", "class_weights", "tta",
                  "optimizer", "scheduler", "weight_decay", "backbone_lr_scale", "max_per_class",
-                 "test_fraction", "augment", "num_threads"]
+                 "test_fraction", "augment", "num_threads", "warmup_epochs"]
         values = {name: st.session_state[f"tf_{name}"] for name in names
                   if name in CLI_FIELDS or name in CLI_SWITCHES}
         values["experiment"] = str(values["experiment"]).strip()
