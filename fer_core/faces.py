@@ -106,9 +106,10 @@ def _haar_pass(work: np.ndarray, scale: float, cascade_name: str, label: str, mi
     rects, neighbours = cascade.detectMultiScale2(
         work, scaleFactor=SCALE_FACTOR, minNeighbors=min_neighbors, minSize=(min_px, min_px),
         maxSize=(max_size, max_size) if max_size else (0, 0))
+    rows = zip(np.asarray(rects).reshape(-1, 4), np.ravel(neighbours), strict=True)
     return [FaceBox(round(x / scale), round(y / scale), round(w / scale), round(h / scale),
                     _score(int(n)), label)
-            for (x, y, w, h), n in zip(np.asarray(rects).reshape(-1, 4), np.ravel(neighbours), strict=True)]
+            for (x, y, w, h), n in rows]
 
 
 def _rotated_pass(work: np.ndarray, scale: float, angle: float, cascade_name: str, label: str,

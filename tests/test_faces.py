@@ -72,6 +72,11 @@ def test_blank_images_have_no_faces(colour: tuple[int, int, int]) -> None:
     assert detect_faces(Image.new("RGB", (640, 480), colour)) == []
 
 
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (19, 19), (3000, 2)])
+def test_tiny_and_thin_images_have_no_faces(size: tuple[int, int]) -> None:
+    assert detect_faces(Image.new("RGB", size, (10, 10, 10))) == []
+
+
 def test_face_free_photo_has_no_faces() -> None:
     assert detect_faces(backdrop(640, 480)) == []
 

@@ -112,7 +112,12 @@ def test_probabilities_match_the_evaluation_code(checkpoint: Path, amp: bool, tt
     from fer_core.evaluate import predict_probabilities
     predictor = Predictor.from_checkpoint(checkpoint, amp=amp, tta=tta, num_threads=1)
     batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8))
-    expected = predict_probabilities(predictor.model, batch, 48, amp=amp, tta=tta)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the predictor does; oversubscribed threads crawl on shared CPUs
+    try:
+        expected = predict_probabilities(predictor.model, batch, 48, amp=amp, tta=tta)
+    finally:
+        torch.set_num_threads(threads)
     assert np.allclose(predictor.probabilities(batch).numpy(), expected, atol=1e-6)
 
 
