@@ -104,7 +104,7 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "demo-quick": dict(mode="finetune", stem="small", img_size=48, epochs=8, batch_size=64,
                        lr=2e-3, scheduler="onecycle", label_smoothing=0.05, patience=0),
-    "cpu-fast": dict(mode="finetune", stem="small", img_size=48, epochs=20, batch_size=128,
+    "cpu-fast": dict(mode="finetune", stem="small", img_size=48, epochs=30, batch_size=128,
                      optimizer="sgd", lr=0.1, weight_decay=5e-4, scheduler="onecycle",
                      label_smoothing=0.1, augment=True, tta=True, pretrained=False, patience=0),
     "gpu-imagenet": dict(mode="finetune", stem="imagenet", img_size=160, epochs=30,
