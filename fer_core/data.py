@@ -146,7 +146,7 @@ def _decode_cached(files: list[Path], cache_dir: Path | None
     for f in files:
         array, problem = decode_file(f)
         if problem:
-            bad.append({"path": _printable(f), "reason": problem})
+            bad.append({"path": display_path(f), "reason": problem})
         else:
             arrays.append(array)
             kept.append(str(f))
@@ -158,8 +158,10 @@ def _decode_cached(files: list[Path], cache_dir: Path | None
     return images, kept, bad
 
 
-def _printable(path: Path) -> str:
-    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+def display_path(path: str | Path) -> str:
+    """A path as text that can always be written (undecodable bytes in a file name become
+    backslash escapes); manifests and reports store this form."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 def decode_file(path: Path) -> tuple[np.ndarray | None, str | None]:
@@ -342,7 +344,7 @@ def write_split_manifest(path: Path, dataset: Dataset, splits: np.ndarray) -> No
     writer = csv.writer(buffer)
     writer.writerow(["path", "label", "split"])
     for p, label, split in zip(dataset.paths, dataset.labels.tolist(), splits):
-        writer.writerow([_printable(Path(p)), dataset.classes[label], split])
+        writer.writerow([display_path(Path(p)), dataset.classes[label], split])
     atomic_write_text(path, buffer.getvalue())
 
 

@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 from torch import nn
 
+from .data import display_path
 from .transforms import eval_transform, tta_views
 
 
@@ -64,7 +65,7 @@ def predictions_csv(paths: list[str], y_true: np.ndarray, probabilities: np.ndar
     writer = csv.writer(buffer)
     writer.writerow(["path", "true", "predicted", *[f"p_{c}" for c in classes]])
     for path, true, probs in zip(paths, y_true, probabilities):
-        writer.writerow([path, classes[int(true)], classes[int(probs.argmax())],
+        writer.writerow([display_path(path), classes[int(true)], classes[int(probs.argmax())],
                          *[f"{p:.5f}" for p in probs]])
     return buffer.getvalue()
 
@@ -146,7 +147,7 @@ def evaluate_run(run_dir: Path, data: str | None = None) -> dict[str, Any]:
         chosen = [i for i, s in enumerate(dataset.given_split or ["test"] * len(dataset)) if s == "test"]
     else:
         test_paths = {r["path"] for r in read_split_manifest(run_dir / runs.SPLIT_FILE) if r["split"] == "test"}
-        chosen = [i for i, p in enumerate(dataset.paths) if p in test_paths]
+        chosen = [i for i, p in enumerate(dataset.paths) if display_path(p) in test_paths]
     if not chosen:
         raise FerError("no test images found to evaluate on")
     index = torch.tensor(chosen)

@@ -27,7 +27,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import runs
 from .config import TrainConfig
-from .data import Dataset, assign_splits, load_dataset, read_split_manifest, split_table, write_split_manifest
+from .data import (Dataset, assign_splits, display_path, load_dataset, read_split_manifest, split_table,
+                   write_split_manifest)
 from .errors import FerError
 from .evaluate import (autocast_context, confusion_figure, evaluation_report, predict_probabilities,
                        predictions_csv)
@@ -238,7 +239,7 @@ def prepare_data(config: TrainConfig, run_dir: Path, *, resuming: bool) -> Split
     manifest = run_dir / runs.SPLIT_FILE
     if resuming and manifest.is_file():
         by_path = {row["path"]: row["split"] for row in read_split_manifest(manifest)}
-        splits = np.array([by_path.get(p, "unused") for p in dataset.paths])
+        splits = np.array([by_path.get(display_path(p), "unused") for p in dataset.paths])
     else:
         splits = assign_splits(dataset, test_fraction=config.test_fraction,
                                val_fraction=config.val_fraction, seed=config.seed)

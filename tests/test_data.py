@@ -168,3 +168,24 @@ def test_demo_source_is_generated_on_first_use_and_labelled_synthetic(tmp_path, 
     dataset = load_dataset("demo")
     assert dataset.synthetic and "synthetic" in dataset.source
     assert dataset.classes == SEVEN
+
+
+def test_huge_images_are_skipped_not_decoded(tmp_path):
+    root = write_class_folders(tmp_path / "ds", {"happy": 3, "sad": 3})
+    Image.new("L", (8000, 6000), 100).save(root / "happy" / "huge.png")
+    dataset = load_dataset(str(root))
+    assert [b["reason"] for b in dataset.bad_files] == ["image too large (8000x6000)"]
+    assert dataset.class_counts() == {"happy": 3, "sad": 3}
+
+
+def test_non_utf8_file_names_load_and_survive_the_manifest(tmp_path):
+    import os
+    root = write_class_folders(tmp_path / "ds", {"happy": 4, "sad": 4})
+    name = os.fsencode(root / "sad") + b"/caf\xe9-\xff.png"     # Latin-1 bytes: not UTF-8
+    Image.new("L", (48, 48), 7).save(open(name, "wb"), format="PNG")
+    dataset = load_dataset(str(root))
+    assert dataset.class_counts() == {"happy": 4, "sad": 5}
+    splits = assign_splits(dataset, val_fraction=0.0)
+    write_split_manifest(tmp_path / "split.csv", dataset, splits)
+    rows = read_split_manifest(tmp_path / "split.csv")
+    assert any("\\xe9" in r["path"] for r in rows) and len(rows) == len(dataset)
