@@ -1,6 +1,452 @@
-"""Predict: placeholder until the Predict issue lands (its owner replaces this file)."""
+"""Predict: pick a trained model, give it photos (upload, URL or camera) and see the emotion it
+reads on every face, next to the 48x48 grey crop it actually looked at.
 
+Thin: loading, fetching, detection and classification are fer_core's (`Predictor`,
+`fetch_image_bytes`, `load_image`); this page only picks inputs and draws what comes back.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
+from PIL import Image, ImageDraw, ImageFont
+
+from fer_core import runs, ui_data
+from fer_core.data import default_cache_dir
+from fer_core.errors import FerError
+from fer_core.faces import DETECTORS
+from fer_core.images import fetch_image_bytes, load_image
+from fer_core.predict import DECODE_SIDE, NO_FACE_MESSAGE, PredictionResult, Predictor
+from pages._shared import checkpoints_dir, run_label, runs_dir, synthetic_badge
+
+UPLOAD_OPTION = "__upload__"
+IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif"]
+TABS = ("Upload images", "Image URL", "Camera")
+EXPANDED_CARDS = 4            # more images than this: each image's details in a closed expander
+CROP_SHOWN_PX = 144           # the 48 px crop, enlarged 3x with nearest-neighbour
+GREY = "#cbd5e1"
+UNCERTAIN_COLOUR = "#d97706"
+PRIMARY = st.get_option("theme.primaryColor") or ui_data.TRAIN_COLOR
+URL_STATE = "predict_url_fetched"   # {"url", "data", "error"} of the last URL fetched
+UPLOADED_CKPTS = "predict_uploaded_ckpts"  # uploaded checkpoint file_id -> stored path
+KEEP_UPLOADED_CKPTS = 4
 
 st.title("Predict")
-st.info("Prediction arrives with the Predict issue.", icon=":material/construction:")
+st.caption("Give a trained model a photo: it finds each face, crops it to the 48×48 grey square "
+           "it learnt from, and reads the emotion. Nothing leaves this machine.")
+
+
+# ---- models ------------------------------------------------------------------------------
+
+@dataclass
+class Choice:
+    path: Path
+    label: str
+    run: runs.RunInfo | None
+    mtime: float
+
+
+def saved_checkpoints() -> list[Choice]:
+    """Published checkpoints plus every run's best.pt, newest first."""
+    found: list[Choice] = []
+    folder = checkpoints_dir()
+    if folder.is_dir():
+        for path in folder.glob("*.pt"):
+            if path.is_file():
+                mtime = path.stat().st_mtime
+                found.append(Choice(path, f"{path.stem}  [published {ui_data.format_time(mtime)}]",
+                                    None, mtime))
+    for run in runs.list_runs(runs_dir()):
+        path = run.best_checkpoint
+        if path.is_file():
+            found.append(Choice(path, f"{run_label(run)} · best.pt", run, path.stat().st_mtime))
+    return sorted(found, key=lambda c: c.mtime, reverse=True)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def load_predictor(path: str, mtime_ns: int) -> Predictor:
+    """One model per checkpoint file version, shared by every rerun and session."""
+    return Predictor.from_checkpoint(path, num_threads=1)
+
+
+def store_uploaded_checkpoint(uploaded) -> Path:
+    """Write an uploaded .pt once (per upload) under the cache folder; keep only the newest few."""
+    stored = st.session_state.setdefault(UPLOADED_CKPTS, {})
+    if uploaded.file_id in stored and Path(stored[uploaded.file_id]).is_file():
+        return Path(stored[uploaded.file_id])
+    folder = default_cache_dir() / "uploaded_checkpoints"
+    # one folder per upload, the file under its own name: the loader's messages name it
+    name = re.sub(r"[^\w.-]", "_", Path(uploaded.name).name).lstrip(".") or "checkpoint.pt"
+    path = folder / re.sub(r"[^\w-]", "_", uploaded.file_id) / name
+    runs.atomic_write_bytes(path, uploaded.getvalue())
+    stored[uploaded.file_id] = str(path)
+    old = sorted(folder.glob("*/*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in old[KEEP_UPLOADED_CKPTS:]:
+        stale.unlink(missing_ok=True)
+        with suppress(OSError):
+            stale.parent.rmdir()
+    return path
+
+
+def run_of(choice: Choice | None, info: dict) -> runs.RunInfo | None:
+    if choice is not None and choice.run is not None:
+        return choice.run
+    run_dir = info.get("run_dir")
+    if run_dir and Path(run_dir).is_dir():
+        return runs.load_run(Path(run_dir))
+    return None
+
+
+def model_section() -> Predictor:
+    """The model picker and its facts; stops the page when there is no usable model."""
+    choices = saved_checkpoints()
+    by_path = {str(c.path): c for c in choices}
+    with st.container(border=True):
+        if choices:
+            options = list(by_path) + [UPLOAD_OPTION]
+            if st.session_state.get("predict_model") not in options:
+                st.session_state["predict_model"] = options[0]
+            chosen = st.selectbox(
+                "Model", options, key="predict_model",
+                format_func=lambda p: ":material/upload_file: Upload a checkpoint file…"
+                if p == UPLOAD_OPTION else by_path[p].label,
+                help=f"Checkpoints published to {checkpoints_dir()} and each run's best.pt under "
+                     f"{runs_dir()}, newest first.")
+        else:
+            st.info("**No trained model yet.** Train one on the **Train** page (the quick demo "
+                    "takes about a minute), or upload a checkpoint file below.",
+                    icon=":material/model_training:")
+            st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+            chosen = UPLOAD_OPTION
+
+        choice = by_path.get(chosen)
+        if chosen == UPLOAD_OPTION:
+            uploaded = st.file_uploader(
+                "Upload a checkpoint file (.pt)", type=["pt"], key="predict_ckpt_upload",
+                max_upload_size=512,
+                help="A checkpoint written by FER Studio's training (checkpoints/*.pt or a run's "
+                     "checkpoints/best.pt). It is loaded safely: weights only, never code.")
+            if uploaded is None:
+                st.stop()
+            try:
+                path = store_uploaded_checkpoint(uploaded)
+            except OSError as exc:
+                st.error(f"Could not store {uploaded.name}: {exc.strerror or exc}")
+                st.stop()
+            shown_name = uploaded.name
+        else:
+            path, shown_name = choice.path, choice.path.name
+
+        try:
+            predictor = load_predictor(str(path), path.stat().st_mtime_ns)
+        except FerError as exc:
+            st.error(f"This checkpoint cannot be used: {exc}", icon=":material/error:")
+            st.stop()
+        except OSError as exc:  # deleted or replaced between listing and loading
+            st.error(f"Could not read {shown_name}: {exc.strerror or exc}", icon=":material/error:")
+            st.stop()
+
+        info = predictor.info
+        run = run_of(choice, info)
+        accuracy = info.get("accuracy")
+        macro_f1 = info.get("macro_f1")
+        if accuracy is None and run is not None:
+            accuracy, macro_f1 = run.test_accuracy, run.macro_f1
+        m1, m2, m3, m4 = st.columns(4)
+        m1.metric("Test accuracy", ui_data.format_percent(accuracy),
+                  help="Share of the run's held-out test images it got right (— when the run "
+                       "has not been tested yet).")
+        m2.metric("Macro-F1", ui_data.format_percent(macro_f1),
+                  help="F1 averaged over classes with equal weight.")
+        m3.metric("Image size", f"{info['img_size']} px",
+                  help="Each face is cropped to 48×48 grey, then resized to this for the network.")
+        m4.metric("Classes", info["num_classes"], help=", ".join(info["classes"]))
+        where = f"Run `{run.id}`" if run is not None else (
+            f"Uploaded `{shown_name}`" if chosen == UPLOAD_OPTION else "Run not recorded")
+        extras = [f"{info['stem']} stem"] + (["ten-view TTA"] if info.get("tta") else [])
+        st.caption(f"{where} · classes: {', '.join(info['classes'])} · {' · '.join(extras)}")
+        if run is not None and run.config.get("synthetic_data"):
+            synthetic_badge("This model learnt from the synthetic demo's cartoon faces: its "
+                            "readings of real photographs mean little.")
+    return predictor
+
+
+# ---- drawing -----------------------------------------------------------------------------
+
+def escape(text: str) -> str:
+    """Make a file name or URL safe to show inside Markdown."""
+    return re.sub(r"([\\`*_{}\[\]<>()#+\-.!|~$:])", r"\\\1", text)
+
+
+def annotate(image: Image.Image, result: PredictionResult) -> Image.Image:
+    """A copy of `image` with each face's box and '<n> <emotion> <p>%' label drawn on it."""
+    out = image.copy()
+    if not result.face_found or not result.image_size:
+        return out
+    sx, sy = out.width / result.image_size[0], out.height / result.image_size[1]
+    draw = ImageDraw.Draw(out)
+    line = max(2, round(max(out.size) / 250))
+    font = ImageFont.load_default(size=max(14, round(max(out.size) / 30)))
+    for number, face in enumerate(result.faces, start=1):
+        if face.box is None:
+            continue
+        colour = UNCERTAIN_COLOUR if face.uncertain else PRIMARY
+        x0, y0 = face.box.x * sx, face.box.y * sy
+        x1, y1 = (face.box.x + face.box.w) * sx, (face.box.y + face.box.h) * sy
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
+        text = f"{number} {face.label} {face.confidence:.0%}" + (" ?" if face.uncertain else "")
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        pad = line + 2
+        tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
+        if y0 - tag_h >= 0:
+            ty = y0 - tag_h                       # above the box
+        elif y1 + tag_h <= out.height:
+            ty = y1                               # below it
+        else:
+            ty = y0                               # inside, at its top
+        tx = max(0.0, min(x0, out.width - tag_w))
+        draw.rectangle((tx, ty, tx + tag_w, ty + tag_h), fill=colour)
+        draw.text((tx + pad - left, ty + pad - top), text, fill="white", font=font)
+    return out
+
+
+def probability_figure(face) -> go.Figure:
+    """All class probabilities as horizontal bars, highest on top, top-k in the primary colour."""
+    ranked = sorted(face.probabilities.items(), key=lambda item: item[1], reverse=True)
+    highlighted = {name for name, _ in face.top_k}
+    names = [name for name, _ in ranked]
+    values = [100 * p for _, p in ranked]
+    figure = go.Figure(go.Bar(
+        x=values, y=names, orientation="h",
+        marker_color=[PRIMARY if n in highlighted else GREY for n in names],
+        text=[f"{v:.1f}%" for v in values], textposition="outside", cliponaxis=False,
+        hovertemplate="%{y}: %{x:.1f}%<extra></extra>"))
+    figure.update_layout(height=40 + 26 * len(names), margin=dict(l=0, r=48, t=8, b=8),
+                         showlegend=False, bargap=0.3)
+    figure.update_xaxes(range=[0, 100], ticksuffix="%", showgrid=True, title=None,
+                        tickvals=[0, 25, 50, 75, 100])
+    figure.update_yaxes(autorange="reversed", title=None)
+    return figure
+
+
+# ---- predicting ----------------------------------------------------------------------------
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def analyse(_predictor: Predictor, model_key: str, data: bytes, options: tuple) -> PredictionResult:
+    """The library's prediction for one image; a bad image gives a result with `error` set."""
+    return _predictor.predict_many([data], **dict(options))[0]
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def display_image(data: bytes) -> Image.Image | None:
+    try:
+        return load_image(data, reduce_to=DECODE_SIDE)
+    except FerError:
+        return None
+
+
+def predict_items(predictor: Predictor, model_key: str, items: list[tuple[str, bytes]],
+                  options: tuple) -> list[tuple[str, bytes, PredictionResult]]:
+    progress = st.progress(0.0) if len(items) > 1 else None
+    done = []
+    for index, (name, data) in enumerate(items):
+        if progress is not None:
+            progress.progress(index / len(items), text=f"Analysing {name} ({index + 1}/{len(items)})…")
+        try:
+            with st.spinner(f"Analysing {name}…") if progress is None else nullcontext():
+                result = analyse(predictor, model_key, data, options)
+        except Exception as exc:  # one strange image must not take the others down
+            result = PredictionResult(source=name, faces=[], face_found=False, message=str(exc),
+                                      error=f"could not analyse this image ({type(exc).__name__}: {exc})")
+        done.append((name, data, result))
+    if progress is not None:
+        progress.empty()
+    return done
+
+
+def results_frame(done: list[tuple[str, bytes, PredictionResult]], classes: list[str]) -> pd.DataFrame:
+    """One row per face (or per failed image): file, face, top emotion, probability, all classes."""
+    rows = []
+    for name, _, result in done:
+        if not result.ok:
+            rows.append({"file": name, "face": "", "top emotion": None, "probability": None,
+                         "uncertain": None, **{c: None for c in classes}, "box": "",
+                         "error": result.error})
+            continue
+        for number, face in enumerate(result.faces, start=1):
+            box = face.box
+            rows.append({"file": name, "face": str(number) if box else "whole image",
+                         "top emotion": face.label, "probability": face.confidence,
+                         "uncertain": face.uncertain,
+                         **{c: face.probabilities.get(c) for c in classes},
+                         "box": f"{box.x},{box.y},{box.w},{box.h}" if box else "", "error": ""})
+    columns = ["file", "face", "top emotion", "probability", "uncertain", *classes, "box", "error"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def show_table(done, classes: list[str], key: str) -> None:
+    frame = results_frame(done, classes)
+    percent = {c: st.column_config.ProgressColumn(c, min_value=0.0, max_value=1.0, format="percent")
+               for c in ["probability", *classes]}
+    hidden = [] if (frame["error"] != "").any() else ["error"]
+    st.dataframe(frame, hide_index=True, key=f"{key}_table",
+                 column_order=[c for c in frame.columns if c not in hidden],
+                 column_config={**percent, "box": st.column_config.TextColumn(
+                     "box", help="x, y, width, height in the original image's pixels")})
+    st.download_button("Download CSV", frame.to_csv(index=False).encode("utf-8"),
+                       file_name="fer_predictions.csv", mime="text/csv", icon=":material/download:",
+                       key=f"{key}_csv", on_click="ignore")
+
+
+def show_face(number: int, face, uncertain_below: float, key: str) -> None:
+    title = "Whole image" if face.box is None else f"Face {number}"
+    badge = (" :orange-badge[:material/help: uncertain]" if face.uncertain else "")
+    st.markdown(f"**{title}** · {face.label} **{face.confidence:.1%}**{badge}",
+                help=(f"The top emotion has less than {uncertain_below:.0%} probability: the model "
+                      "is not sure." if face.uncertain else None))
+    crop_col, chart_col = st.columns([1, 3], vertical_alignment="center")
+    with crop_col:
+        st.image(face.crop.resize((CROP_SHOWN_PX, CROP_SHOWN_PX), Image.Resampling.NEAREST),
+                 caption="What the model saw (48×48)", width=CROP_SHOWN_PX)
+    with chart_col:
+        st.plotly_chart(probability_figure(face), key=f"{key}_chart_{number}",
+                        config={"displayModeBar": False})
+
+
+def show_card(name: str, data: bytes, result: PredictionResult, uncertain_below: float,
+              key: str) -> None:
+    if not result.ok:
+        st.error(f"**{escape(name)}**: {result.error}", icon=":material/broken_image:")
+        return
+    image = display_image(data)
+    details = [result.message]
+    if result.image_size:
+        details.append(f"{result.image_size[0]}×{result.image_size[1]} px")
+    if result.timings_ms:
+        details.append(f"{sum(result.timings_ms.values()):.0f} ms")
+    st.markdown(f"**{escape(name)}**  \n:gray[{' · '.join(details)}]")
+    if not result.face_found:
+        st.info(f"{NO_FACE_MESSAGE[0].upper()}{NO_FACE_MESSAGE[1:]}. For a reading of a face, "
+                "crop the photo closer to it or lower the minimum face size in Options.",
+                icon=":material/face_retouching_off:")
+    left, right = st.columns([1, 1], gap="large")
+    with left:
+        if image is not None:
+            st.image(annotate(image, result), width="stretch", output_format="JPEG")
+    with right:
+        for number, face in enumerate(result.faces, start=1):
+            with st.container(border=True):
+                show_face(number, face, uncertain_below, f"{key}_{number}")
+
+
+def summary(result: PredictionResult) -> str:
+    if not result.ok:
+        return "could not be read"
+    best = max(result.faces, key=lambda f: f.confidence)
+    return f"{result.message} · {best.label} {best.confidence:.0%}"
+
+
+def show_results(predictor: Predictor, model_key: str, items: list[tuple[str, bytes]],
+                 options: tuple, key: str) -> None:
+    done = predict_items(predictor, model_key, items, options)
+    classes = predictor.class_names
+    uncertain_below = dict(options)["uncertain_below"]
+    if len(done) > 1:
+        faces = sum(len(r.faces) for _, _, r in done if r.ok and r.face_found)
+        failed = sum(1 for _, _, r in done if not r.ok)
+        st.markdown(f"**{len(done)} images** · {faces} face{'s' if faces != 1 else ''} found"
+                    + (f" · :red[{failed} could not be read]" if failed else ""))
+        show_table(done, classes, key)
+    for index, (name, data, result) in enumerate(done):
+        card_key = f"{key}_{index}"
+        if len(done) > EXPANDED_CARDS and result.ok:
+            with st.expander(f"{escape(name)} · {summary(result)}"):
+                show_card(name, data, result, uncertain_below, card_key)
+        elif result.ok:
+            with st.container(border=True):
+                show_card(name, data, result, uncertain_below, card_key)
+        else:
+            show_card(name, data, result, uncertain_below, card_key)
+    if len(done) == 1 and done[0][2].ok:
+        with st.expander("As a table (CSV)", icon=":material/table:"):
+            show_table(done, classes, key)
+
+
+# ---- the page ------------------------------------------------------------------------------
+
+predictor = model_section()
+model_path = Path(predictor.info["path"])
+model_key = f"{model_path}:{model_path.stat().st_mtime_ns if model_path.exists() else 0}"
+classes = predictor.class_names
+
+with st.expander("Options", icon=":material/tune:"):
+    if st.session_state.get("predict_top_k", 3) > len(classes):
+        st.session_state["predict_top_k"] = len(classes)
+    o1, o2, o3, o4 = st.columns(4)
+    top_k = o1.slider("Top-k emotions", 1, len(classes), min(3, len(classes)), key="predict_top_k",
+                      help="How many of the most likely emotions to highlight on each chart.")
+    min_face = o2.number_input("Minimum face size (px)", min_value=8, max_value=2048, value=24,
+                               step=4, key="predict_min_face",
+                               help="Faces smaller than this (in the photo's pixels) are ignored.")
+    uncertain_pct = o3.slider("Uncertain below", 0, 100, 40, step=5, format="%d%%",
+                              key="predict_uncertain",
+                              help="A face whose top emotion has less probability than this is "
+                                   "marked uncertain.")
+    detector = o4.selectbox("Face detector", DETECTORS, key="predict_detector",
+                            help="auto: a fast upright search, then tilted heads and smaller "
+                                 "faces when that finds nothing.")
+options = (("top_k", int(top_k)), ("min_face_size", int(min_face)),
+           ("uncertain_below", uncertain_pct / 100), ("detector", detector))
+
+upload_tab, url_tab, camera_tab = st.tabs([f":material/upload: {TABS[0]}", f":material/link: {TABS[1]}",
+                                           f":material/photo_camera: {TABS[2]}"])
+
+with upload_tab:
+    files = st.file_uploader("Drop one or more photos here", type=IMAGE_TYPES,
+                             accept_multiple_files=True, key="predict_images",
+                             help="JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF. Each face in each "
+                                  "photo is found and read.")
+    if files:
+        show_results(predictor, model_key, [(f.name, f.getvalue()) for f in files], options, "upload")
+    else:
+        st.caption("Tip: photos where the face is upright and at least ~50 px wide work best.")
+
+with url_tab:
+    with st.form("predict_url_form", border=False, enter_to_submit=True):
+        url = st.text_input("Image URL", key="predict_url", placeholder="https://example.com/photo.jpg")
+        fetch = st.form_submit_button("Fetch and predict", type="primary", icon=":material/download:")
+    with st.expander("Local use"):
+        allow_private = st.checkbox(
+            "Allow local/private URLs", key="predict_allow_private",
+            help="Fetch from localhost and private networks (192.168.x.x, 10.x.x.x, …). Leave off "
+                 "when others can use this app: it would let them reach your internal network.")
+    if fetch:
+        address = url.strip()
+        if not address:
+            st.session_state[URL_STATE] = {"url": "", "data": None, "error": "Enter an image URL first."}
+        else:
+            with st.spinner(f"Downloading {address}…"):
+                try:
+                    data = fetch_image_bytes(address, allow_private=allow_private)
+                    st.session_state[URL_STATE] = {"url": address, "data": data, "error": None}
+                except FerError as exc:
+                    st.session_state[URL_STATE] = {"url": address, "data": None, "error": str(exc)}
+    fetched = st.session_state.get(URL_STATE)
+    if fetched and fetched["error"]:
+        shown = f"**{escape(fetched['url'])}**: " if fetched["url"] else ""
+        st.error(shown + fetched["error"], icon=":material/link_off:")
+    elif fetched and fetched["data"] is not None:
+        show_results(predictor, model_key, [(fetched["url"], fetched["data"])], options, "url")
+
+with camera_tab:
+    if st.toggle("Turn on the camera", key="predict_camera_on",
+                 help="Your browser asks for permission; the photo stays on this machine."):
+        photo = st.camera_input("Take a photo", key="predict_camera")
+        if photo is not None:
+            show_results(predictor, model_key, [("camera photo", photo.getvalue())], options, "camera")

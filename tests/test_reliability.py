@@ -116,3 +116,46 @@ def test_an_unusable_runs_folder_is_a_clear_error(tiny_demo, tmp_path):
     blocker.write_text("a file where the runs folder should be")
     with pytest.raises(FerError, match="cannot create a run directory"):
         fit(tiny_config(tiny_demo, tmp_path, runs_dir=str(blocker / "runs")))
+
+
+KILL_EPOCHS = (2, 3, 3, 4, 5, 6)  # one kill -9 each, at whatever batch the trainer has reached
+
+
+def trainer_reached(run_dir: Path, pid: int, epoch: int) -> dict | None:
+    """The status once this trainer process is in `epoch` (or later), else None."""
+    status = status_of(run_dir)
+    return status if status.get("pid") == pid and status.get("epoch", 0) >= epoch else None
+
+
+def test_repeated_kill_9_at_many_points_never_loses_or_repeats_an_epoch(tiny_demo, tmp_path):
+    """Kill the trainer again and again at different points; resume each time; the finished
+    run must hold every epoch exactly once and the same number of epochs as asked for."""
+    epochs = 7
+    run_dir = runs.new_run_dir(tmp_path / "runs", "killer", "finetune")
+    first = ["train", "--data", str(tiny_demo), "--run-dir", str(run_dir), "--epochs", str(epochs),
+             "--img-size", "32", "--batch-size", "4", "--no-pretrained", "--val-fraction", "0.2",
+             "--runs-dir", str(tmp_path / "runs"), "--checkpoints-dir", str(tmp_path / "ckpt"),
+             "--num-threads", "1"]
+    again = ["train", "--resume", str(run_dir)]
+    killed_at = []
+    for index, epoch in enumerate(KILL_EPOCHS):
+        process = subprocess.Popen([sys.executable, "-m", "fer_core", *(first if index == 0 else again)],
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            status = wait_for(lambda: trainer_reached(run_dir, process.pid, epoch))
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        killed_at.append((status["epoch"], status.get("batch")))
+        assert runs.load_run(run_dir).state == "failed"
+        assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] >= epoch - 1
+    resume(run_dir)
+    rows, bad = runs.read_metrics(run_dir)
+    assert bad == 0 and [r["epoch"] for r in rows] == list(range(1, epochs + 1)), killed_at
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("epoch/train_loss")] == list(range(1, epochs + 1))
+    assert runs.load_run(run_dir).state == "completed"
+    assert len(killed_at) == len(KILL_EPOCHS)
