@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import PRESETS, TrainConfig
+from .config import PRESETS
 
 # Each train flag maps onto a TrainConfig field; None means "keep the preset's or default value".
 TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [

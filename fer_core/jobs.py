@@ -47,17 +47,16 @@ stops the trainer and anything it spawned, never the runner or the app.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import runs
 from .errors import ConfigError, FerError
@@ -271,16 +270,9 @@ def trainer_flags(config: "TrainConfig") -> list[str]:
 
 # ---- the queue ------------------------------------------------------------------------
 
-@contextmanager
-def _queue_lock(runs_dir: Path) -> Iterator[None]:
+def _queue_lock(runs_dir: Path) -> "AbstractContextManager[None]":
     """Exclusive lock over one runs folder's queue, across threads and processes."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    with open(runs_dir / LOCK_FILE, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return runs.exclusive_lock(runs_dir / LOCK_FILE)
 
 
 def _pump_locked(runs_dir: Path, max_concurrent: int) -> list[Path]:

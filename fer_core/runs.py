@@ -8,6 +8,7 @@ This directory is the single source of truth: the CLI writes it, the app only re
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -15,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from .errors import FerError
 
@@ -75,6 +77,18 @@ def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl) on `lock_file`, across threads and processes."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def read_json(path: Path) -> Any:

@@ -10,7 +10,6 @@ logdir; otherwise it starts a fresh one.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import os
@@ -22,10 +21,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import runs
 from .errors import FerError
@@ -231,15 +230,9 @@ def _stop_process(pid: int) -> bool:
 
 # ---- small helpers --------------------------------------------------------------------
 
-@contextmanager
-def _lock(runs_dir: Path) -> Iterator[None]:
+def _lock(runs_dir: Path) -> "AbstractContextManager[None]":
     """Two tabs pressing "start" together get one TensorBoard."""
-    with open(runs_dir / LOCK_FILE, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return runs.exclusive_lock(runs_dir / LOCK_FILE)
 
 
 def _state_path(runs_dir: Path) -> Path:

@@ -229,8 +229,8 @@ def probability_figure(face) -> go.Figure:
         hovertemplate="%{y}: %{x:.1f}%<extra></extra>"))
     figure.update_layout(height=40 + 26 * len(names), margin=dict(l=0, r=48, t=8, b=8),
                          showlegend=False, bargap=0.3)
-    figure.update_xaxes(range=[0, 100], ticksuffix="%", showgrid=True, title=None,
-                        tickvals=[0, 25, 50, 75, 100])
+    figure.update_xaxes(range=[0, 100], showgrid=True, title=None, tickvals=[0, 50, 100],
+                        ticktext=["0%", "50%", "100%"])
     figure.update_yaxes(autorange="reversed", title=None)
     return figure
 
@@ -310,7 +310,7 @@ def show_face(number: int, face, uncertain_below: float, key: str) -> None:
     st.markdown(f"**{title}** · {face.label} **{face.confidence:.1%}**{badge}",
                 help=(f"The top emotion has less than {uncertain_below:.0%} probability: the model "
                       "is not sure." if face.uncertain else None))
-    crop_col, chart_col = st.columns([1, 3], vertical_alignment="center")
+    crop_col, chart_col = st.columns([1, 2], vertical_alignment="center")
     with crop_col:
         st.image(face.crop.resize((CROP_SHOWN_PX, CROP_SHOWN_PX), Image.Resampling.NEAREST),
                  caption="What the model saw (48×48)", width=CROP_SHOWN_PX)
@@ -335,7 +335,7 @@ def show_card(name: str, data: bytes, result: PredictionResult, uncertain_below:
         st.info(f"{NO_FACE_MESSAGE[0].upper()}{NO_FACE_MESSAGE[1:]}. For a reading of a face, "
                 "crop the photo closer to it or lower the minimum face size in Options.",
                 icon=":material/face_retouching_off:")
-    left, right = st.columns([1, 1], gap="large")
+    left, right = st.columns([5, 6], gap="large")
     with left:
         if image is not None:
             st.image(annotate(image, result), width="stretch", output_format="JPEG")
