@@ -22,13 +22,14 @@ from fer_core.data import default_cache_dir
 from fer_core.errors import FerError
 from fer_core.faces import DETECTORS
 from fer_core.images import fetch_image_bytes, load_image
-from fer_core.predict import DECODE_SIDE, NO_FACE_MESSAGE, PredictionResult, Predictor
+from fer_core.predict import NO_FACE_MESSAGE, PredictionResult, Predictor
 from pages._shared import checkpoints_dir, run_label, runs_dir, synthetic_badge
 
 UPLOAD_OPTION = "__upload__"
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif"]
 TABS = ("Upload images", "Image URL", "Camera")
 EXPANDED_CARDS = 4            # more images than this: each image's details in a closed expander
+DISPLAY_SIDE = 1024           # the photo shown with its boxes: sharp in a half-page column
 CROP_SHOWN_PX = 144           # the 48 px crop, enlarged 3x with nearest-neighbour
 GREY = "#cbd5e1"
 UNCERTAIN_COLOUR = "#d97706"
@@ -137,7 +138,7 @@ def model_section() -> Predictor:
             try:
                 path = store_uploaded_checkpoint(uploaded)
             except OSError as exc:
-                st.error(f"Could not store {uploaded.name}: {exc.strerror or exc}")
+                st.error(f"Could not store {escape(uploaded.name)}: {escape(exc.strerror or exc)}")
                 st.stop()
             shown_name = uploaded.name
         else:
@@ -146,10 +147,11 @@ def model_section() -> Predictor:
         try:
             predictor = load_predictor(str(path), path.stat().st_mtime_ns)
         except FerError as exc:
-            st.error(f"This checkpoint cannot be used: {exc}", icon=":material/error:")
+            st.error(f"This checkpoint cannot be used: {escape(exc)}", icon=":material/error:")
             st.stop()
         except OSError as exc:  # deleted or replaced between listing and loading
-            st.error(f"Could not read {shown_name}: {exc.strerror or exc}", icon=":material/error:")
+            st.error(f"Could not read {escape(shown_name)}: {escape(exc.strerror or exc)}",
+                     icon=":material/error:")
             st.stop()
 
         info = predictor.info
@@ -180,8 +182,8 @@ def model_section() -> Predictor:
 # ---- drawing -----------------------------------------------------------------------------
 
 def escape(text: str) -> str:
-    """Make a file name or URL safe to show inside Markdown."""
-    return re.sub(r"([\\`*_{}\[\]<>()#+\-.!|~$:])", r"\\\1", text)
+    """Show a file name, URL or message literally in Markdown (no emphasis, links, icons, LaTeX)."""
+    return re.sub(r"([\\`*_\[\]<>|~$:])", r"\\\1", str(text))
 
 
 def annotate(image: Image.Image, result: PredictionResult) -> Image.Image:
@@ -243,12 +245,15 @@ def analyse(_predictor: Predictor, model_key: str, data: bytes, options: tuple) 
     return _predictor.predict_many([data], **dict(options))[0]
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
+@st.cache_data(max_entries=24, show_spinner=False)
 def display_image(data: bytes) -> Image.Image | None:
+    """The upright photo, at most DISPLAY_SIDE px (boxes are scaled to it when drawn)."""
     try:
-        return load_image(data, reduce_to=DECODE_SIDE)
+        image = load_image(data, reduce_to=DISPLAY_SIDE)
     except FerError:
         return None
+    image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+    return image
 
 
 def predict_items(predictor: Predictor, model_key: str, items: list[tuple[str, bytes]],
@@ -322,7 +327,7 @@ def show_face(number: int, face, uncertain_below: float, key: str) -> None:
 def show_card(name: str, data: bytes, result: PredictionResult, uncertain_below: float,
               key: str) -> None:
     if not result.ok:
-        st.error(f"**{escape(name)}**: {result.error}", icon=":material/broken_image:")
+        st.error(f"**{escape(name)}**: {escape(result.error)}", icon=":material/broken_image:")
         return
     image = display_image(data)
     details = [result.message]
@@ -440,7 +445,7 @@ with url_tab:
     fetched = st.session_state.get(URL_STATE)
     if fetched and fetched["error"]:
         shown = f"**{escape(fetched['url'])}**: " if fetched["url"] else ""
-        st.error(shown + fetched["error"], icon=":material/link_off:")
+        st.error(shown + escape(fetched["error"]), icon=":material/link_off:")
     elif fetched and fetched["data"] is not None:
         show_results(predictor, model_key, [(fetched["url"], fetched["data"])], options, "url")
 

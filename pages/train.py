@@ -44,7 +44,8 @@ HELP = {
     "label_smoothing": "Softens the targets (e.g. 0.1); helps with noisy labels like FER2013's.",
     "class_weights": "Weight the loss by inverse class frequency so rare classes (disgust) count.",
     "patience": "Stop after this many epochs without validation improvement (0 = never).",
-    "tta": "Test-time augmentation: average the prediction with the mirrored face.",
+    "tta": "Test-time augmentation: average the prediction over ten views (the face and its mirror, "
+           "centred and shifted); evaluation takes 10x as long.",
     "optimizer": "SGD with Nesterov momentum, or AdamW.",
     "scheduler": "One-cycle warms up then anneals; cosine anneals; none keeps the LR fixed.",
     "weight_decay": "L2 regularisation strength.",
@@ -155,7 +156,7 @@ with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:"
                             key="tf_patience", help=HELP["patience"])
             st.number_input("Seed", min_value=0, step=1, key="tf_seed", help=HELP["seed"])
             st.toggle("Class weights", key="tf_class_weights", help=HELP["class_weights"])
-            st.toggle("Test-time augmentation (flip)", key="tf_tta", help=HELP["tta"])
+            st.toggle("Test-time augmentation (10 views)", key="tf_tta", help=HELP["tta"])
         with st.expander("Advanced", icon=":material/settings:"):
             a1, a2, a3 = st.columns(3)
             a1.selectbox("Optimizer", ["sgd", "adamw"], key="tf_optimizer", help=HELP["optimizer"])
