@@ -121,8 +121,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path.name} is not a safe fer_core checkpoint "
-                              f"(it may be corrupt or contain code): {str(exc).splitlines()[0]}") from exc
+        # PyTorch's own message suggests weights_only=False, which is exactly what must not be
+        # done with a file from elsewhere; say what happened instead.
+        raise CheckpointError(f"{path.name} is not a safe fer_core checkpoint: it could not be read "
+                              "with weights_only=True (it is corrupt, from another tool, or would run "
+                              f"code when loaded; {type(exc).__name__})") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path.name} is not a fer_core checkpoint (no dict inside)")
     missing = [k for k in ("model_state", "class_names", "config") if k not in ckpt]

@@ -130,7 +130,7 @@ def model_section() -> Predictor:
         if chosen == UPLOAD_OPTION:
             uploaded = st.file_uploader(
                 "Upload a checkpoint file (.pt)", type=["pt"], key="predict_ckpt_upload",
-                max_upload_size=512,
+                max_upload_size=200,
                 help="A checkpoint written by FER Studio's training (checkpoints/*.pt or a run's "
                      "checkpoints/best.pt). It is loaded safely: weights only, never code.")
             if uploaded is None:
@@ -170,7 +170,7 @@ def model_section() -> Predictor:
                   help="Each face is cropped to 48×48 grey, then resized to this for the network.")
         m4.metric("Classes", info["num_classes"], help=", ".join(info["classes"]))
         where = f"Run `{run.id}`" if run is not None else (
-            f"Uploaded `{shown_name}`" if chosen == UPLOAD_OPTION else "Run not recorded")
+            f"Uploaded {escape(shown_name)}" if chosen == UPLOAD_OPTION else "Run not recorded")
         extras = [f"{info['stem']} stem"] + (["ten-view TTA"] if info.get("tta") else [])
         st.caption(f"{where} · classes: {', '.join(info['classes'])} · {' · '.join(extras)}")
         if run is not None and run.config.get("synthetic_data"):
@@ -262,7 +262,8 @@ def predict_items(predictor: Predictor, model_key: str, items: list[tuple[str, b
     done = []
     for index, (name, data) in enumerate(items):
         if progress is not None:
-            progress.progress(index / len(items), text=f"Analysing {name} ({index + 1}/{len(items)})…")
+            progress.progress(index / len(items),
+                              text=f"Analysing {escape(name)} ({index + 1}/{len(items)})…")
         try:
             with st.spinner(f"Analysing {name}…") if progress is None else nullcontext():
                 result = analyse(predictor, model_key, data, options)
@@ -446,6 +447,9 @@ with url_tab:
     if fetched and fetched["error"]:
         shown = f"**{escape(fetched['url'])}**: " if fetched["url"] else ""
         st.error(shown + escape(fetched["error"]), icon=":material/link_off:")
+        if "refusing to fetch" in fetched["error"] and not allow_private:
+            st.caption("Using this app only on your own machine? Tick **Allow local/private URLs** "
+                       "under *Local use* to fetch from it.")
     elif fetched and fetched["data"] is not None:
         show_results(predictor, model_key, [(fetched["url"], fetched["data"])], options, "url")
 

@@ -233,5 +233,22 @@ def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
             page.get_by_text("Best so far:").wait_for()
             wait_until_idle(page)
             screenshot(page, "home.png")
+
+            # Predict: the model just published reads a real face dropped on the uploader
+            face = runs_dir.parent / "astronaut.jpg"
+            from PIL import Image
+            from skimage import data as skdata
+            Image.fromarray(skdata.astronaut()).save(face, quality=90)
+            page.set_viewport_size({"width": 1400, "height": 1000})
+            page.goto(f"{url}/predict")
+            page.get_by_text("Drop one or more photos here").wait_for()
+            assert "browser-test" in page.get_by_role("combobox", name="Model").input_value()
+            page.locator("[data-testid='stFileUploaderDropzoneInput']").first.set_input_files(str(face))
+            page.get_by_text("1 face found").first.wait_for()
+            page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot").first.wait_for()
+            assert page.locator("[data-testid='stPlotlyChart'] g.barlayer path").count() == len(evaluation["classes"])
+            wait_until_idle(page)
+            page.mouse.move(0, 0)
+            screenshot(page, "predict.png")
         finally:
             browser.close()

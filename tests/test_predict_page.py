@@ -189,7 +189,7 @@ def test_without_a_model_the_page_says_how_to_get_one_and_takes_an_upload(env, c
     rerun(at)
     assert not at.error
     assert metric(at, "Test accuracy") == "50.0%"
-    assert "Uploaded `mine.pt`" in page_text(at)
+    assert "Uploaded mine.pt" in page_text(at)
 
 
 def test_a_face_photo_gets_boxes_charts_and_probabilities(env, published, face_jpeg, monkeypatch):
@@ -285,3 +285,14 @@ def test_urls_private_refused_unless_allowed_and_404_explained(env, published, i
     errors = error_text(at)
     assert "not found" in errors and "HTTP 404" in errors
     assert not at.get("plotly_chart")
+
+
+def test_a_camera_photo_is_read_like_an_upload(env, published, face_jpeg):
+    at = open_predict()
+    assert not at.camera_input  # the camera stays off (no browser permission prompt) until asked
+    at.toggle(key="predict_camera_on").set_value(True)
+    rerun(at)
+    at.camera_input(key="predict_camera").set_value(("photo.jpg", face_jpeg, "image/jpeg"))
+    rerun(at)
+    assert "1 face found" in page_text(at)
+    assert len(bar_traces(at)) == 1
