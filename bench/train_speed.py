@@ -147,9 +147,9 @@ def _time_batches(iterator, batches: int, batch_size: int, step) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/fer2013"))
-    parser.add_argument("--per-class", type=int, default=60, help="train images per class (test: a third)")
+    parser.add_argument("--per-class", type=int, default=150, help="train images per class (test: a third)")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--finetune-batches", type=int, default=6)
+    parser.add_argument("--finetune-batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu_count {os.cpu_count()}")
