@@ -312,3 +312,15 @@ def test_cli_errors_are_one_line_and_non_zero(checkpoint: Path, tmp_path: Path,
     assert err.count("\n") == 1 and "junk.pt" in err
     with pytest.raises(SystemExit):
         run_cli([str(checkpoint), "x.jpg", "--top-k", "0"])
+
+
+def test_a_1x1_image_is_classified_whole_and_a_10000px_square_is_refused(predictor: Predictor) -> None:
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1), (120, 90, 60)).save(tiny, format="PNG")
+    result = predictor.predict(tiny.getvalue())
+    assert not result.face_found and len(result.faces) == 1
+    assert abs(sum(result.faces[0].probabilities.values()) - 1) < 1e-4
+    huge = io.BytesIO()
+    Image.new("L", (10_000, 10_000), 128).save(huge, format="PNG")
+    with pytest.raises(ImageInputError, match="megapixels|too large"):
+        predictor.predict(huge.getvalue())
