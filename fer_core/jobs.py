@@ -99,6 +99,7 @@ class JobInfo:
     mode: str = ""
     log_tail: str = ""
     cancel_requested: bool = False  # running, but a cancel is on its way
+    phase: str | None = None  # what a running trainer is doing: loading data, training, ...
 
 
 # ---- public API -----------------------------------------------------------------------
@@ -201,7 +202,8 @@ def job_info(run_dir: Path) -> JobInfo:
         experiment=str(config.get("experiment") or (parts[-3] if len(parts) >= 3 else "")),
         mode=str(config.get("mode") or (parts[-1] if parts else "")),
         log_tail=read_log_tail(run_dir, LOG_TAIL_LINES),
-        cancel_requested=state == "running" and _cancel_request(run_dir, status) is not None)
+        cancel_requested=state == "running" and _cancel_request(run_dir, status) is not None,
+        phase=str(status["phase"]) if state == "running" and status.get("phase") else None)
 
 
 def active_jobs(runs_dir: Path) -> list[JobInfo]:

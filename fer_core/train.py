@@ -120,7 +120,7 @@ def _guarded(run_dir: Path, body: Callable[[], None]) -> Path:
         if _in_main_thread() else None
     try:
         body()
-        runs.write_status(run_dir, "completed", finished_at=time.time())
+        runs.write_status(run_dir, "completed", finished_at=time.time(), phase=None)
     except Cancelled:
         runs.write_status(run_dir, "cancelled", finished_at=time.time())
         log.info("cancelled; checkpoints kept in %s", run_dir / runs.CHECKPOINT_DIR)
@@ -162,6 +162,7 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    runs.write_status(run_dir, "running", phase="loading data")
     data = prepare_data(config, run_dir, resuming=checkpoint is not None)
     model, weights_source, weights_warning = build_model(
         len(data.classes), config.mode, config.stem,
@@ -187,7 +188,10 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None
     if checkpoint is None:
         log_run_start(writer, model, data, config, device)
 
+    if uses_feature_cache(config):
+        runs.write_status(run_dir, "running", phase="computing the frozen backbone's features (once)")
     source = batch_source(model, config, device, data)
+    runs.write_status(run_dir, "running", phase="training")
     for epoch in range(state.epoch + 1, config.epochs + 1):
         progress = _ProgressReporter(run_dir, epoch, config.epochs, steps_per_epoch, on_progress)
         train_result = train_one_epoch(source, data, config, epoch, optimizer, scheduler, scaler,
@@ -219,6 +223,7 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None
             runs.write_status(run_dir, "running", early_stopped_at=epoch)
             break
 
+    runs.write_status(run_dir, "running", phase="evaluating the best model on the test split")
     evaluation = evaluate_best(run_dir, model, data, config, device, source)
     log_run_end(writer, config, evaluation, state)
     writer.close()

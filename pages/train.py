@@ -302,6 +302,8 @@ def monitor(run_dir: Path, was_active: bool) -> None:
     st.progress(fraction, text=f"Run: epoch {epoch}/{epochs} · {fraction:.0%}")
     if state == "running" and batches:
         st.progress(min(batch / batches, 1.0), text=f"Epoch {epoch}: batch {batch}/{batches}")
+    if job.phase and job.phase != "training":
+        st.caption(f"Now: {job.phase}…")
 
     if state in ui_data.ACTIVE_STATES:
         if not job.cancel_requested and st.button(

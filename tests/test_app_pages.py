@@ -101,7 +101,8 @@ def add_running(app_data, env, pid: int, stamp: str = "2031-01-01_00-00-00") -> 
     runs.atomic_write_json(target / runs.CONFIG_FILE, config)
     status = {"state": "running", "pid": pid, "started_at": time.time() - 30, "finished_at": None,
               "epoch": 2, "epochs": 2, "batch": 1, "batches": 3, "eta_s": 42.0,
-              "images_per_second": 120.0, "error": None}
+              "images_per_second": 120.0, "error": None,
+              "phase": "evaluating the best model on the test split"}
     runs.atomic_write_json(target / runs.STATUS_FILE, status)
     return target
 
@@ -404,6 +405,7 @@ def test_pages_with_a_running_run(env, app_data, sleeper):
     assert metric(at, "Time left") == "42 s" and metric(at, "Speed") == "120 img/s"
     bars = [p.proto.text for p in at.get("progress")]
     assert "Epoch 2: batch 1/3" in bars and any(b.startswith("Run: epoch 2/2") for b in bars)
+    assert "Now: evaluating the best model on the test split" in text
     assert list(frame_with_columns(at, "epoch", "val_acc")["epoch"]) == [1]
 
     at = open_page("runs", at)

@@ -30,7 +30,8 @@ def test_a_run_directory_has_everything_a_user_expects(trained_run):
     assert list(trained_run.glob("events.out.tfevents.*"))
     config = runs.read_json(trained_run / "config.json")
     assert config["weights_source"] == "random" and config["torch_version"] == torch.__version__
-    assert runs.read_json(trained_run / "status.json")["state"] == "completed"
+    status = runs.read_json(trained_run / "status.json")
+    assert status["state"] == "completed" and status["phase"] is None
 
 
 def test_checkpoints_hold_the_promised_keys_and_load_weights_only(trained_run):
