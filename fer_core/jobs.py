@@ -410,7 +410,7 @@ def _supervise(run_dir: Path, trainer: subprocess.Popen) -> int:
         try:
             return trainer.wait(timeout=POLL_S)
         except subprocess.TimeoutExpired:
-            pass
+            pass  # still running: check for a cancel request, then wait again
         request = _cancel_request(run_dir, _read_status(run_dir))
         if request:
             _stop_after_grace(trainer.pid, lambda: trainer.poll() is None, *request)
@@ -452,7 +452,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
-        pass
+        pass  # already gone, or not ours to signal: nothing left to stop
 
 
 def _describe_exit(code: int) -> str:

@@ -212,7 +212,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
                 rows.append(row)
                 continue
         except ValueError:
-            pass
+            pass  # counted as bad below
         bad += 1
     return rows, bad
 

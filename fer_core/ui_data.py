@@ -448,11 +448,11 @@ def load_csv_rows(path: str, rows: Iterable[int]) -> dict[int, np.ndarray]:
                         if side * side == values.size:
                             found[line_number] = np.clip(values, 0, 255).astype(np.uint8).reshape(side, side)
                     except (ValueError, TypeError):
-                        pass
+                        pass  # a malformed row has no image to show; the gallery skips it
                 if line_number >= last:
                     break
     except OSError:
-        pass
+        pass  # an unreadable csv shows no images rather than breaking the page
     return found
 
 
