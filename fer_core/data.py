@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -92,7 +93,8 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _load_folder(root: Path, cache_dir: Path | None) -> Dataset:
-    if describe_layout(root) == "train_test":
+    has_own_split = describe_layout(root) == "train_test"
+    if has_own_split:
         train_classes = [p.name for p in _class_dirs(root / "train")]
         test_classes = [p.name for p in _class_dirs(root / "test")]
         extra = sorted(set(test_classes) - set(train_classes))
@@ -109,7 +111,7 @@ def _load_folder(root: Path, cache_dir: Path | None) -> Dataset:
     images, kept, bad = _decode_cached([f for f, _, _ in listing], cache_dir)
     kept_set = set(kept)
     rows = [(str(f), label, split) for f, label, split in listing if str(f) in kept_set]
-    given = [split for _, _, split in rows] if describe_layout(root) == "train_test" else None
+    given = [split for _, _, split in rows] if has_own_split else None
     return Dataset(images=images, labels=torch.tensor([r[1] for r in rows], dtype=torch.int64),
                    paths=[r[0] for r in rows], classes=classes, source=str(root),
                    given_split=given, bad_files=bad)
@@ -151,10 +153,8 @@ def _decode_cached(files: list[Path], cache_dir: Path | None
             arrays.append(array)
             kept.append(str(f))
     images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, STORE_SIZE, STORE_SIZE), dtype=torch.uint8)
-    try:
+    with suppress(OSError):  # a read-only or full cache folder only costs the next run a re-decode
         atomic_save(cache_file, lambda p: torch.save({"images": images, "paths": kept, "bad_files": bad}, p))
-    except OSError:
-        pass  # a read-only or full cache folder only costs the next run a re-decode
     return images, kept, bad
 
 

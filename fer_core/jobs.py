@@ -53,7 +53,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -407,10 +407,8 @@ def _wait_until_gone(pids: list[Any], timeout_s: float) -> None:
 def _supervise(run_dir: Path, trainer: subprocess.Popen) -> int:
     """Wait for the trainer; once a cancel is requested, enforce its grace period."""
     while True:
-        try:
+        with suppress(subprocess.TimeoutExpired):  # still running: check for a cancel, wait again
             return trainer.wait(timeout=POLL_S)
-        except subprocess.TimeoutExpired:
-            pass  # still running: check for a cancel request, then wait again
         request = _cancel_request(run_dir, _read_status(run_dir))
         if request:
             _stop_after_grace(trainer.pid, lambda: trainer.poll() is None, *request)
@@ -434,11 +432,9 @@ def _stop_after_grace(pgid: int, alive: Callable[[], bool], requested_at: float,
 def _reap_without_runner(run_dir: Path, pid: Any, requested_at: float, grace_s: float) -> None:
     """cancel()'s fallback reaper thread, for a job that has no live runner."""
     pid = _int_or_none(pid)
-    try:
+    with suppress(ProcessLookupError):  # it may end on its own between the check and getpgid
         if pid and runs.pid_alive(pid):
             _stop_after_grace(os.getpgid(pid), lambda: runs.pid_alive(pid), requested_at, grace_s)
-    except ProcessLookupError:
-        pass  # it ended on its own between the check and getpgid
     runs_dir = _runs_dir_of(run_dir)
     with _queue_lock(runs_dir):
         status = _read_status(run_dir)
@@ -449,10 +445,8 @@ def _reap_without_runner(run_dir: Path, pid: Any, requested_at: float, grace_s: 
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with suppress(ProcessLookupError, PermissionError):  # already gone, or not ours: nothing to stop
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # already gone, or not ours to signal: nothing left to stop
 
 
 def _describe_exit(code: int) -> str:

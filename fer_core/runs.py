@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Callable, Iterator
 
 from .errors import FerError
@@ -206,14 +206,12 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
     for line in lines:
         if not line.strip():
             continue
-        try:
+        with suppress(ValueError):
             row = json.loads(line)
             if isinstance(row, dict):
                 rows.append(row)
                 continue
-        except ValueError:
-            pass  # counted as bad below
-        bad += 1
+        bad += 1  # not JSON, or not an object
     return rows, bad
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -432,27 +433,24 @@ def load_csv_rows(path: str, rows: Iterable[int]) -> dict[int, np.ndarray]:
     found: dict[int, np.ndarray] = {}
     if not wanted:
         return found
-    try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-            reader = csv.DictReader(handle)
-            columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
-            pixels_key = columns.get("pixels")
-            if pixels_key is None:
-                return found
-            last = max(wanted)
-            for line_number, row in enumerate(reader, start=2):
-                if line_number in wanted:
-                    try:
-                        values = np.array(str(row[pixels_key]).split(), dtype=np.int64)
-                        side = int(round(math.sqrt(values.size)))
-                        if side * side == values.size:
-                            found[line_number] = np.clip(values, 0, 255).astype(np.uint8).reshape(side, side)
-                    except (ValueError, TypeError):
-                        pass  # a malformed row has no image to show; the gallery skips it
-                if line_number >= last:
-                    break
-    except OSError:
-        pass  # an unreadable csv shows no images rather than breaking the page
+    # An unreadable csv shows no images rather than breaking the page; a malformed row has no
+    # image to show, so the gallery skips it.
+    with suppress(OSError), open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.DictReader(handle)
+        columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+        pixels_key = columns.get("pixels")
+        if pixels_key is None:
+            return found
+        last = max(wanted)
+        for line_number, row in enumerate(reader, start=2):
+            if line_number in wanted:
+                with suppress(ValueError, TypeError):
+                    values = np.array(str(row[pixels_key]).split(), dtype=np.int64)
+                    side = int(round(math.sqrt(values.size)))
+                    if side * side == values.size:
+                        found[line_number] = np.clip(values, 0, 255).astype(np.uint8).reshape(side, side)
+            if line_number >= last:
+                break
     return found
 
 

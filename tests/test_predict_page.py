@@ -263,25 +263,28 @@ def test_many_images_table_csv_and_a_bad_file_only_fails_itself(env, published, 
     assert [b for b in at.get("download_button") if "CSV" in b.proto.label]
 
 
+def fetch(at) -> None:
+    """Press the URL tab's "Fetch and predict" and let the page finish."""
+    at.button[[b.label for b in at.button].index("Fetch and predict")].click()
+    rerun(at)
+
+
 def test_urls_private_refused_unless_allowed_and_404_explained(env, published, image_server):
     at = open_predict()
     at.text_input(key="predict_url").set_value(f"{image_server}/face.jpg")
-    at.button[[b.label for b in at.button].index("Fetch and predict")].click()
-    rerun(at)
+    fetch(at)
     errors = error_text(at)
     assert "refusing to fetch from 127.0.0.1" in errors and "loopback" in errors
     assert not at.get("plotly_chart")
 
     at.checkbox(key="predict_allow_private").check()
-    at.button[[b.label for b in at.button].index("Fetch and predict")].click()
-    rerun(at)
+    fetch(at)
     assert not at.error
     assert len(bar_traces(at)) == 1
     assert "1 face found" in page_text(at)
 
     at.text_input(key="predict_url").set_value(f"{image_server}/missing.jpg")
-    at.button[[b.label for b in at.button].index("Fetch and predict")].click()
-    rerun(at)
+    fetch(at)
     errors = error_text(at)
     assert "not found" in errors and "HTTP 404" in errors
     assert not at.get("plotly_chart")
