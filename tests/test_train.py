@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +179,38 @@ def test_cached_head_only_features_give_the_same_results_as_the_plain_loop(tiny_
     for a, b in zip(runs.read_metrics(cached)[0], runs.read_metrics(plain)[0]):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+THREE_TRAINING_STEPS = """
+import resource, sys, torch
+from torch import nn
+from fer_core.train import keep_freed_memory_for_reuse
+if sys.argv[1] == "tuned":
+    assert keep_freed_memory_for_reuse()
+torch.manual_seed(0)
+# 64 MB activations: above the largest mmap threshold glibc adapts to by itself (32 MB)
+model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 4, 3, padding=1))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+x = torch.randn(16, 3, 128, 128)
+def step():
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    optimizer.step()
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"), reason="glibc only")
+def test_training_allocator_reuses_freed_activations_instead_of_faulting_them_in_again():
+    def page_faults_in_three_steps(mode: str) -> int:
+        result = subprocess.run([sys.executable, "-c", THREE_TRAINING_STEPS, mode], capture_output=True,
+                                text=True, cwd=Path(__file__).resolve().parent.parent, check=True)
+        return int(result.stdout.strip())
+
+    activation_pages = 16 * 64 * 128 * 128 * 4 // 4096
+    assert page_faults_in_three_steps("default") > 3 * activation_pages  # fresh mmaps every step
+    assert page_faults_in_three_steps("tuned") < activation_pages  # the heap's freed blocks are reused
