@@ -7,16 +7,35 @@ fer_core.ui_data instead.
 from __future__ import annotations
 
 import os
+import runpy
 from pathlib import Path
 
 import streamlit as st
 
 from fer_core import ui_data
 
+ROUTER = Path(__file__).resolve().parent.parent / "streamlit_app.py"
 RUNS_DIR_KEY = "runs_dir"
 CHECKPOINTS_DIR_KEY = "checkpoints_dir"
 SELECTED_RUN_KEY = "selected_run"          # a one-shot request: "show this run" (Train, Evaluate)
 DATA_SOURCE_KEY = "data_source"            # the data source last chosen on the Data page
+
+
+def require_router() -> None:
+    """Make sure this page runs inside streamlit_app.py's router.
+
+    Because the folder is called pages/, Streamlit starts in its old folder-based mode: until
+    the router has called st.navigation once in this process, a visit to /predict executes
+    pages/predict.py directly, with Streamlit's own file list as navigation and without our
+    page config or sidebar. Such a run executes the router instead (which switches that mode
+    off and runs this page in its place, in this same script run, so no click is lost) and
+    then ends.
+    """
+    from streamlit.runtime.pages_manager import PagesManager  # no public switch for this mode
+
+    if PagesManager.uses_pages_directory:
+        runpy.run_path(str(ROUTER), run_name="__main__")
+        st.stop()
 
 
 def init_settings() -> None:

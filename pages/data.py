@@ -11,7 +11,9 @@ from fer_core import ui_data
 from fer_core.download import (CREDENTIALS_HELP, DEFAULT_DATASET, dataset_dest, download_dataset,
                                find_credentials, is_downloaded)
 from fer_core.errors import FerError
-from pages._shared import DATA_SOURCE_KEY, data_home, demo_dir, synthetic_badge
+from pages._shared import DATA_SOURCE_KEY, data_home, demo_dir, require_router, synthetic_badge
+
+require_router()
 
 SOURCES = {"demo": "Built-in demo", "local": "Local folder or fer2013.csv", "kaggle": "Kaggle download"}
 SAMPLES_PER_CLASS = 8

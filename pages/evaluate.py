@@ -9,7 +9,9 @@ import streamlit as st
 
 from fer_core import runs, ui_data
 from fer_core.evaluate import read_predictions, top_confusions
-from pages._shared import run_label, runs_dir, synthetic_badge, take_selected_run
+from pages._shared import require_router, run_label, runs_dir, synthetic_badge, take_selected_run
+
+require_router()
 
 GALLERY_LIMIT = 30
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import streamlit as st
 
 from fer_core import runs, ui_data
-from pages._shared import (SELECTED_RUN_KEY, checkpoints_dir, data_home, demo_dir, runs_dir,
-                           state_badge)
+from pages._shared import (SELECTED_RUN_KEY, checkpoints_dir, data_home, demo_dir, require_router,
+                           runs_dir, state_badge)
+
+require_router()
 
 st.title("FER Studio")
 st.markdown("Train a **ResNet18** to recognise seven facial emotions, watch it learn, and see "

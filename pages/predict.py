@@ -23,7 +23,9 @@ from fer_core.errors import FerError
 from fer_core.faces import DETECTORS
 from fer_core.images import fetch_image_bytes, load_image
 from fer_core.predict import NO_FACE_MESSAGE, PredictionResult, Predictor
-from pages._shared import checkpoints_dir, run_label, runs_dir, synthetic_badge
+from pages._shared import checkpoints_dir, require_router, run_label, runs_dir, synthetic_badge
+
+require_router()
 
 UPLOAD_OPTION = "__upload__"
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif"]

@@ -8,7 +8,9 @@ import streamlit as st
 
 from fer_core import run_admin, runs, ui_data
 from fer_core.errors import FerError
-from pages._shared import SELECTED_RUN_KEY, run_label, runs_dir
+from pages._shared import SELECTED_RUN_KEY, require_router, run_label, runs_dir
+
+require_router()
 
 st.title("Runs")
 folder = runs_dir()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import runs_dir
+from pages._shared import require_router, runs_dir
+
+require_router()
 
 st.title("TensorBoard")
 st.caption("Every run also logs to TensorBoard: scalars per epoch, the images the model is fed, "

@@ -12,7 +12,9 @@ from fer_core.cli import TRAIN_FLAGS, TRAIN_SWITCHES
 from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, TrainConfig, config_from_preset
 from fer_core.errors import FerError
 from pages._shared import (DATA_SOURCE_KEY, SELECTED_RUN_KEY, checkpoints_dir, data_home, demo_dir,
-                           runs_dir, state_badge, synthetic_badge, take_selected_run)
+                           require_router, runs_dir, state_badge, synthetic_badge, take_selected_run)
+
+require_router()
 
 REFRESH_S = 1.5
 # Background jobs rebuild the config from `python -m fer_core train` flags: offer only those.

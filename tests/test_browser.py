@@ -252,3 +252,24 @@ def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
             screenshot(page, "predict.png")
         finally:
             browser.close()
+
+
+@pytest.mark.parametrize("first_page", ["predict", "evaluate"])
+def test_a_page_url_opened_first_on_a_fresh_server_still_gets_the_apps_navigation(app_server, first_page):
+    url, _ = app_server
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(f"{url}/{first_page}")
+            page.get_by_role("heading", name=first_page.capitalize()).first.wait_for()
+            sidebar = page.locator("[data-testid='stSidebar']")
+            sidebar.get_by_text("Training job").wait_for()  # drawn by the router, not the page
+            wait_until_idle(page)
+            links = sidebar.locator("[data-testid='stSidebarNavLink']").all_inner_texts()
+            assert [link.split()[-1] for link in links] == ["Home", "Data", "Train", "Runs", "Evaluate", "Predict",
+                                                       "TensorBoard"]
+            assert page.title() == "FER Studio"  # the router's page config, not the file name
+        finally:
+            browser.close()
