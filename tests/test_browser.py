@@ -8,6 +8,7 @@ never downloads a browser.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -116,6 +117,19 @@ def app_server(tmp_path: Path):
             pass
 
 
+@contextlib.contextmanager
+def browser_page():
+    """A Chromium page (1400x1000, 60 s timeouts), closed afterwards."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
 def wait_until_idle(page, timeout_s: float = 60) -> None:
     """Wait until the script run finishes (Streamlit's 'running' indicator is gone)."""
     deadline = time.monotonic() + timeout_s
@@ -141,135 +155,122 @@ def set_number(page, label: str, value: int) -> None:
 
 def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
     url, runs_dir = app_server
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
+    with browser_page() as page:
+        page.goto(url)
+        page.get_by_role("button", name="Train a quick model on the demo dataset").wait_for()
+        page.get_by_text("No trained model yet.").wait_for()
 
-            page.goto(url)
-            page.get_by_role("button", name="Train a quick model on the demo dataset").wait_for()
-            page.get_by_text("No trained model yet.").wait_for()
+        page.goto(f"{url}/data")
+        page.get_by_text("Sample faces per class").wait_for(timeout=120_000)
+        page.locator("[data-testid='stPlotlyChart']").first.wait_for()
+        wait_until_idle(page, 120)
+        screenshot(page, "data.png")
 
-            page.goto(f"{url}/data")
-            page.get_by_text("Sample faces per class").wait_for(timeout=120_000)
-            page.locator("[data-testid='stPlotlyChart']").first.wait_for()
-            wait_until_idle(page, 120)
-            screenshot(page, "data.png")
+        page.goto(f"{url}/train")
+        page.get_by_role("button", name="Launch training").wait_for()
+        wait_until_idle(page)
+        page.get_by_role("textbox", name="Experiment name").fill("browser-test")
+        set_number(page, "Epochs", EPOCHS)
+        set_number(page, "Image size (px)", IMG_SIZE)
+        set_number(page, "Batch size", 32)
+        page.get_by_text("Advanced", exact=True).click()
+        set_number(page, "Max images per class (0 = all)", MAX_PER_CLASS)
+        set_number(page, "CPU threads (0 = all cores)", 1)  # the CPU is shared: do not oversubscribe
+        page.get_by_role("button", name="Launch training").click()
 
-            page.goto(f"{url}/train")
-            page.get_by_role("button", name="Launch training").wait_for()
-            wait_until_idle(page)
-            page.get_by_role("textbox", name="Experiment name").fill("browser-test")
-            set_number(page, "Epochs", EPOCHS)
-            set_number(page, "Image size (px)", IMG_SIZE)
-            set_number(page, "Batch size", 32)
-            page.get_by_text("Advanced", exact=True).click()
-            set_number(page, "Max images per class (0 = all)", MAX_PER_CLASS)
-            set_number(page, "CPU threads (0 = all cores)", 1)  # the CPU is shared: do not oversubscribe
-            page.get_by_role("button", name="Launch training").click()
+        # the monitor takes over: queued/running, then finished with a test accuracy
+        page.get_by_text("browser-test · finetune").wait_for(timeout=60_000)
+        deadline = time.monotonic() + TRAINING_TIMEOUT_S
+        live_shot = False
+        while time.monotonic() < deadline:
+            if page.get_by_text("Finished.").count():
+                break
+            if (not live_shot and page.get_by_role("button", name="Cancel run").count()
+                    and page.locator("[data-testid='stPlotlyChart']").count()):
+                screenshot(page, "train_live.png")  # mid-run: progress, ETA, first curves
+                live_shot = True
+            failed = page.get_by_text("Training failed").count()
+            assert not failed, page.locator("[data-testid='stAlert']").all_inner_texts()
+            time.sleep(2)
+        else:
+            pytest.fail(f"training did not finish in {TRAINING_TIMEOUT_S} s")
+        # "Finished." is only drawn by the static redraw that follows the end of the run
+        assert "browser-test/finetune" in page.get_by_role("combobox", name="Run", exact=True).input_value()
+        page.locator("[data-testid='stPlotlyChart']").first.wait_for()
+        wait_until_idle(page)
+        text = page.locator("[data-testid='stMain']").inner_text()
+        assert "SYNTHETIC" in text and "Test accuracy" in text
+        assert "ImageNet weights were requested but are not available" in text  # offline
+        screenshot(page, "train.png")
 
-            # the monitor takes over: queued/running, then finished with a test accuracy
-            page.get_by_text("browser-test · finetune").wait_for(timeout=60_000)
-            deadline = time.monotonic() + TRAINING_TIMEOUT_S
-            live_shot = False
-            while time.monotonic() < deadline:
-                if page.get_by_text("Finished.").count():
-                    break
-                if (not live_shot and page.get_by_role("button", name="Cancel run").count()
-                        and page.locator("[data-testid='stPlotlyChart']").count()):
-                    screenshot(page, "train_live.png")  # mid-run: progress, ETA, first curves
-                    live_shot = True
-                failed = page.get_by_text("Training failed").count()
-                assert not failed, page.locator("[data-testid='stAlert']").all_inner_texts()
-                time.sleep(2)
-            else:
-                pytest.fail(f"training did not finish in {TRAINING_TIMEOUT_S} s")
-            # "Finished." is only drawn by the static redraw that follows the end of the run
-            assert "browser-test/finetune" in page.get_by_role("combobox", name="Run", exact=True).input_value()
-            page.locator("[data-testid='stPlotlyChart']").first.wait_for()
-            wait_until_idle(page)
-            text = page.locator("[data-testid='stMain']").inner_text()
-            assert "SYNTHETIC" in text and "Test accuracy" in text
-            assert "ImageNet weights were requested but are not available" in text  # offline
-            screenshot(page, "train.png")
+        status_files = list(runs_dir.glob("*/browser-test/resnet18/finetune/status.json"))
+        assert len(status_files) == 1, "exactly one run was launched"
+        assert json.loads(status_files[0].read_text())["state"] == "completed"
+        config = json.loads((status_files[0].parent / "config.json").read_text())
+        assert (config["epochs"], config["img_size"], config["max_per_class"]) == (EPOCHS, IMG_SIZE, MAX_PER_CLASS)
 
-            status_files = list(runs_dir.glob("*/browser-test/resnet18/finetune/status.json"))
-            assert len(status_files) == 1, "exactly one run was launched"
-            assert json.loads(status_files[0].read_text())["state"] == "completed"
-            config = json.loads((status_files[0].parent / "config.json").read_text())
-            assert (config["epochs"], config["img_size"], config["max_per_class"]) == (EPOCHS, IMG_SIZE, MAX_PER_CLASS)
+        page.set_viewport_size({"width": 1400, "height": 1000})
+        page.get_by_role("button", name="See which faces it gets wrong").click()
+        page.get_by_role("heading", name="Evaluate").wait_for()
+        heatmap = page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot").first
+        heatmap.wait_for()
+        assert page.locator("[data-testid='stPlotlyChart'] g.hm").count() >= 1  # a heatmap trace
+        wait_until_idle(page)
+        evaluation = json.loads((status_files[0].parent / "evaluation.json").read_text())
+        for name in evaluation["classes"]:
+            assert page.locator("[data-testid='stPlotlyChart']").first.get_by_text(name).count() >= 1
+        page.get_by_text("test face(s) that are").first.wait_for()
 
-            page.set_viewport_size({"width": 1400, "height": 1000})
-            page.get_by_role("button", name="See which faces it gets wrong").click()
-            page.get_by_role("heading", name="Evaluate").wait_for()
-            heatmap = page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot").first
-            heatmap.wait_for()
-            assert page.locator("[data-testid='stPlotlyChart'] g.hm").count() >= 1  # a heatmap trace
-            wait_until_idle(page)
-            evaluation = json.loads((status_files[0].parent / "evaluation.json").read_text())
-            for name in evaluation["classes"]:
-                assert page.locator("[data-testid='stPlotlyChart']").first.get_by_text(name).count() >= 1
-            page.get_by_text("test face(s) that are").first.wait_for()
+        # clicking a cell of the matrix shows that cell's faces: the first class's diagonal
+        first = evaluation["classes"][0]
+        area = page.locator("[data-testid='stPlotlyChart'] .nsewdrag").first.bounding_box()
+        cell = area["width"] / len(evaluation["classes"]), area["height"] / len(evaluation["classes"])
+        page.mouse.click(area["x"] + cell[0] / 2, area["y"] + cell[1] / 2)
+        page.get_by_text(re.compile(rf"test face\(s\) that are {first} and were predicted {first}")).wait_for()
+        expected = f"true {first} → predicted {first}"
+        assert page.get_by_role("combobox", name="Cell to inspect").input_value().startswith(expected)
+        wait_until_idle(page)
+        page.mouse.move(0, 0)
+        screenshot(page, "evaluate.png")
 
-            # clicking a cell of the matrix shows that cell's faces: the first class's diagonal
-            first = evaluation["classes"][0]
-            area = page.locator("[data-testid='stPlotlyChart'] .nsewdrag").first.bounding_box()
-            cell = area["width"] / len(evaluation["classes"]), area["height"] / len(evaluation["classes"])
-            page.mouse.click(area["x"] + cell[0] / 2, area["y"] + cell[1] / 2)
-            page.get_by_text(re.compile(rf"test face\(s\) that are {first} and were predicted {first}")).wait_for()
-            expected = f"true {first} → predicted {first}"
-            assert page.get_by_role("combobox", name="Cell to inspect").input_value().startswith(expected)
-            wait_until_idle(page)
-            page.mouse.move(0, 0)
-            screenshot(page, "evaluate.png")
+        page.goto(f"{url}/runs")
+        page.get_by_text("Compare runs").wait_for()
+        wait_until_idle(page)
+        screenshot(page, "runs.png")
 
-            page.goto(f"{url}/runs")
-            page.get_by_text("Compare runs").wait_for()
-            wait_until_idle(page)
-            screenshot(page, "runs.png")
+        page.goto(url)
+        page.get_by_text("Best so far:").wait_for()
+        wait_until_idle(page)
+        screenshot(page, "home.png")
 
-            page.goto(url)
-            page.get_by_text("Best so far:").wait_for()
-            wait_until_idle(page)
-            screenshot(page, "home.png")
-
-            # Predict: the model just published reads a real face dropped on the uploader
-            face = runs_dir.parent / "astronaut.jpg"
-            from PIL import Image
-            from skimage import data as skdata
-            Image.fromarray(skdata.astronaut()).save(face, quality=90)
-            page.set_viewport_size({"width": 1400, "height": 1000})
-            page.goto(f"{url}/predict")
-            page.get_by_text("Drop one or more photos here").wait_for()
-            assert "browser-test" in page.get_by_role("combobox", name="Model").input_value()
-            page.locator("[data-testid='stFileUploaderDropzoneInput']").first.set_input_files(str(face))
-            page.get_by_text("1 face found").first.wait_for()
-            page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot").first.wait_for()
-            assert page.locator("[data-testid='stPlotlyChart'] g.barlayer path").count() == len(evaluation["classes"])
-            wait_until_idle(page)
-            page.mouse.move(0, 0)
-            screenshot(page, "predict.png")
-        finally:
-            browser.close()
+        # Predict: the model just published reads a real face dropped on the uploader
+        face = runs_dir.parent / "astronaut.jpg"
+        from PIL import Image
+        from skimage import data as skdata
+        Image.fromarray(skdata.astronaut()).save(face, quality=90)
+        page.set_viewport_size({"width": 1400, "height": 1000})
+        page.goto(f"{url}/predict")
+        page.get_by_text("Drop one or more photos here").wait_for()
+        assert "browser-test" in page.get_by_role("combobox", name="Model").input_value()
+        page.locator("[data-testid='stFileUploaderDropzoneInput']").first.set_input_files(str(face))
+        page.get_by_text("1 face found").first.wait_for()
+        page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot").first.wait_for()
+        assert page.locator("[data-testid='stPlotlyChart'] g.barlayer path").count() == len(evaluation["classes"])
+        wait_until_idle(page)
+        page.mouse.move(0, 0)
+        screenshot(page, "predict.png")
 
 
 @pytest.mark.parametrize("first_page", ["predict", "evaluate"])
 def test_a_page_url_opened_first_on_a_fresh_server_still_gets_the_apps_navigation(app_server, first_page):
     url, _ = app_server
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(f"{url}/{first_page}")
-            page.get_by_role("heading", name=first_page.capitalize()).first.wait_for()
-            sidebar = page.locator("[data-testid='stSidebar']")
-            sidebar.get_by_text("Training job").wait_for()  # drawn by the router, not the page
-            wait_until_idle(page)
-            links = sidebar.locator("[data-testid='stSidebarNavLink']").all_inner_texts()
-            assert [link.split()[-1] for link in links] == ["Home", "Data", "Train", "Runs", "Evaluate", "Predict",
-                                                       "TensorBoard"]
-            assert page.title() == "FER Studio"  # the router's page config, not the file name
-        finally:
-            browser.close()
+    with browser_page() as page:
+        page.goto(f"{url}/{first_page}")
+        page.get_by_role("heading", name=first_page.capitalize()).first.wait_for()
+        sidebar = page.locator("[data-testid='stSidebar']")
+        sidebar.get_by_text("Training job").wait_for()  # drawn by the router, not the page
+        wait_until_idle(page)
+        links = sidebar.locator("[data-testid='stSidebarNavLink']").all_inner_texts()
+        assert [link.split()[-1] for link in links] == ["Home", "Data", "Train", "Runs", "Evaluate", "Predict",
+                                                   "TensorBoard"]
+        assert page.title() == "FER Studio"  # the router's page config, not the file name
