@@ -33,7 +33,7 @@ def require_router() -> None:
     """
     from streamlit.runtime.pages_manager import PagesManager  # no public switch for this mode
 
-    if PagesManager.uses_pages_directory:
+    if getattr(PagesManager, "uses_pages_directory", False):
         runpy.run_path(str(ROUTER), run_name="__main__")
         st.stop()
 
