@@ -14,10 +14,10 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from contextlib import contextmanager, suppress
 from typing import Any, Callable, Iterator
 
 from .errors import FerError

@@ -7,13 +7,13 @@ checkpoint -> evaluate the best model on the test split -> publish it.
 from __future__ import annotations
 
 import logging
-import warnings
 import math
 import os
 import platform
 import signal
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
