@@ -8,7 +8,7 @@ Thin: loading, fetching, detection and classification are fer_core's (`Predictor
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image, ImageDraw, ImageFont
 
-from fer_core import runs, ui_data
+from fer_core import runs, ui_data, uploads
 from fer_core.data import default_cache_dir
 from fer_core.errors import FerError
 from fer_core.faces import DETECTORS
@@ -38,7 +38,6 @@ UNCERTAIN_COLOUR = "#d97706"
 PRIMARY = st.get_option("theme.primaryColor") or ui_data.TRAIN_COLOR
 URL_STATE = "predict_url_fetched"   # {"url", "data", "error"} of the last URL fetched
 UPLOADED_CKPTS = "predict_uploaded_ckpts"  # uploaded checkpoint file_id -> stored path
-KEEP_UPLOADED_CKPTS = 4
 
 st.title("Predict")
 st.caption("Give a trained model a photo: it finds each face, crops it to the 48×48 grey square "
@@ -79,21 +78,13 @@ def load_predictor(path: str, mtime_ns: int) -> Predictor:
 
 
 def store_uploaded_checkpoint(uploaded) -> Path:
-    """Write an uploaded .pt once (per upload) under the cache folder; keep only the newest few."""
+    """Write an uploaded .pt once (per upload); fer_core names it and keeps only the newest few."""
     stored = st.session_state.setdefault(UPLOADED_CKPTS, {})
     if uploaded.file_id in stored and Path(stored[uploaded.file_id]).is_file():
         return Path(stored[uploaded.file_id])
-    folder = default_cache_dir() / "uploaded_checkpoints"
-    # one folder per upload, the file under its own name: the loader's messages name it
-    name = re.sub(r"[^\w.-]", "_", Path(uploaded.name).name).lstrip(".") or "checkpoint.pt"
-    path = folder / re.sub(r"[^\w-]", "_", uploaded.file_id) / name
-    runs.atomic_write_bytes(path, uploaded.getvalue())
+    path = uploads.store_uploaded_checkpoint(uploaded.getvalue(), uploaded.name,
+                                             default_cache_dir() / uploads.UPLOADS_FOLDER)
     stored[uploaded.file_id] = str(path)
-    old = sorted(folder.glob("*/*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in old[KEEP_UPLOADED_CKPTS:]:
-        stale.unlink(missing_ok=True)
-        with suppress(OSError):
-            stale.parent.rmdir()
     return path
 
 

@@ -192,6 +192,50 @@ def test_without_a_model_the_page_says_how_to_get_one_and_takes_an_upload(env, c
     assert "Uploaded mine.pt" in page_text(at)
 
 
+def test_uploaded_checkpoints_are_capped_whatever_their_names(env):
+    """Names like x.PT or ..pt once escaped the clean-up; the cap must hold for any name."""
+    at = open_predict()
+    names = ["a.PT", "b..pt", "..pt", ".pt", "c.Pt", "d.pt.PT", "e .pt", "f..PT", "g.pt", "h.PT"]
+    for number, name in enumerate(names):
+        uploader(at, "Upload a checkpoint file (.pt)").set_value(
+            (name, f"not a checkpoint {number}".encode(), "application/octet-stream"))
+        rerun(at)
+        shown = error_text(at)
+        assert "is not a safe fer_core checkpoint" in shown, shown
+    stored = [p for p in (env.cache / "uploaded_checkpoints").rglob("*") if p.is_file()]
+    assert 1 <= len(stored) <= 4, sorted(map(str, stored))
+    assert all(p.suffix == ".pt" for p in stored)
+    assert b"not a checkpoint 9" in [p.read_bytes() for p in stored]  # the newest is kept
+
+
+@pytest.mark.parametrize("name, stored", [
+    ("weights.pt", "weights.pt"), ("a.PT", "a.pt"), ("b..pt", "b.pt"), ("..pt", "checkpoint.pt"),
+    (".pt", "checkpoint.pt"), ("d.pt.PT", "d.pt.pt"), ("e .pt", "e.pt"), ("../../etc/x.pt", "x.pt"),
+    ("C:\\Users\\me\\net.pt", "net.pt"), ("visage-ü.pt", "visage.pt"), ("x" * 300 + ".pt", "x" * 80 + ".pt"),
+])
+def test_uploaded_checkpoint_names_are_canonical(name, stored):
+    from fer_core.uploads import checkpoint_file_name
+    assert checkpoint_file_name(name) == stored
+
+
+def test_the_upload_cap_counts_uploads_not_names(tmp_path):
+    """Leftovers of any name (the old layout kept x.PT files) count and go; the newest stays."""
+    from fer_core.uploads import KEEP_UPLOADED_CHECKPOINTS, store_uploaded_checkpoint
+
+    folder = tmp_path / "uploaded_checkpoints"
+    for number in range(6):  # what the old clean-up left behind
+        (folder / f"old{number}").mkdir(parents=True)
+        (folder / f"old{number}" / f"net{number}.PT").write_bytes(b"45 MB once")
+    (folder / "stray file").write_bytes(b"?")
+    paths = [store_uploaded_checkpoint(f"upload {n}".encode(), name, folder)
+             for n, name in enumerate(["a.PT", "..pt", "b.pt"])]
+    left = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert len(left) == KEEP_UPLOADED_CHECKPOINTS == 4
+    assert set(paths) <= set(left)  # the three new ones, and one leftover at most
+    assert [p.parent.parent for p in paths] == [folder] * 3
+    assert paths[-1].read_bytes() == b"upload 2" and paths[-1].name == "b.pt"
+
+
 def test_a_face_photo_gets_boxes_charts_and_probabilities(env, published, face_jpeg, monkeypatch):
     import streamlit as st
     from fer_core.predict import Predictor
