@@ -1,9 +1,12 @@
-"""Predictions on a split, the confusion matrix and per-class report, and reading them back."""
+"""Scoring a model on labelled images: the report, the confusion matrix, the result files, and
+reading them back. The forward pass itself is `inference.probabilities`, shared with prediction.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,35 +16,32 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from torch import nn
 
 from .data import display_path
-from .transforms import eval_transform, tta_views
+from .inference import probabilities as model_probabilities
+from .runs import RunLayout, atomic_write_json, atomic_write_text
 
 
-def autocast_context(device: torch.device, amp: bool):
-    """float16 autocast on CUDA, bfloat16 on CPU, or nothing."""
-    if not amp:
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, paths: Sequence[str],
+                   classes: list[str], *, img_size: int, amp: bool, tta: bool,
+                   evaluation_file: Path, predictions_file: Path, facts: dict[str, Any],
+                   device: torch.device | None = None,
+                   probabilities: np.ndarray | None = None) -> dict[str, Any]:
+    """Score `model` on uint8 grey images with known labels and write the result files.
 
-
-@torch.inference_mode()
-def predict_probabilities(model: nn.Module, images: torch.Tensor, img_size: int, *,
-                          device: torch.device | None = None, batch_size: int = 256,
-                          amp: bool = False, tta: bool = False) -> np.ndarray:
-    """Class probabilities (N, C) for uint8 grey images; `tta` averages ten mirrored and shifted views."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        x = eval_transform(images[start:start + batch_size], img_size).to(device)
-        views = tta_views(x) if tta else [x]
-        with autocast_context(device, amp):
-            probabilities = torch.stack([model(view.contiguous(memory_format=torch.channels_last))
-                                         .float().softmax(1) for view in views]).mean(0)
-        chunks.append(probabilities.cpu())
-    if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(chunks).numpy().astype(np.float32)
+    Probabilities (`inference.probabilities`) -> `evaluation_report` plus `facts` (which split,
+    which data, best epoch) -> predictions csv, then evaluation json, both atomic. Training's
+    test evaluation and the `evaluate` command both come here. `probabilities`, when given, are
+    the caller's own for the same model and images (training's head-only feature cache).
+    """
+    if probabilities is None:
+        probabilities = model_probabilities(model, images, img_size, device=device, amp=amp,
+                                            tta=tta).numpy()
+    y_true = labels.numpy()
+    evaluation = evaluation_report(y_true, probabilities, classes)
+    evaluation.update({"tta": bool(tta), **facts})
+    # predictions first: a reader that finds the evaluation also finds the faces behind it
+    atomic_write_text(predictions_file, predictions_csv(list(paths), y_true, probabilities, classes))
+    atomic_write_json(evaluation_file, evaluation)
+    return evaluation
 
 
 def evaluation_report(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -127,15 +127,18 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], title: str = "
 
 
 def evaluate_run(run_dir: Path, data: str | None = None) -> dict[str, Any]:
-    """Score a run's best.pt on the test images of its split manifest (or of another dataset
-    with the same classes, given as `data`), and rewrite evaluation.json / predictions.csv."""
-    from . import runs
+    """Score a run's best.pt on the test images of its split manifest (rewriting evaluation.json
+    and predictions.csv), or on another dataset with the same classes, given as `data`: its own
+    test split if it has one, else every image, written to `RunLayout.evaluation_file(data)` and
+    `.predictions_file(data)` so the run's own test result is never overwritten."""
     from .data import load_dataset, read_split_manifest
     from .errors import FerError
     from .models import load_checkpoint, model_from_checkpoint
 
-    run_dir = Path(run_dir)
-    checkpoint = load_checkpoint(run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT)
+    if data and data != "demo":  # recorded and named by the folder itself, not how it was typed
+        data = str(Path(data).expanduser().resolve())
+    layout = RunLayout(Path(run_dir))
+    checkpoint = load_checkpoint(layout.best_checkpoint)
     config = checkpoint["config"]
     classes = list(checkpoint["class_names"])
     dataset = load_dataset(data or config["data"], max_per_class=None if data else config.get("max_per_class"),
@@ -143,22 +146,24 @@ def evaluate_run(run_dir: Path, data: str | None = None) -> dict[str, Any]:
     if dataset.classes != classes:
         raise FerError(f"dataset classes {dataset.classes} differ from the model's {classes}")
     if data:
-        # Another dataset: its own test split if it has one, otherwise every image.
+        split = "test" if dataset.given_split else "all"
         chosen = [i for i, s in enumerate(dataset.given_split or ["test"] * len(dataset)) if s == "test"]
     else:
-        test_paths = {r["path"] for r in read_split_manifest(run_dir / runs.SPLIT_FILE) if r["split"] == "test"}
+        split = "test"
+        test_paths = {r["path"] for r in read_split_manifest(layout.split_file) if r["split"] == "test"}
         chosen = [i for i, p in enumerate(dataset.paths) if display_path(p) in test_paths]
     if not chosen:
         raise FerError("no test images found to evaluate on")
     index = torch.tensor(chosen)
-    model = model_from_checkpoint(checkpoint)
-    probabilities = predict_probabilities(model, dataset.images[index], config["img_size"],
-                                          tta=bool(config.get("tta")))
-    y_true = dataset.labels[index].numpy()
-    evaluation = evaluation_report(y_true, probabilities, classes)
-    evaluation.update({"best_epoch": checkpoint.get("epoch"), "tta": bool(config.get("tta")),
-                       "split": "test", "data": data or config["data"], "synthetic": dataset.synthetic})
-    runs.atomic_write_json(run_dir / runs.EVALUATION_FILE, evaluation)
-    runs.atomic_write_text(run_dir / runs.PREDICTIONS_FILE,
-                           predictions_csv([dataset.paths[i] for i in chosen], y_true, probabilities, classes))
-    return evaluation
+    # the device and memory format training evaluated with, so the scores reproduce
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model_from_checkpoint(checkpoint).to(device, memory_format=torch.channels_last)
+    facts: dict[str, Any] = {"best_epoch": checkpoint.get("epoch"), "split": split,
+                             "data": data or config["data"], "synthetic": dataset.synthetic}
+    if data:
+        facts["source"] = dataset.source
+    return evaluate_model(model, dataset.images[index], dataset.labels[index],
+                          [dataset.paths[i] for i in chosen], classes, img_size=config["img_size"],
+                          amp=bool(config.get("amp")), tta=bool(config.get("tta")), device=device,
+                          evaluation_file=layout.evaluation_file(data),
+                          predictions_file=layout.predictions_file(data), facts=facts)

@@ -1,7 +1,7 @@
 """Prediction: image -> faces -> 48 px grey crops -> emotion probabilities.
 
-The crops go through exactly the path the model was evaluated on: 48x48 grey uint8 (how every
-dataset image is stored) and then `transforms.eval_transform` at the checkpoint's img_size.
+The crops go through exactly the path the model was evaluated on: `inference.to_grey_48` (how
+every dataset image is stored) and then `inference.probabilities` at the checkpoint's img_size.
 """
 
 from __future__ import annotations
@@ -19,25 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
 from .errors import CheckpointError, FerError
 from .faces import DETECTORS, FaceBox, crop_face, detect_faces
 from .images import ImageSource, load_image
+from .inference import DECODE_SIDE, STORE_SIZE, probabilities, to_grey_48
 from .models import load_checkpoint, model_from_checkpoint
-from .transforms import eval_transform, tta_views
-
-STORE_SIZE = 48
-"""Side of the grey uint8 images the datasets are stored as, and so of every crop."""
 FACE_MARGIN = 0.0
 """Margin around the detector's box for the model's crop. FER2013's framing *is* the Haar box:
 on FER2013 test images pasted into larger canvases the box covers a median 0.98 of the stored
 48 px image, centred, and our crop correlates with the stored image 0.56 at margin 0, 0.38 at
 0.1 and 0.24 at 0.2 (145 faces). A wider crop shows the model smaller faces than it learnt."""
-DECODE_SIDE = 1600
-"""Large JPEGs decode at 1/2-1/8 scale down to this longest side: detection never looks at more
-(its fallback works at 1280) and a face big enough for it still gives a 48 px crop at ~25 px+."""
 NO_FACE_MESSAGE = "no face found: classified the whole image"
 MAX_BATCH = 256
 
@@ -180,29 +174,22 @@ class Predictor:
 
     @staticmethod
     def preprocess(crops: Sequence[Image.Image]) -> torch.Tensor:
-        """48x48 grey crops -> uint8 tensor (N, 48, 48), the dataset storage format."""
+        """Face crops (or whole images) -> uint8 tensor (N, 48, 48), the dataset storage format."""
         if not crops:
             return torch.empty((0, STORE_SIZE, STORE_SIZE), dtype=torch.uint8)
-        return torch.from_numpy(np.stack([np.asarray(to_model_crop(c)) for c in crops]))
+        return torch.from_numpy(np.stack([to_grey_48(crop) for crop in crops]))
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 48, 48) -> softmax probabilities (N, classes), in checkpoint class order.
 
-        The same computation as `evaluate.predict_probabilities` (a test holds them equal),
-        without importing scikit-learn into the prediction path.
+        `inference.probabilities`, the computation training's evaluation uses, on this
+        predictor's thread budget.
         """
         if batch.shape[0] == 0:
             return torch.empty((0, len(self.class_names)))
-        chunks = []
-        with (self._threads(), torch.inference_mode(),
-              torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp)):
-            for start in range(0, batch.shape[0], MAX_BATCH):
-                x = eval_transform(batch[start:start + MAX_BATCH], self.img_size)
-                views = tta_views(x) if self.tta else [x]
-                chunks.append(torch.stack([
-                    self.model(view.contiguous(memory_format=torch.channels_last)).float().softmax(1)
-                    for view in views]).mean(0))
-        return torch.cat(chunks)
+        with self._threads():
+            return probabilities(self.model, batch, self.img_size, amp=self.amp, tta=self.tta,
+                                 batch_size=MAX_BATCH)
 
     def _face_predictions(self, boxes: Sequence[FaceBox | None], crops: Sequence[Image.Image],
                           probs: torch.Tensor, top_k: int, uncertain_below: float
@@ -241,11 +228,8 @@ def _to_original(box: FaceBox, decoded: tuple[int, int], original: tuple[int, in
 
 
 def to_model_crop(region: Image.Image) -> Image.Image:
-    """Any face region -> the 48x48 grey image the model sees (centre square, bilinear)."""
-    grey = region if region.mode == "L" else region.convert("L")
-    if grey.size == (STORE_SIZE, STORE_SIZE):
-        return grey
-    return ImageOps.fit(grey, (STORE_SIZE, STORE_SIZE), method=Image.Resampling.BILINEAR)
+    """Any face region -> the 48x48 grey image the model sees (`inference.to_grey_48`)."""
+    return Image.fromarray(to_grey_48(region))  # 2-D uint8 is "L"
 
 
 def _check_options(top_k: int, uncertain_below: float) -> None:

@@ -1,8 +1,10 @@
 """Evaluate: test scores, the confusion matrix, the faces behind each cell, per-class scores,
-and two runs side by side."""
+and two runs side by side. A run scored on other datasets (`evaluate RUN --data OTHER`) can
+show those results instead of its own test split."""
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 
 import streamlit as st
@@ -16,7 +18,9 @@ require_router()
 GALLERY_LIMIT = 30
 
 st.title("Evaluate")
-st.caption("How the best checkpoint of a run does on its held-out test images, and where it goes wrong.")
+st.caption("How the best checkpoint of a run does on its held-out test images (or on another "
+           "dataset it was scored on), and where it goes wrong.")
+OWN_TEST = "own test split"
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -29,8 +33,35 @@ def load_thumbnails(paths: tuple[str, ...]):
     return ui_data.load_image_arrays(list(paths))
 
 
-def predictions_of(run: runs.RunInfo) -> list[dict]:
-    path = run.path / runs.PREDICTIONS_FILE
+@st.cache_data(show_spinner=False, max_entries=64)
+def load_evaluation(path: str, mtime_ns: int) -> dict | None:
+    try:
+        evaluation = runs.read_json(Path(path))
+    except (OSError, ValueError):
+        return None
+    return evaluation if isinstance(evaluation, dict) and evaluation.get("confusion_matrix") else None
+
+
+def other_evaluations(run: runs.RunInfo) -> dict[str, dict]:
+    """This run's readable results on other datasets, by file."""
+    found = {}
+    for path in runs.RunLayout(run.path).other_evaluations():
+        with suppress(OSError):
+            evaluation = load_evaluation(str(path), path.stat().st_mtime_ns)
+            if evaluation and evaluation.get("data") and evaluation.get("classes"):
+                found[str(path)] = evaluation
+    return found
+
+
+def describe_scoring(evaluation: dict) -> str:
+    """'other-faces: all 21 images' for a picker option (shown as plain text)."""
+    part = "its test split" if evaluation.get("split") == "test" else "all"
+    label = ui_data.dataset_label(evaluation.get("data"), evaluation.get("synthetic"))
+    return f"{label}: {part} ({evaluation.get('num_images', 0):,} images)"
+
+
+def predictions_of(run: runs.RunInfo, data: str | None = None) -> list[dict]:
+    path = runs.RunLayout(run.path).predictions_file(data)
     try:
         return load_predictions(str(path), path.stat().st_mtime_ns)
     except (OSError, ValueError, KeyError):
@@ -54,18 +85,32 @@ elif st.session_state.get("eval_run") not in options:
     st.session_state["eval_run"] = options[0]
 chosen = st.selectbox("Run", options, key="eval_run", format_func=lambda p: run_label(by_path[p]))
 run = by_path[chosen]
-evaluation = run.evaluation
+elsewhere = other_evaluations(run)
+scoring = OWN_TEST
+if elsewhere:
+    scoring = st.selectbox("Scored on", [OWN_TEST, *elsewhere], key=f"eval_on::{run.id}",
+                           format_func=lambda key: "test split of its own data" if key == OWN_TEST
+                           else describe_scoring(elsewhere[key]),
+                           help="Other datasets are scored with `python -m fer_core evaluate RUN --data "
+                                "OTHER`; their results are kept apart from the run's own test result.")
+own = scoring == OWN_TEST
+evaluation = run.evaluation if own else elsewhere[scoring]
+other_data = None if own else evaluation["data"]
+if not own:
+    st.text(f"Scored on {evaluation['data']}")  # a path: shown as it is, never as Markdown
 classes = list(evaluation["classes"])
-synthetic = bool(evaluation.get("synthetic") or run.config.get("synthetic_data"))
+synthetic = bool(evaluation.get("synthetic") or (own and run.config.get("synthetic_data")))
+# widget state per result: a cell chosen on one dataset means nothing on another
+view = run.id if own else f"{run.id}::{Path(scoring).stem}"
 
 if synthetic:
     synthetic_badge()
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("Test accuracy", ui_data.format_percent(evaluation.get("accuracy")), border=True,
-          help="Share of test images whose top prediction is the true class.")
+m1.metric("Test accuracy" if own else "Accuracy", ui_data.format_percent(evaluation.get("accuracy")),
+          border=True, help="Share of the images whose top prediction is the true class.")
 m2.metric("Macro-F1", ui_data.format_percent(evaluation.get("macro_f1")), border=True,
           help="F1 averaged over classes with equal weight: rare classes count as much as common ones.")
-m3.metric("Test images", f"{evaluation.get('num_images', 0):,}", border=True)
+m3.metric("Test images" if own else "Images", f"{evaluation.get('num_images', 0):,}", border=True)
 m4.metric("Best epoch", evaluation.get("best_epoch", "—"), border=True,
           help="The checkpoint with the best validation accuracy; it is the one evaluated."
                + (" Predictions average the face and its mirror image (TTA)." if evaluation.get("tta") else ""))
@@ -74,9 +119,9 @@ mistakes_tab, classes_tab, compare_tab = st.tabs(["Mistakes", "Per-class scores"
 
 # ---- confusion matrix and the faces behind a cell ----------------------------------------
 with mistakes_tab:
-    chart_key = f"eval_cm::{run.id}"
-    cell_key = f"eval_cell::{run.id}"
-    click_key = f"eval_click::{run.id}"
+    chart_key = f"eval_cm::{view}"
+    cell_key = f"eval_cell::{view}"
+    click_key = f"eval_click::{view}"
     cells = ui_data.confusion_cells(evaluation)
     matrix = evaluation["confusion_matrix"]
     all_cells = [f"{t}|{p}" for t, p, _ in cells] + [
@@ -107,7 +152,7 @@ with mistakes_tab:
                 st.markdown(f"- **{item['true']}** predicted as **{item['predicted']}**: "
                             f"{item['count']} images, {item['share_of_true']:.0%} of {item['true']}")
         else:
-            st.success("No mistakes on the test split.")
+            st.success("No mistakes on the test split." if own else "No mistakes on these images.")
         report = evaluation.get("report", {})
         f1 = {c: report.get(c, {}).get("f1-score", 0.0) for c in classes}
         hardest = min(f1, key=f1.get)
@@ -125,13 +170,14 @@ with mistakes_tab:
 
     st.selectbox("Cell to inspect", all_cells, key=cell_key, format_func=describe_cell,
                  help="The same as clicking a cell of the matrix.")
-    predictions = predictions_of(run)
+    predictions = predictions_of(run, other_data)
     examples = ui_data.cell_examples(predictions, true_class, predicted_class)
-    heading = (f"{len(examples)} test face(s) that are **{true_class}** and were predicted "
-               f"**{predicted_class}**")
+    heading = (f"{len(examples)} {'test ' if own else ''}face(s) that are **{true_class}** and were "
+               f"predicted **{predicted_class}**")
     st.markdown(heading + (" (correct)" if true_class == predicted_class else ""))
     if not predictions:
-        st.warning("This run has no readable predictions.csv, so the faces cannot be shown.")
+        st.warning(f"This run has no readable {runs.RunLayout(run.path).predictions_file(other_data).name}, "
+                   "so the faces cannot be shown.")
     elif examples:
         shown = examples[:GALLERY_LIMIT]
         images, captions, missing = [], [], 0
@@ -149,25 +195,27 @@ with mistakes_tab:
             st.caption(f"Showing the {GALLERY_LIMIT} most confident of {len(examples)}.")
         with st.expander("Probabilities of these faces"):
             st.dataframe(ui_data.probability_frame(shown, classes), hide_index=True,
-                         key=f"eval_probs::{run.id}",
+                         key=f"eval_probs::{view}",
                          column_config={c: st.column_config.ProgressColumn(c, min_value=0.0, max_value=1.0,
                                                                            format="percent")
                                         for c in classes})
     else:
-        st.caption("No test image falls in this cell.")
+        st.caption("No image falls in this cell.")
 
 # ---- per-class report --------------------------------------------------------------------
 with classes_tab:
     frame = ui_data.per_class_frame(evaluation)
     bar = {c: st.column_config.ProgressColumn(c, min_value=0.0, max_value=1.0, format="percent")
            for c in ("precision", "recall", "f1")}
-    st.dataframe(frame, hide_index=True, key=f"eval_report::{run.id}",
-                 column_config={**bar, "support": st.column_config.NumberColumn("test images")})
+    st.dataframe(frame, hide_index=True, key=f"eval_report::{view}",
+                 column_config={**bar, "support": st.column_config.NumberColumn("test images" if own else "images")})
     st.caption("**Precision**: of the faces predicted as this class, the share that really are. "
                "**Recall**: of the faces of this class, the share found. **F1**: their harmonic mean.")
 
 # ---- two runs side by side ----------------------------------------------------------------
 with compare_tab:
+    if not own:
+        st.caption("Runs are compared on the test split of their own data.")
     others = [p for p in options if p != chosen and list(by_path[p].evaluation["classes"]) == classes]
     if not others:
         st.caption("Train another run on the same classes to compare their confusion matrices.")
