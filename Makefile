@@ -6,15 +6,20 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 HOST ?= 127.0.0.1
 PORT ?= 8501
+# The inner loop: unit tests only (registered markers in pyproject.toml).
+FAST := not train and not subprocess and not browser and not slow
 
-.PHONY: run test install install-dev train-demo clean
+.PHONY: run test test-fast lint install install-dev train-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): requirements.txt | $(BIN)/python
+# The tested pins first, then this package (editable, provides the `fer` command) without
+# letting pip resolve anything beyond them.
+$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps -e .
 	touch $@
 
 $(DEV_STAMP): requirements-dev.txt $(STAMP)
@@ -32,8 +37,14 @@ run: $(STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests
 
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q tests -m "$(FAST)"
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check fer_core pages tests bench streamlit_app.py
+
 train-demo: $(STAMP)
 	$(BIN)/python -m fer_core train --data demo --epochs 3
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -10,8 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fer_core.runs import load_run  # noqa: E402
+from fer_core.runs import load_run
 
 HEADER = ("| configuration | weights | input px | epochs | train minutes | test acc | macro-F1 "
           "| recall angry/disgust/fear/happy/neutral/sad/surprise | peak RSS MB |\n"

@@ -23,12 +23,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fer_core import CLASS_NAMES  # noqa: E402
-from fer_core.faces import detect_faces  # noqa: E402
-from fer_core.models import build_model  # noqa: E402
-from fer_core.predict import Predictor  # noqa: E402
+from fer_core import CLASS_NAMES
+from fer_core.faces import detect_faces
+from fer_core.models import build_model
+from fer_core.predict import Predictor
 
 FACE_IN_ASTRONAUT = (177, 66, 95, 95)  # Haar's box on skimage.data.astronaut()
 

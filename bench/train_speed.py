@@ -34,9 +34,8 @@ from torch import nn
 from torchvision import datasets, transforms
 from torchvision.models import resnet18
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fer_core.config import TrainConfig  # noqa: E402
-from fer_core.train import fit, keep_freed_memory_for_reuse  # noqa: E402
+from fer_core.config import TrainConfig
+from fer_core.train import fit, keep_freed_memory_for_reuse
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -57,3 +57,55 @@ def trained_run(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """One finished 2-epoch run, shared read-only by the tests that inspect a run directory."""
     from fer_core.train import fit
     return fit(tiny_config(tiny_demo, tmp_path_factory.mktemp("trained")))
+
+
+# ---- markers ----------------------------------------------------------------------------
+# Registered in pyproject.toml; `make test-fast` deselects train, subprocess, browser and slow.
+# Modules of one kind say so in a `pytestmark` line at their top (test_browser,
+# test_reliability, test_tensorboard) or in MODULE_MARKS. Here the rest: tests that use a
+# fixture that trains (or the tiny dataset that exists to be trained on) are `train`, and a
+# short list names single tests. A throwaway process spawned only for a dead or live pid (as
+# in test_runs, test_app_pages) does not make a test `subprocess`.
+
+TRAINING_FIXTURES = frozenset({"trained_run", "tiny_demo", "app_data"})
+
+MODULE_MARKS: dict[str, tuple[str, ...]] = {
+    "test_cli": ("subprocess",),  # every test runs `python -m fer_core`
+    "test_jobs": ("subprocess",),  # job runners, trainers and helper processes throughout
+}
+
+MARKS_BY_TEST: dict[str, dict[str, tuple[str, ...]]] = {
+    "test_cli": {"test_train_on_demo_end_to_end_prints_the_run_dir_last": ("train",)},
+    "test_data": {"test_demo_source_is_generated_on_first_use_and_labelled_synthetic": ("slow",)},  # 1,750 faces
+    "test_demo": {"test_classes_differ_where_the_expression_is": ("slow",)},  # 700 faces
+    "test_jobs": {name: ("train",) for name in (
+        "test_queued_jobs_run_one_at_a_time_in_order_and_continue_without_the_app",
+        "test_cancel_stops_a_running_job_keeps_last_pt_and_resume_finishes_it",
+        "test_a_killed_trainer_shows_failed_with_its_log_and_the_queue_moves_on",
+        "test_threads_launching_at_once_start_exactly_one_job")},
+    "test_reliability": {name: ("subprocess",) for name in (
+        "test_kill_9_mid_epoch_loses_nothing_and_resume_logs_every_epoch_once",
+        "test_repeated_kill_9_at_many_points_never_loses_or_repeats_an_epoch")},
+    "test_train": {"test_training_allocator_reuses_freed_activations_instead_of_faulting_them_in_again":
+                   ("subprocess",)},
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    checked: set[str] = set()
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is None:
+            continue
+        name = module.__name__.rpartition(".")[2]
+        listed = MARKS_BY_TEST.get(name, {})
+        if name not in checked:  # a renamed test must not silently lose its marker
+            checked.add(name)
+            missing = [test for test in listed if not hasattr(module, test)]
+            if missing:
+                raise pytest.UsageError(f"tests/conftest.py MARKS_BY_TEST names tests that {name} lacks: {missing}")
+        marks = set(MODULE_MARKS.get(name, ())) | set(listed.get(getattr(item, "originalname", item.name), ()))
+        if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            marks.add("train")
+        for mark in sorted(marks):
+            item.add_marker(getattr(pytest.mark, mark))

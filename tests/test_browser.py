@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+# Chromium, a Streamlit server, and a model trained from the Train form
+pytestmark = [pytest.mark.browser, pytest.mark.subprocess, pytest.mark.train]
+
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 # Screenshots refresh the README's pictures only when asked, so `make test` leaves git clean.

@@ -19,6 +19,8 @@ from fer_core.train import fit, resume
 
 from conftest import tiny_config
 
+pytestmark = pytest.mark.train  # faults during real training runs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

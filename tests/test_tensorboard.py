@@ -15,6 +15,8 @@ from fer_core import runs
 from fer_core import tensorboard as tb
 from fer_core.errors import FerError
 
+pytestmark = pytest.mark.subprocess  # a real TensorBoard process
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
