@@ -1,7 +1,9 @@
 """The command line: a thin argparse layer over fer_core.
 
 python -m fer_core train --data {demo|DIR|FILE.csv} [options]     train a new run
+python -m fer_core train --config FILE.json [options]              train from a config file (flags override it)
 python -m fer_core train --resume RUN_DIR [--epochs N]             continue a run
+python -m fer_core train --run-dir RUN_DIR                         train a queued run from its config.json
 python -m fer_core evaluate RUN_DIR [--data DIR]                   re-score a run's best model
 python -m fer_core download [--dataset SLUG] [--dest DIR]          fetch a dataset from Kaggle
 python -m fer_core predict CHECKPOINT IMAGE_OR_URL... [--top-k K] [--json]
@@ -12,40 +14,45 @@ python -m fer_core demo-data                                       build the syn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .config import PRESETS
+from .config import CONFIG_FIELDS, PRESETS, ConfigField
+from .errors import ConfigError
 
-# Each train flag maps onto a TrainConfig field; None means "keep the preset's or default value".
-TRAIN_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--data", dict(help="demo, a folder of class folders, a folder with train/ and test/, or fer2013.csv")),
-    ("--experiment", dict(help="experiment name (a folder in the run path)")),
-    ("--mode", dict(choices=["head_only", "finetune"])),
-    ("--stem", dict(choices=["imagenet", "small"], help="small = no max-pool, for 48-96 px inputs")),
-    ("--epochs", dict(type=int)),
-    ("--batch-size", dict(type=int)),
-    ("--lr", dict(type=float)),
-    ("--backbone-lr-scale", dict(type=float, help="backbone LR = lr x this when fine-tuning")),
-    ("--weight-decay", dict(type=float)),
-    ("--optimizer", dict(choices=["adamw", "sgd"])),
-    ("--scheduler", dict(choices=["cosine", "onecycle", "none"])),
-    ("--img-size", dict(type=int, help="input size in px (48-112 suit 48 px faces; 224 is the reference)")),
-    ("--val-fraction", dict(type=float, help="validation share carved from train; 0 selects on test")),
-    ("--test-fraction", dict(type=float, help="test share of a single pool (default 0.25)")),
-    ("--warmup-epochs", dict(type=float, help="linear warm-up for the cosine schedule")),
-    ("--seed", dict(type=int)),
-    ("--patience", dict(type=int, help="early-stopping patience in epochs (0 = off)")),
-    ("--max-per-class", dict(type=int, help="use at most N training images per class")),
-    ("--label-smoothing", dict(type=float)),
-    ("--weights", dict(help="local torchvision ResNet18 state dict instead of downloading ImageNet weights")),
-    ("--runs-dir", dict(help="where run directories go (default runs/)")),
-    ("--checkpoints-dir", dict(help="where finished best models are published (default checkpoints/)")),
-    ("--num-threads", dict(type=int, help="torch CPU threads (0 = all cores)")),
-]
-TRAIN_SWITCHES = ["amp", "pretrained", "augment", "tta", "class_weights"]
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+def _train_flag_options(item: ConfigField) -> dict[str, Any]:
+    """argparse options for one config field, from its setting: type, choices, help."""
+    extra = item.range_text() if item.kind in (int, float) else ""
+    options: dict[str, Any] = dict(dest=item.name, default=None,  # None = keep the preset's or file's value
+                                   help=item.setting.help + (f" ({extra})" if extra else ""))
+    if item.kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif item.setting.choices:
+        options["choices"] = list(item.setting.choices)
+    else:
+        options["type"] = item.kind
+        options["metavar"] = item.setting.metavar or item.name.upper()
+    return options
+
+
+def add_train_arguments(train: argparse.ArgumentParser) -> None:
+    """The `train` options: how to get a config (preset, file, run folder) and one flag per field."""
+    train.add_argument("--preset", choices=sorted(PRESETS), help="a recommended recipe; flags override it")
+    train.add_argument("--config", metavar="FILE.json",
+                       help="start from this config file (a run's config.json works); flags override it")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last.pt (with --epochs N)")
+    train.add_argument("--run-dir", metavar="RUN_DIR",
+                       help="train the queued run in RUN_DIR from its config.json (what the job runner starts)")
+    for item in CONFIG_FIELDS:
+        if item.setting.cli:
+            train.add_argument(item.flag, **_train_flag_options(item))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,14 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model (or --resume one)")
-    train.add_argument("--preset", choices=sorted(PRESETS), help="a recommended recipe; flags override it")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last.pt")
-    train.add_argument("--run-dir", help=argparse.SUPPRESS)  # a queued run dir made by the job manager
-    for flag, options in TRAIN_FLAGS:
-        train.add_argument(flag, default=None, **options)
-    for name in TRAIN_SWITCHES:
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                           action=argparse.BooleanOptionalAction)
+    add_train_arguments(train)
 
     evaluate = commands.add_parser("evaluate", help="score a run's best model on its test split")
     evaluate.add_argument("run_dir")
@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--dataset", default=None, help="Kaggle slug (default msambare/fer2013)")
     download.add_argument("--dest", default=None, help="target folder (default data/<owner>__<name>)")
 
-    listing = commands.add_parser("runs", help="list runs")
-    listing.add_argument("--runs-dir", default="runs")
+    listing = commands.add_parser("runs", help="list runs and their states (as the app shows them)")
+    listing.add_argument("--runs-dir", default=None, help="default: $FER_RUNS_DIR, else runs/")
+    listing.add_argument("--json", action="store_true", help="one JSON object per run")
 
     commands.add_parser("demo-data", help="generate the built-in synthetic demo dataset if missing")
 
@@ -107,18 +108,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def given_config_flags(args: argparse.Namespace) -> list[str]:
+    """The config-field flags given on the command line (argparse leaves the others None)."""
+    return [item.flag for item in CONFIG_FIELDS if item.setting.cli and getattr(args, item.name, None) is not None]
+
+
+def read_config_file(path: Path, *, warn_unknown: bool = False) -> dict[str, Any]:
+    """A config file's values. Keys that are not config fields (a run's recorded device,
+    versions, ...) are left out; `warn_unknown` names them, so a misspelt key is not lost unseen."""
+    import json
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"the config file {path} must hold a JSON object")
+    known = {item.name for item in CONFIG_FIELDS}
+    ignored = sorted(set(values) - known)
+    if ignored and warn_unknown:
+        print(f"warning: {path}: ignoring keys that are not training settings: {', '.join(ignored)}",
+              file=sys.stderr)
+    return {k: v for k, v in values.items() if k in known}
+
+
+def config_from_args(args: argparse.Namespace) -> "TrainConfig":
+    """The validated config that `train` args describe: a preset, then a config file, then flags."""
+    from . import runs
+    from .config import TrainConfig, config_from_preset
+    if args.run_dir:
+        others = given_config_flags(args) + [f"--{name}" for name in ("preset", "config", "resume")
+                                             if getattr(args, name, None)]
+        if others:
+            raise ConfigError(f"--run-dir trains from RUN_DIR/config.json; it takes no other options "
+                              f"(got {', '.join(others)})")
+        config_file = Path(args.run_dir) / runs.CONFIG_FILE
+        if not config_file.is_file():
+            raise ConfigError(f"--run-dir {args.run_dir}: it has no config.json")
+        return TrainConfig.from_dict(read_config_file(config_file)).validate()
+    values = read_config_file(Path(args.config), warn_unknown=True) if args.config else {}
+    file_preset = values.pop("preset", None)  # a name recorded in the file: its values are already there
+    values.update({item.name: getattr(args, item.name) for item in CONFIG_FIELDS
+                   if item.setting.cli and getattr(args, item.name, None) is not None})
+    config = config_from_preset(args.preset, **values)
+    if file_preset and not args.preset:
+        config = dataclasses.replace(config, preset=file_preset).validate()
+    return config
+
+
 def train_command(args: argparse.Namespace) -> int:
-    from .config import config_from_preset
     from .train import fit, resume
 
+    if args.resume:
+        others = [flag for flag in given_config_flags(args) if flag != "--epochs"]
+        others += [f"--{name.replace('_', '-')}" for name in ("preset", "config", "run_dir") if getattr(args, name)]
+        if others:
+            raise ConfigError(f"--resume continues a run with its own config; only --epochs may change it "
+                              f"(got {', '.join(others)})")
+    else:
+        # before the progress bar, so a bad value is one line and nothing is created
+        config = config_from_args(args)
     progress = _terminal_progress()
     try:
         if args.resume:
             run_dir = resume(Path(args.resume), epochs=args.epochs, on_progress=progress)
         else:
-            fields = {flag.lstrip("-").replace("-", "_"): None for flag, _ in TRAIN_FLAGS}
-            overrides = {name: getattr(args, name) for name in [*fields, *TRAIN_SWITCHES]}
-            config = config_from_preset(args.preset, **overrides)
             run_dir = fit(config, run_dir=Path(args.run_dir) if args.run_dir else None, on_progress=progress)
     finally:
         if progress is not None:
@@ -164,9 +217,16 @@ def _terminal_progress() -> _TqdmProgress | None:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
+    from .runs import RunLayout
     evaluation = evaluate_run(Path(args.run_dir), data=args.data)
-    print(f"test accuracy {evaluation['accuracy']:.4f}, macro-F1 {evaluation['macro_f1']:.4f} "
-          f"on {evaluation['num_images']} images")
+    scores = f"accuracy {evaluation['accuracy']:.4f}, macro-F1 {evaluation['macro_f1']:.4f}"
+    if args.data:  # another dataset: its own result file, the run's test result stays as it was
+        part = "its test split" if evaluation["split"] == "test" else "all its images"
+        print(f"{scores} on {evaluation['num_images']} images of {evaluation['data']} ({part})")
+    else:
+        print(f"test {scores} on {evaluation['num_images']} images")
+    where = RunLayout(Path(args.run_dir)).evaluation_file(evaluation["data"] if args.data else None)
+    print(f"written to {where}")
     return 0
 
 
@@ -178,8 +238,17 @@ def download_command(args: argparse.Namespace) -> int:
 
 
 def runs_command(args: argparse.Namespace) -> int:
+    import json
+
     from .runs import list_runs
-    for run in list_runs(Path(args.runs_dir)):
+    from .settings import runs_dir
+    for run in list_runs(Path(args.runs_dir) if args.runs_dir else runs_dir()):
+        if args.json:
+            print(json.dumps({"id": run.id, "path": str(run.path), "state": run.state,
+                              "epochs_done": len(run.metrics), "epochs": run.planned_epochs,
+                              "test_accuracy": run.test_accuracy, "macro_f1": run.macro_f1,
+                              "error": run.status.error, "problems": run.problems}))
+            continue
         accuracy = f"{run.test_accuracy:.3f}" if run.test_accuracy is not None else "-"
         print(f"{run.state:10} test_acc={accuracy:6} epochs={len(run.metrics):3}  {run.path}"
               + (f"  DAMAGED: {'; '.join(run.problems)}" if run.damaged else ""))

@@ -1,106 +1,36 @@
-"""One typed training configuration that flows through the whole run, plus named presets."""
+"""One typed training configuration that flows through the whole run, plus named presets.
+
+Every field carries its own description (`setting(...)`): help text, label, choices, bounds,
+the form group it is shown in. validate(), the CLI's `train` flags (fer_core.cli) and the Train
+page's form (fer_core.config_form) are all generated from it, so a new hyper-parameter is one
+declaration here, in the spirit of H2O LLM Studio's config metadata.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
+import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+from . import settings
 from .errors import ConfigError
 from .models import MODES, STEMS
 
 SCHEDULERS = ("cosine", "onecycle", "none")
 OPTIMIZERS = ("adamw", "sgd")
 MIN_IMG_SIZE, MAX_IMG_SIZE = 32, 512
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides what a training run does. Written to config.json as is."""
-
-    data: str = "demo"
-    experiment: str = "default"
-    mode: str = "finetune"
-    stem: str = "small"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    backbone_lr_scale: float = 1.0
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    scheduler: str = "cosine"
-    warmup_epochs: float = 0.0
-    img_size: int = 48
-    val_fraction: float = 0.1
-    test_fraction: float = 0.25
-    seed: int = 42
-    amp: bool = True
-    pretrained: bool = True
-    weights: str | None = None
-    patience: int = 0
-    max_per_class: int | None = None
-    label_smoothing: float = 0.0
-    class_weights: bool = False
-    augment: bool = True
-    tta: bool = False
-    runs_dir: str = "runs"
-    checkpoints_dir: str = "checkpoints"
-    num_threads: int = 0
-    preset: str | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> "TrainConfig":
-        """Refuse impossible values with the reason, before any work starts."""
-        problems = []
-        if self.mode not in MODES:
-            problems.append(f"mode must be one of {', '.join(MODES)} (got {self.mode!r})")
-        if self.stem not in STEMS:
-            problems.append(f"stem must be one of {', '.join(STEMS)} (got {self.stem!r})")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
-        if self.scheduler not in SCHEDULERS:
-            problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)}")
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            problems.append(f"epochs must be a whole number of at least 1 (got {self.epochs})")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            problems.append(f"batch size must be at least 1 (got {self.batch_size})")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"learning rate must be a positive number (got {self.lr})")
-        if not MIN_IMG_SIZE <= self.img_size <= MAX_IMG_SIZE:
-            problems.append(f"image size must be between {MIN_IMG_SIZE} and {MAX_IMG_SIZE} px "
-                            f"(got {self.img_size})")
-        if not 0.0 <= self.val_fraction < 0.5:
-            problems.append(f"validation fraction must be in [0, 0.5) (got {self.val_fraction})")
-        if not 0.05 <= self.test_fraction <= 0.5:
-            problems.append(f"test fraction must be in [0.05, 0.5] (got {self.test_fraction})")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            problems.append(f"label smoothing must be in [0, 1) (got {self.label_smoothing})")
-        if self.patience < 0:
-            problems.append(f"patience must be 0 (off) or more (got {self.patience})")
-        if self.max_per_class is not None and self.max_per_class < 2:
-            problems.append(f"max per class must be at least 2 (got {self.max_per_class})")
-        if not 0 < self.backbone_lr_scale <= 10:
-            problems.append(f"backbone LR scale must be in (0, 10] (got {self.backbone_lr_scale})")
-        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
-            problems.append(f"weight decay must be 0 or more (got {self.weight_decay})")
-        if not self.experiment or any(c in self.experiment for c in "/\\:") or self.experiment in (".", ".."):
-            problems.append(f"experiment name must be a plain folder name (got {self.experiment!r})")
-        if problems:
-            raise ConfigError("; ".join(problems))
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict, ignoring keys this version does not know (e.g. recorded extras)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
+MAX_NAME_LENGTH = 100
+# The groups of the Train page's form, in order; a field with group None is not in the form.
+FORM_GROUPS = ("basics", "optimisation", "data", "advanced")
+WIDGETS = ("text", "radio", "select", "toggle", "number")
+TEXT_RULES = ("folder name", "path")
 
 # Presets set the fields that matter for a recipe; anything given explicitly overrides them.
+# Defined before TrainConfig because the `preset` field takes its choices from here.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo-quick": dict(mode="finetune", stem="small", img_size=48, epochs=8, batch_size=64,
                        lr=2e-3, scheduler="onecycle", label_smoothing=0.05, patience=0),
@@ -124,6 +54,348 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "reference": "The reference configuration: frozen ImageNet backbone, head only, 224 px, "
                  "5 epochs, selection on the test split.",
 }
+
+
+# ---- field metadata -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """What the app, the CLI and validate() need to know about one config field."""
+
+    help: str
+    label: str = ""             # the form's label; "" = the field name in words
+    noun: str = ""              # how error messages name it; "" = the label in lower case
+    group: str | None = None    # one of FORM_GROUPS, or None: not in the Train page's form
+    cli: bool = True            # a `train --<name>` flag
+    choices: tuple[str, ...] = ()
+    choice_labels: dict[str, str] | None = None
+    min_value: float | None = None
+    max_value: float | None = None
+    min_open: bool = False      # the bound itself is refused: (min, ...
+    max_open: bool = False      # ..., max)
+    zero_means: str | None = None  # 0 is also accepted and means this ("off", "all"); None-able fields store None
+    unit: str = ""
+    step: float | None = None
+    format: str | None = None   # the form's number format, e.g. "%g"
+    text: str | None = None     # one of TEXT_RULES: what a string must look like
+    widget: str | None = None   # one of WIDGETS; None = from the type (bool: toggle, choices: select, ...)
+    metavar: str | None = None
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str,
+            default_factory: Callable[[], Any] | Any = dataclasses.MISSING, **options: Any) -> Any:
+    """A dataclass field with its Setting beside it: `lr: float = setting(1e-3, help=..., ...)`."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"setting": Setting(help=help, **options)})
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One TrainConfig field: its name, base type, whether None is allowed, and its Setting."""
+
+    name: str
+    kind: type                  # int, float, str, bool or dict
+    optional: bool              # None is a valid value
+    setting: Setting
+
+    @property
+    def label(self) -> str:
+        return self.setting.label or self.name.replace("_", " ").capitalize()
+
+    @property
+    def noun(self) -> str:
+        return self.setting.noun or self.label.lower()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def widget(self) -> str:
+        if self.setting.widget:
+            return self.setting.widget
+        if self.kind is bool:
+            return "toggle"
+        if self.setting.choices:
+            return "select"
+        return "number" if self.kind in (int, float) else "text"
+
+    def default(self) -> Any:
+        item = {f.name: f for f in dataclasses.fields(TrainConfig)}[self.name]
+        return item.default_factory() if item.default is dataclasses.MISSING else item.default
+
+    def range_text(self) -> str:
+        """The allowed values in words, e.g. '1 to 10000', 'in (0, 10]', '0 (off) to 1000'."""
+        s = self.setting
+        if s.choices:
+            return "one of " + ", ".join(s.choices)
+        if s.min_value is None and s.max_value is None:
+            return ""
+        low, high = _number(s.min_value), _number(s.max_value)
+        unit = f" {s.unit}" if s.unit else ""
+        if self.kind is int and not s.min_open and not s.max_open:
+            if s.zero_means and s.min_value == 0:
+                low = f"0 ({s.zero_means})"
+            text = f"{low} to {high}{unit}"
+            if s.zero_means and s.min_value and s.min_value > 0:
+                text += f", or 0 ({s.zero_means})"
+            return text
+        return f"in {'(' if s.min_open else '['}{low}, {high}{')' if s.max_open else ']'}{unit}"
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` cannot be this field's value, in one line naming the field; None if it can."""
+        s = self.setting
+        if value is None:
+            return None if self.optional else f"{self.noun} must be given"
+        if self.kind is bool:
+            return None if isinstance(value, bool) else f"{self.noun} must be true or false (got {_shown(value)})"
+        if self.kind is dict:
+            return None if isinstance(value, dict) else f"{self.noun} must be a mapping (got {_shown(value)})"
+        if self.kind is str:
+            if not isinstance(value, str):
+                return f"{self.noun} must be text (got {_shown(value)})"
+            if s.choices and value not in s.choices:
+                return f"{self.noun} must be one of {', '.join(s.choices)} (got {_shown(value)})"
+            return _text_problem(self.noun, value, s.text)
+        # numbers: bool is an int to Python, never to a user
+        if self.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"{self.noun} must be a whole number (got {_shown(value)})"
+        if self.kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{self.noun} must be a number (got {_shown(value)})"
+        if not math.isfinite(value):
+            return f"{self.noun} must be a finite number (got {_shown(value)})"
+        if s.zero_means and value == 0:
+            return None
+        too_low = s.min_value is not None and (value <= s.min_value if s.min_open else value < s.min_value)
+        too_high = s.max_value is not None and (value >= s.max_value if s.max_open else value > s.max_value)
+        if too_low or too_high:
+            between = self.range_text()
+            verb = "be" if between.startswith("in ") else "be from"
+            return f"{self.noun} must {verb} {between} (got {_shown(value)})"
+        return None
+
+    def normalise(self, value: Any) -> Any:
+        """The stored form of a value: 0 -> None where 0 means off for a None-able field, and a
+        whole number -> float for a float field (JSON and presets write 1 for 1.0)."""
+        if isinstance(value, bool):
+            return value
+        if self.optional and self.setting.zero_means and isinstance(value, (int, float)) and value == 0:
+            return None
+        if self.kind is float and isinstance(value, int):
+            return float(value)
+        return value
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _control_character(value: str) -> bool:
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value)
+
+
+def _text_problem(noun: str, value: str, rule: str | None) -> str | None:
+    if rule == "path":
+        if not value.strip():
+            return f"{noun} must not be empty"
+        if _control_character(value):
+            return f"{noun} must not contain control characters (got {_shown(value)})"
+    elif rule == "folder name":
+        # The name becomes one folder of the run path and an argument of later commands:
+        # a separator would escape the runs folder, a leading '-' reads as an option, a
+        # leading '.' hides the folder (or is '..').
+        reason = None
+        if not value:
+            reason = "not empty"
+        elif len(value) > MAX_NAME_LENGTH:
+            reason = f"at most {MAX_NAME_LENGTH} characters"
+        elif _control_character(value):
+            reason = "no control characters"
+        elif any(c in value for c in "/\\:"):
+            reason = "no '/', '\\' or ':'"
+        elif value[0] in "-.":
+            reason = "not starting with '-' or '.'"
+        elif value != value.strip():
+            reason = "no leading or trailing spaces"
+        if reason:
+            return f"{noun} must be a plain folder name: {reason} (got {_shown(value)})"
+    return None
+
+
+def _describe(cls: type) -> tuple[ConfigField, ...]:
+    hints = typing.get_type_hints(cls)
+    described = []
+    for item in dataclasses.fields(cls):
+        hint = hints[item.name]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        kind = typing.get_origin(base) or base
+        if "setting" not in item.metadata:
+            raise TypeError(f"TrainConfig.{item.name} needs a setting(...) with its help text")
+        described.append(ConfigField(item.name, kind, optional, item.metadata["setting"]))
+    return tuple(described)
+
+
+# ---- the config -----------------------------------------------------------------------
+
+MODE_LABELS = {"finetune": "Fine-tune all layers", "head_only": "Head only (frozen backbone)"}
+STEM_LABELS = {"small": "Small: no max-pool (48-96 px faces)", "imagenet": "ImageNet: standard (112-224 px)"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run does. Written to config.json as is."""
+
+    data: str = setting(
+        "demo", text="path", metavar="{demo|DIR|FILE.csv}",
+        # the page offers the datasets it discovered instead of a free-text field
+        help="demo, a folder of class folders, a folder with train/ and test/, or fer2013.csv")
+    experiment: str = setting(
+        "default", group="basics", label="Experiment name", text="folder name", metavar="NAME",
+        help="A folder name grouping related runs, e.g. 'lr-sweep'.")
+    mode: str = setting(
+        "finetune", group="basics", choices=MODES, choice_labels=MODE_LABELS, widget="radio",
+        help="Head only trains just the final layer on top of a frozen backbone: fast, but it needs "
+             "ImageNet weights to be any good. Fine-tuning trains every layer: slower, better.")
+    stem: str = setting(
+        "small", group="basics", choices=STEMS, choice_labels=STEM_LABELS, widget="radio",
+        help="The small stem drops ResNet's max-pool so 48 px faces keep enough resolution; "
+             "use the ImageNet stem for 112-224 px inputs.")
+    epochs: int = setting(
+        10, group="basics", min_value=1, max_value=10_000, step=1, metavar="N",
+        help="Passes over the training images.")
+    batch_size: int = setting(
+        64, group="optimisation", min_value=1, max_value=65_536, step=16, metavar="N",
+        help="Images per optimisation step. Larger is faster per image but needs more memory.")
+    lr: float = setting(
+        1e-3, group="optimisation", label="Learning rate", min_value=1e-7, max_value=10.0,
+        step=1e-4, format="%g", metavar="LR",
+        help="Peak learning rate. SGD likes ~0.05-0.1, AdamW ~1e-3.")
+    backbone_lr_scale: float = setting(
+        1.0, group="advanced", label="Backbone LR scale", noun="backbone LR scale", min_value=1e-3, max_value=10.0,
+        step=0.1, format="%g", metavar="F",
+        help="When fine-tuning, the backbone learns at LR x this (the new head at LR).")
+    weight_decay: float = setting(
+        0.05, group="optimisation", min_value=0.0, max_value=1.0, step=1e-4, format="%g", metavar="F",
+        help="L2 regularisation strength.")
+    optimizer: str = setting(
+        "adamw", group="optimisation", choices=OPTIMIZERS, help="SGD with Nesterov momentum, or AdamW.")
+    scheduler: str = setting(
+        "cosine", group="optimisation", label="LR schedule", noun="scheduler", choices=SCHEDULERS,
+        help="One-cycle warms up then anneals; cosine anneals; none keeps the LR fixed.")
+    warmup_epochs: float = setting(
+        0.0, group="advanced", label="Warm-up epochs", min_value=0.0, max_value=10_000.0, step=0.5,
+        format="%g", metavar="X",
+        help="Epochs of linear LR warm-up before the cosine schedule (one-cycle has its own); "
+             "at most the number of epochs.")
+    img_size: int = setting(
+        48, group="basics", label="Image size (px)", noun="image size", unit="px",
+        min_value=MIN_IMG_SIZE, max_value=MAX_IMG_SIZE, step=16, metavar="PX",
+        help="Faces are stored at 48 px and resized to this. 48-64 px is fast on a CPU (hundreds of "
+             "images/s); 224 px is the reference setting, about 10-30x slower on a CPU, and rarely "
+             "better for 48 px source images.")
+    val_fraction: float = setting(
+        0.1, group="data", label="Validation fraction", min_value=0.0, max_value=0.5, max_open=True,
+        step=0.05, metavar="F",
+        help="Share of the training images held out to pick the best epoch. 0 selects on the test "
+             "split (the reference's way, optimistic).")
+    test_fraction: float = setting(
+        0.25, group="data", min_value=0.05, max_value=0.5, step=0.05, metavar="F",
+        help="Share of all images kept for the test (ignored when the source has its own split).")
+    seed: int = setting(
+        42, group="data", min_value=0, max_value=2**32 - 1, step=1, metavar="N",
+        help="Fixes the split, the shuffling and the augmentation: same seed, same run.")
+    amp: bool = setting(
+        True, group="advanced", label="Mixed precision (AMP)", noun="AMP",
+        help="Mixed precision: bfloat16 on the CPU, float16 on CUDA. Faster, same accuracy.")
+    pretrained: bool = setting(
+        True, group="basics", label="Start from ImageNet weights", noun="pretrained",
+        help="Start from ImageNet weights (downloaded; if that fails the run says so and starts "
+             "from random weights).")
+    weights: str | None = setting(
+        None, text="path", noun="weights file", metavar="FILE",
+        # a file on the machine that trains: the CLI's business, not the browser's
+        help="A local torchvision ResNet18 state dict to start from instead of downloading ImageNet weights.")
+    patience: int = setting(
+        0, group="optimisation", label="Early-stopping patience (epochs)", noun="patience",
+        min_value=0, max_value=10_000, zero_means="off", step=1, metavar="N",
+        help="Stop after this many epochs without validation improvement (0 = never).")
+    max_per_class: int | None = setting(
+        None, group="data", label="Max images per class (0 = all)", noun="max per class",
+        min_value=2, max_value=10**9, zero_means="all", step=50, metavar="N",
+        help="Use at most this many training images per class (0 = all): for quick trials.")
+    label_smoothing: float = setting(
+        0.0, group="optimisation", min_value=0.0, max_value=1.0, max_open=True, step=0.05, metavar="F",
+        help="Softens the targets (e.g. 0.1); helps with noisy labels like FER2013's.")
+    class_weights: bool = setting(
+        False, group="data", help="Weight the loss by inverse class frequency so rare classes (disgust) count.")
+    augment: bool = setting(
+        True, group="data", label="Augmentation",
+        help="Random crops, flips, small rotations, brightness/contrast and erasing while training.")
+    tta: bool = setting(
+        False, group="advanced", label="Test-time augmentation (10 views)", noun="TTA",
+        help="Test-time augmentation: average the prediction over ten views (the face and its mirror, "
+             "centred and shifted); evaluation takes 10x as long.")
+    runs_dir: str = setting(
+        default_factory=lambda: str(settings.runs_dir()), text="path", noun="runs folder", metavar="DIR",
+        help="Where run folders go (default runs/, or $FER_RUNS_DIR).")
+    checkpoints_dir: str = setting(
+        default_factory=lambda: str(settings.checkpoints_dir()), text="path", noun="checkpoints folder",
+        metavar="DIR",
+        help="Where finished best models are published (default checkpoints/, or $FER_CHECKPOINTS_DIR).")
+    num_threads: int = setting(
+        0, group="advanced", label="CPU threads (0 = all cores)", noun="CPU threads",
+        min_value=0, max_value=256, zero_means="all cores", step=1, metavar="N",
+        help="Threads the training process may use on the CPU. Fewer is faster when other programs "
+             "keep the cores busy: oversubscribed cores slow training sharply.")
+    preset: str | None = setting(
+        None, cli=False, choices=tuple(PRESETS),  # the CLI's --preset applies one; this records it
+        help="The recipe this config started from (recorded; its values are already applied).")
+    notes: dict[str, Any] = setting(
+        default_factory=dict, cli=False, help="Free-form notes recorded with the run.")
+
+    def __post_init__(self) -> None:
+        for item in CONFIG_FIELDS:
+            setattr(self, item.name, item.normalise(getattr(self, item.name)))
+
+    def validate(self) -> "TrainConfig":
+        """Refuse impossible values with the reason, before any work starts.
+
+        Types, bounds and choices come from each field's setting; the rules that tie two fields
+        together are below."""
+        problems = [p for item in CONFIG_FIELDS if (p := item.problem(getattr(self, item.name)))]
+        both_fine = not any(FIELDS_BY_NAME[n].problem(getattr(self, n)) for n in ("warmup_epochs", "epochs"))
+        if both_fine and self.warmup_epochs > self.epochs:
+            problems.append(f"warm-up epochs must not exceed epochs ({_number(self.warmup_epochs)} > "
+                            f"{self.epochs})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, ignoring keys this version does not know (e.g. recorded extras)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+CONFIG_FIELDS: tuple[ConfigField, ...] = _describe(TrainConfig)
+FIELDS_BY_NAME: dict[str, ConfigField] = {item.name: item for item in CONFIG_FIELDS}
+
+
+def config_field(name: str) -> ConfigField:
+    return FIELDS_BY_NAME[name]
 
 
 def config_from_preset(preset: str | None, **overrides: Any) -> TrainConfig:

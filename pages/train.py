@@ -7,58 +7,25 @@ from typing import Any
 
 import streamlit as st
 
-from fer_core import jobs, runs, ui_data
-from fer_core.cli import TRAIN_FLAGS, TRAIN_SWITCHES
+from fer_core import config_form, jobs, runs, ui_data
 from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, TrainConfig, config_from_preset
 from fer_core.errors import FerError
 from pages._shared import (DATA_SOURCE_KEY, SELECTED_RUN_KEY, checkpoints_dir, data_home, demo_dir,
-                           require_router, runs_dir, state_badge, synthetic_badge, take_selected_run)
+                           literal, require_router, runs_dir, state_badge, synthetic_badge,
+                           take_selected_run)
 
 require_router()
 
 REFRESH_S = 1.5
-# Background jobs rebuild the config from `python -m fer_core train` flags: offer only those.
-CLI_FIELDS = {flag[2:].replace("-", "_") for flag, _ in TRAIN_FLAGS}
-CLI_SWITCHES = set(TRAIN_SWITCHES)
+LOG_LINES_SHOWN = 12
 FINAL_STATES = ("completed", "failed", "cancelled")
 
-MODE_LABELS = {"finetune": "Fine-tune all layers", "head_only": "Head only (frozen backbone)"}
-STEM_LABELS = {"small": "Small: no max-pool (48-96 px faces)", "imagenet": "ImageNet: standard (112-224 px)"}
-# Form fields: widget key suffix -> help text. Values come from TrainConfig + the preset.
-HELP = {
-    "experiment": "A folder name grouping related runs, e.g. 'lr-sweep'.",
-    "mode": "Head only trains just the final layer on top of a frozen backbone: fast, but it "
-            "needs ImageNet weights to be any good. Fine-tuning trains every layer: slower, better.",
-    "stem": "The small stem drops ResNet's max-pool so 48 px faces keep enough resolution; "
-            "use the ImageNet stem for 112-224 px inputs.",
-    "epochs": "Passes over the training images.",
-    "batch_size": "Images per optimisation step. Larger is faster per image but needs more memory.",
-    "lr": "Peak learning rate. SGD likes ~0.05-0.1, AdamW ~1e-3.",
-    "img_size": "Faces are stored at 48 px and resized to this. 48-64 px is fast on a CPU (hundreds "
-                "of images/s); 224 px is the reference setting, about 10-30x slower on a CPU, and "
-                "rarely better for 48 px source images.",
-    "amp": "Mixed precision: bfloat16 on the CPU, float16 on CUDA. Faster, same accuracy.",
-    "pretrained": "Start from ImageNet weights (downloaded; if that fails the run says so and "
-                  "starts from random weights).",
-    "seed": "Fixes the split, the shuffling and the augmentation: same seed, same run.",
-    "val_fraction": "Share of the training images held out to pick the best epoch. 0 selects on "
-                    "the test split (the reference's way, optimistic).",
-    "label_smoothing": "Softens the targets (e.g. 0.1); helps with noisy labels like FER2013's.",
-    "class_weights": "Weight the loss by inverse class frequency so rare classes (disgust) count.",
-    "patience": "Stop after this many epochs without validation improvement (0 = never).",
-    "tta": "Test-time augmentation: average the prediction over ten views (the face and its mirror, "
-           "centred and shifted); evaluation takes 10x as long.",
-    "optimizer": "SGD with Nesterov momentum, or AdamW.",
-    "scheduler": "One-cycle warms up then anneals; cosine anneals; none keeps the LR fixed.",
-    "weight_decay": "L2 regularisation strength.",
-    "augment": "Random crops, flips, small rotations, brightness/contrast and erasing while training.",
-    "max_per_class": "Use at most this many training images per class (0 = all): for quick trials.",
-    "test_fraction": "Share of all images kept for the test (ignored when the source has its own split).",
-    "warmup_epochs": "Epochs of linear LR warm-up before the cosine schedule (one-cycle has its own).",
-    "num_threads": "Threads the training process may use on the CPU. Fewer is faster when other "
-                   "programs keep the cores busy: oversubscribed cores slow training sharply.",
-    "backbone_lr_scale": "When fine-tuning, the backbone learns at LR x this (the new head at LR).",
-}
+# The form's values live here, not only in the widgets' keys: Streamlit drops a widget's state
+# when a run does not draw it (a run cut short, a collapsed lazy expander), and a widget drawn
+# again without a value comes back at its minimum (issue #11: a form of zeros). The widgets
+# are re-seeded from this dict whenever they disagree with it.
+FORM_VALUES_KEY = "train_form_values"
+FORM_SOURCE_KEY = "train_form_for"  # the (preset, data) the values were filled for
 
 st.title("Train")
 st.caption("Training runs in a background process: you can leave this page or close the browser. "
@@ -73,33 +40,55 @@ def default_preset(data: str) -> str:
     return "demo-quick" if data == "demo" else "cpu-fast"
 
 
-def preset_values(preset: str) -> dict[str, Any]:
-    defaults = TrainConfig().to_dict()
-    values = dict(defaults)
-    values.update(PRESETS[preset])
-    for name, value in values.items():  # number inputs refuse an int where a float is expected
-        if isinstance(defaults.get(name), float) and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
-    values["experiment"] = preset
-    values["max_per_class"] = values.get("max_per_class") or 0
-    return values
-
-
-def apply_preset() -> None:
+def fill_form_from_preset() -> None:
     """Fill the form with the chosen preset's values (on preset or data change)."""
     preset = st.session_state["train_preset"]
-    for name, value in preset_values(preset).items():
-        st.session_state[f"tf_{name}"] = value
-    st.session_state["tf_applied"] = (preset, st.session_state.get("train_data"))
+    st.session_state[FORM_VALUES_KEY] = config_form.preset_form_values(preset)
+    st.session_state[FORM_SOURCE_KEY] = (preset, st.session_state.get("train_data"))
 
 
 def on_data_change() -> None:
     st.session_state["train_preset"] = default_preset(st.session_state["train_data"])
-    apply_preset()
+    fill_form_from_preset()
+
+
+def keep_submitted_values() -> None:
+    """The submit button's callback: what the user submitted becomes the form's values."""
+    values = st.session_state[FORM_VALUES_KEY]
+    for field in config_form.form_fields():
+        if field.key in st.session_state:
+            values[field.name] = st.session_state[field.key]
+
+
+def seed_widgets(values: dict[str, Any]) -> None:
+    """Give every widget of the form its value from `values` before it is drawn.
+
+    A form's widgets change state only on submit, and keep_submitted_values has copied them
+    by then; so a widget whose state is missing or disagrees has lost it: restore it. Widgets
+    that agree are left alone, so a rerun does not overwrite what is being typed."""
+    for field in config_form.form_fields():
+        if field.key not in st.session_state or st.session_state[field.key] != values[field.name]:
+            st.session_state[field.key] = values[field.name]
+
+
+def draw_field(field: config_form.FormField) -> None:
+    """One widget, entirely as the field's setting describes it."""
+    if field.widget == "toggle":
+        st.toggle(field.label, key=field.key, help=field.help)
+    elif field.widget == "radio":
+        st.radio(field.label, field.options, format_func=field.option_label, key=field.key, help=field.help)
+    elif field.widget == "select":
+        st.selectbox(field.label, field.options, format_func=field.option_label, key=field.key,
+                     help=field.help)
+    elif field.widget == "number":
+        st.number_input(field.label, min_value=field.min_value, max_value=field.max_value, step=field.step,
+                        format=field.format, key=field.key, help=field.help)
+    else:
+        st.text_input(field.label, max_chars=field.max_chars, key=field.key, help=field.help)
 
 
 all_runs = runs.list_runs(folder)
-active_runs = [r for r in all_runs if r.state in ui_data.ACTIVE_STATES]
+active_runs = [r for r in all_runs if r.status.active]
 
 FORM_OPEN_KEY = "train_form_open"
 if st.session_state.pop("collapse_train_form", False):
@@ -113,84 +102,45 @@ with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:"
     if remembered and remembered not in labels:
         labels[remembered] = f"{ui_data.dataset_label(remembered)} (chosen on the Data page)"
     options = list(labels)
+    # The two pickers' own keys can be dropped like any widget's: fall back to what the form
+    # was last filled for before falling back to the defaults.
+    filled_for = st.session_state.get(FORM_SOURCE_KEY) or (None, None)
     if "train_data" not in st.session_state or st.session_state["train_data"] not in options:
-        st.session_state["train_data"] = remembered if remembered in options else "demo"
+        st.session_state["train_data"] = next(
+            (spec for spec in (filled_for[1], remembered) if spec in options), "demo")
     top_left, top_right = st.columns(2)
     data = top_left.selectbox("Data", options, format_func=labels.get, key="train_data",
                               on_change=on_data_change,
                               help="Add datasets on the Data page (Kaggle, a folder, fer2013.csv).")
-    if "train_preset" not in st.session_state:
-        st.session_state["train_preset"] = default_preset(data)
+    if st.session_state.get("train_preset") not in PRESETS:
+        st.session_state["train_preset"] = (filled_for[0] if filled_for[1] == data and filled_for[0] in PRESETS
+                                            else default_preset(data))
     preset = top_right.selectbox("Recipe (preset)", list(PRESETS), key="train_preset",
-                                 on_change=apply_preset,
+                                 on_change=fill_form_from_preset,
                                  help="A tested starting point; every value below can be changed.")
-    if st.session_state.get("tf_applied") != (preset, data) or "tf_epochs" not in st.session_state:
-        apply_preset()
+    if st.session_state.get(FORM_SOURCE_KEY) != (preset, data) or FORM_VALUES_KEY not in st.session_state:
+        fill_form_from_preset()
+    seed_widgets(st.session_state[FORM_VALUES_KEY])
     st.info(f"**{preset}**: {PRESET_DESCRIPTIONS.get(preset, '')}", icon=":material/tune:")
     if data == "demo":
         synthetic_badge()
 
     with st.form("train_form", border=False, enter_to_submit=False):
-        c1, c2, c3 = st.columns(3)
-        with c1:
-            st.text_input("Experiment name", key="tf_experiment", help=HELP["experiment"])
-            st.radio("Mode", list(MODE_LABELS), format_func=MODE_LABELS.get, key="tf_mode",
-                     help=HELP["mode"])
-            st.radio("Stem", list(STEM_LABELS), format_func=STEM_LABELS.get, key="tf_stem",
-                     help=HELP["stem"])
-            st.toggle("Start from ImageNet weights", key="tf_pretrained", help=HELP["pretrained"])
-        with c2:
-            st.number_input("Epochs", min_value=0, max_value=10_000, step=1, key="tf_epochs",
-                            help=HELP["epochs"])
-            st.number_input("Batch size", min_value=0, max_value=65_536, step=16, key="tf_batch_size",
-                            help=HELP["batch_size"])
-            st.number_input("Learning rate", min_value=0.0, max_value=10.0, step=1e-4, format="%g",
-                            key="tf_lr", help=HELP["lr"])
-            st.number_input("Image size (px)", min_value=1, max_value=4096, step=16, key="tf_img_size",
-                            help=HELP["img_size"])
-            st.toggle("Mixed precision (AMP)", key="tf_amp", help=HELP["amp"])
-        with c3:
-            st.number_input("Validation fraction", min_value=0.0, max_value=1.0, step=0.05,
-                            key="tf_val_fraction", help=HELP["val_fraction"])
-            st.number_input("Label smoothing", min_value=0.0, max_value=1.0, step=0.05,
-                            key="tf_label_smoothing", help=HELP["label_smoothing"])
-            st.number_input("Early-stopping patience (epochs)", min_value=0, max_value=1000, step=1,
-                            key="tf_patience", help=HELP["patience"])
-            st.number_input("Seed", min_value=0, step=1, key="tf_seed", help=HELP["seed"])
-            st.toggle("Class weights", key="tf_class_weights", help=HELP["class_weights"])
-            st.toggle("Test-time augmentation (10 views)", key="tf_tta", help=HELP["tta"])
-        with st.expander("Advanced", icon=":material/settings:"):
-            a1, a2, a3 = st.columns(3)
-            a1.selectbox("Optimizer", ["sgd", "adamw"], key="tf_optimizer", help=HELP["optimizer"])
-            a1.selectbox("LR schedule", ["onecycle", "cosine", "none"], key="tf_scheduler",
-                         help=HELP["scheduler"])
-            a2.number_input("Weight decay", min_value=0.0, step=1e-4, format="%g", key="tf_weight_decay",
-                            help=HELP["weight_decay"])
-            a2.number_input("Backbone LR scale", min_value=0.0, step=0.1, format="%g",
-                            key="tf_backbone_lr_scale", help=HELP["backbone_lr_scale"])
-            a3.number_input("Max images per class (0 = all)", min_value=0, step=50,
-                            key="tf_max_per_class", help=HELP["max_per_class"])
-            if "test_fraction" in CLI_FIELDS:
-                a3.number_input("Test fraction", min_value=0.0, max_value=1.0, step=0.05,
-                                key="tf_test_fraction", help=HELP["test_fraction"])
-            if "warmup_epochs" in CLI_FIELDS:
-                a2.number_input("Warm-up epochs", min_value=0.0, step=0.5, format="%g",
-                                key="tf_warmup_epochs", help=HELP["warmup_epochs"])
-            if "num_threads" in CLI_FIELDS:
-                a3.number_input("CPU threads (0 = all cores)", min_value=0, max_value=256, step=1,
-                                key="tf_num_threads", help=HELP["num_threads"])
-            a1.toggle("Augmentation", key="tf_augment", help=HELP["augment"])
-        submitted = st.form_submit_button("Launch training", type="primary", icon=":material/play_arrow:")
+        for column, group in zip(st.columns(len(config_form.COLUMN_GROUPS)), config_form.COLUMN_GROUPS):
+            with column:
+                st.markdown(f"**{config_form.GROUP_TITLES[group]}**")
+                for field in config_form.form_fields(group):
+                    draw_field(field)
+        with st.expander(config_form.GROUP_TITLES[config_form.FOLDED_GROUP], icon=":material/settings:"):
+            columns = st.columns(3)
+            for index, field in enumerate(config_form.form_fields(config_form.FOLDED_GROUP)):
+                with columns[index % len(columns)]:
+                    draw_field(field)
+        submitted = st.form_submit_button("Launch training", type="primary", icon=":material/play_arrow:",
+                                          on_click=keep_submitted_values)
 
     if submitted:
-        names = ["experiment", "mode", "stem", "pretrained", "epochs", "batch_size", "lr", "img_size",
-                 "amp", "val_fraction", "label_smoothing", "patience", "seed", "class_weights", "tta",
-                 "optimizer", "scheduler", "weight_decay", "backbone_lr_scale", "max_per_class",
-                 "test_fraction", "augment", "num_threads", "warmup_epochs"]
-        values = {name: st.session_state[f"tf_{name}"] for name in names
-                  if name in CLI_FIELDS or name in CLI_SWITCHES}
-        values["experiment"] = str(values["experiment"]).strip()
-        values["max_per_class"] = int(values["max_per_class"]) or None
+        values = config_form.overrides_from_form(st.session_state[FORM_VALUES_KEY])
         try:
             if data != "demo" and not Path(data).exists():
                 raise FerError(f"dataset not found: {data}")
@@ -198,13 +148,13 @@ with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:"
                                         checkpoints_dir=str(checkpoints_dir().resolve()), **values)
             run_dir = jobs.launch(config, max_concurrent=1)
         except FerError as exc:
-            st.error(f"Nothing was started: {exc}", icon=":material/error:")
+            st.error(f"Nothing was started: {literal(exc)}", icon=":material/error:")
         except OSError as exc:
-            st.error(f"Nothing was started: could not create the run ({exc})", icon=":material/error:")
+            st.error(f"Nothing was started: could not create the run ({literal(exc)})", icon=":material/error:")
         else:
             st.session_state[SELECTED_RUN_KEY] = str(run_dir)
             st.session_state["collapse_train_form"] = True
-            st.toast(f"Launched {runs.run_id(run_dir)}", icon=":material/rocket_launch:")
+            st.toast(f"Launched {literal(runs.run_id(run_dir))}", icon=":material/rocket_launch:")
             st.rerun()
 
 

@@ -234,14 +234,19 @@ def test_train_form_refuses_invalid_values_and_starts_nothing(env):
     at = open_page("train")
     assert at.selectbox(key="train_preset").value == "demo-quick"  # the demo's sensible default
     assert at.number_input(key="tf_epochs").value == PRESETS["demo-quick"]["epochs"]
-    at.text_input(key="tf_experiment").set_value("bad/name")
-    at.number_input(key="tf_img_size").set_value(16)
+    at.text_input(key="tf_experiment").set_value("bad/*name*")
+    # within each widget's bounds, but more warm-up than epochs: a rule between two fields
+    at.number_input(key="tf_warmup_epochs").set_value(20.0)
     at.button(key="FormSubmitter:train_form-Launch training").click().run(timeout=TIMEOUT)
     errors = " ".join(e.value for e in at.error)
     assert "Nothing was started" in errors
     assert "experiment name must be a plain folder name" in errors
-    assert "image size must be between 32 and 512 px" in errors
+    assert "\\*name\\*" in errors  # the user's text shown literally, not as Markdown emphasis
+    assert "must not exceed epochs" in errors
     assert runs.find_run_dirs(env.runs) == []
+    # what was submitted stays in the form to be corrected
+    assert at.text_input(key="tf_experiment").value == "bad/*name*"
+    assert at.number_input(key="tf_warmup_epochs").value == 20.0
 
 
 def test_train_preset_follows_the_data_and_fills_the_form(env, app_data):
@@ -256,6 +261,109 @@ def test_train_preset_follows_the_data_and_fills_the_form(env, app_data):
     at.selectbox(key="train_preset").set_value("reference").run(timeout=TIMEOUT)
     assert at.number_input(key="tf_img_size").value == PRESETS["reference"]["img_size"]
     assert at.radio(key="tf_mode").value == PRESETS["reference"]["mode"]
+
+
+def train_form(at: AppTest) -> dict:
+    """The Train form's widgets (keys tf_<field>) as the user sees them: field -> widget."""
+    widgets = [*at.text_input, *at.number_input, *at.toggle, *at.radio, *at.selectbox]
+    return {w.key[len("tf_"):]: w for w in widgets if w.key and w.key.startswith("tf_")}
+
+
+def preset_form(preset: str, names) -> dict:
+    """What the form must show for a preset: its values over the defaults, named after it."""
+    from fer_core.config import PRESETS, TrainConfig
+
+    values = {**TrainConfig().to_dict(), **PRESETS[preset], "experiment": preset}
+    values["max_per_class"] = values["max_per_class"] or 0  # the form's "0 = all"
+    return {name: values[name] for name in names}
+
+
+def test_train_form_is_generated_from_the_config_settings(env):
+    from fer_core import config_form
+    from fer_core.config import FIELDS_BY_NAME
+
+    at = open_page("train")
+    widgets = train_form(at)
+    fields = config_form.form_fields()
+    assert set(widgets) == {f.name for f in fields}
+    kinds = {"text": "text_input", "number": "number_input", "toggle": "toggle", "radio": "radio",
+             "select": "selectbox"}
+    for field in fields:
+        widget = widgets[field.name]
+        assert widget.type == kinds[field.widget], field.name
+        assert widget.label == field.label and widget.help == FIELDS_BY_NAME[field.name].setting.help
+        if field.widget == "number":
+            assert (widget.min, widget.max) == (field.min_value, field.max_value), field.name
+        if field.options:
+            assert list(widget.options) == [field.option_label(o) for o in field.options]
+    # the bounds the page used to get wrong are the config's now
+    assert widgets["epochs"].min == 1 and widgets["img_size"].max == 512
+    assert widgets["val_fraction"].max < 0.5
+
+
+def rerun_after_losing_widget_state(at: AppTest, names) -> None:
+    """Rerun as Streamlit does when the browser asks before it has drawn these form widgets
+    (the expander clicked while the page loads): no widget state comes for them, and their
+    session_state keys are gone, as after Streamlit drops the state of undrawn widgets."""
+    lost = {f"tf_{name}" for name in names}
+    states = at._tree.get_widget_states()  # AppTest's own "browser state"; no public way to edit it
+    kept = [w for w in states.widgets if w.id.rsplit("-", 1)[-1] not in lost]
+    del states.widgets[:]
+    states.widgets.extend(kept)
+    for key in lost:
+        del at.session_state[key]
+    at._run(states, timeout=TIMEOUT)
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_train_form_refills_itself_when_streamlit_drops_widget_state(env, app_data, monkeypatch):
+    """Issue #11: with a run present the form opens folded, and Streamlit drops the state of
+    widgets a run did not draw; a widget drawn again without state comes back at its minimum
+    (experiment empty, epochs 0, LR 0, toggles off) under a banner still naming the preset."""
+    from fer_core import jobs
+    from fer_core.config import config_from_preset
+
+    launched = []
+
+    def fake_launch(config, *, max_concurrent=1):  # records what would start; creates nothing
+        launched.append(config)
+        return env.runs / f"2040-01-01_00-00-{len(launched):02d}" / config.experiment / runs.MODEL_NAME / config.mode
+
+    monkeypatch.setattr(jobs, "launch", fake_launch)
+    add_finished(app_data, env)
+    at = open_page("train")
+    names = list(train_form(at))
+    expected = preset_form("demo-quick", names)
+    assert {n: w.value for n, w in train_form(at).items()} == expected
+
+    # 1. the state of every widget but one is gone (a run cut short keeps the ones it drew)
+    rerun_after_losing_widget_state(at, [n for n in names if n != "epochs"])
+    assert {n: w.value for n, w in train_form(at).items()} == expected
+    # 2. the widgets were re-created at their minimums
+    minimums = {"number_input": lambda w: w.min, "text_input": lambda w: "", "toggle": lambda w: False}
+    for name, widget in train_form(at).items():
+        if widget.type in minimums:
+            at.session_state[f"tf_{name}"] = minimums[widget.type](widget)
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, [e.value for e in at.exception]
+    assert {n: w.value for n, w in train_form(at).items()} == expected
+    assert "demo-quick" in page_text(at)
+
+    # what is launched is the preset, not zeros
+    at.button(key="FormSubmitter:train_form-Launch training").click().run(timeout=TIMEOUT)
+    assert not at.error, [e.value for e in at.error]
+    assert not at.exception, [e.value for e in at.exception]
+    (config,) = launched
+    assert config == config_from_preset("demo-quick", data="demo", experiment="demo-quick",
+                                        runs_dir=config.runs_dir, checkpoints_dir=config.checkpoints_dir)
+
+    # a submitted change is what the form keeps, through the same loss of state
+    at.number_input(key="tf_epochs").set_value(3)
+    at.button(key="FormSubmitter:train_form-Launch training").click().run(timeout=TIMEOUT)
+    assert launched[-1].epochs == 3
+    rerun_after_losing_widget_state(at, names)
+    assert train_form(at)["epochs"].value == 3
+    assert train_form(at)["batch_size"].value == expected["batch_size"]
 
 
 def test_home_quick_start_launches_demo_quick_and_opens_train(env, monkeypatch):

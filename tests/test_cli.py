@@ -27,7 +27,7 @@ def test_train_on_demo_end_to_end_prints_the_run_dir_last(tmp_path):
     assert "epoch 2/2" in result.stdout and "test accuracy" in result.stdout
     for name in ("checkpoints/best.pt", "evaluation.json", "predictions.csv"):
         assert (run_dir / name).is_file()
-    assert runs.read_json(run_dir / "config.json")["synthetic_data"] is True
+    assert runs.read_json(run_dir / runs.ENVIRONMENT_FILE)["synthetic_data"] is True  # what the trainer found
     assert list((tmp_path / "ckpt").glob("*.pt"))
 
     listing = cli("runs", "--runs-dir", str(tmp_path / "runs"))
@@ -40,14 +40,42 @@ def test_train_on_demo_end_to_end_prints_the_run_dir_last(tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["train", "--data", "demo", "--epochs", "-1"], "epochs"),
     (["train", "--data", "demo", "--img-size", "4096"], "image size"),
+    (["train", "--data", "demo", "--lr", "nan"], "learning rate must be a finite number"),
+    (["train", "--data", "demo", "--experiment=-rf"], "experiment name must be a plain folder name"),
     (["train", "--data", "/no/such/folder"], "dataset not found"),
-    (["train", "--resume", "/no/such/run"], "cannot resume"),
+    (["train", "--run-dir", "/no/such/run", "--epochs", "3"], "--run-dir"),
 ])
 def test_errors_exit_non_zero_with_one_line(tmp_path, args, words):
     result = cli(*args, "--runs-dir", str(tmp_path / "runs"), timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and lines[0].startswith("error:")
+    if words != "dataset not found":  # refused before anything is created
+        assert not (tmp_path / "runs").exists()
+
+
+def test_resume_of_a_missing_run_and_resume_with_other_settings_are_refused(tmp_path):
+    missing = cli("train", "--resume", str(tmp_path / "no-run"), timeout=120)
+    assert missing.returncode != 0 and "cannot resume" in missing.stderr
+    mixed = cli("train", "--resume", str(tmp_path / "no-run"), "--lr", "0.1", timeout=120)
+    assert mixed.returncode != 0 and "only --epochs" in mixed.stderr
+
+
+def test_run_dir_trains_the_queued_run_from_its_config_json(tiny_demo, tmp_path):
+    """What the job runner starts: `train --run-dir RUN_DIR` and nothing else."""
+    from conftest import tiny_config
+
+    config = tiny_config(tiny_demo, tmp_path, experiment="queued", max_per_class=6, seed=7)
+    run_dir = runs.new_run_dir(tmp_path / "runs", config.experiment, config.mode)
+    runs.atomic_write_json(run_dir / runs.CONFIG_FILE, config.to_dict())
+    result = cli("train", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip().splitlines()[-1]) == run_dir
+    assert "epoch 2/2" in result.stdout and (run_dir / runs.EVALUATION_FILE).is_file()
+    recorded = runs.read_json(run_dir / runs.CONFIG_FILE)
+    assert {k: recorded[k] for k in ("experiment", "max_per_class", "seed", "img_size", "data")} == {
+        "experiment": "queued", "max_per_class": 6, "seed": 7, "img_size": 32, "data": str(tiny_demo)}
+    assert runs.find_run_dirs(tmp_path / "runs") == [run_dir]  # trained in place, no second folder
 
 
 def test_download_without_credentials_is_a_clear_message_not_a_hang(tmp_path):
