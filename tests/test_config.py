@@ -233,6 +233,7 @@ def test_the_form_starts_from_the_preset_and_gives_back_a_valid_config():
         assert config_from_preset(preset, **config_form.overrides_from_form(values)) == expected
 
 
+@pytest.mark.subprocess
 def test_fer_core_form_helpers_do_not_import_streamlit():
     code = "import sys, fer_core.config_form, fer_core.cli; sys.exit('streamlit' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
