@@ -7,30 +7,34 @@ Thin: loading, fetching, detection and classification are fer_core's (`Predictor
 
 from __future__ import annotations
 
-import re
+import html
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from fer_core import runs, ui_data, uploads
+from fer_core.annotate import annotate
 from fer_core.data import default_cache_dir
 from fer_core.errors import FerError
 from fer_core.faces import DETECTORS
 from fer_core.images import fetch_image_bytes, load_image
-from fer_core.predict import NO_FACE_MESSAGE, PredictionResult, Predictor
-from pages._shared import checkpoints_dir, require_router, run_label, runs_dir, synthetic_badge
+from fer_core.model_catalog import ModelEntry, list_models
+from fer_core.predict import PredictionResult, Predictor
+from pages._shared import checkpoints_dir, literal, require_router, runs_dir, synthetic_badge
 
 require_router()
 
 UPLOAD_OPTION = "__upload__"
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif"]
 TABS = ("Upload images", "Image URL", "Camera")
-EXPANDED_CARDS = 4            # more images than this: each image's details in a closed expander
+EXPANDED_CARDS = 4            # more images than this: a grid of the photos, details in expanders
+GRID_COLUMNS = 4
+NO_FACE = "no face found"
+WHOLE_IMAGE_LABEL = "Whole-image reading (no face: not a face reading)"
 DISPLAY_SIDE = 1024           # the photo shown with its boxes: sharp in a half-page column
 CROP_SHOWN_PX = 144           # the 48 px crop, enlarged 3x with nearest-neighbour
 GREY = "#cbd5e1"
@@ -46,29 +50,7 @@ st.caption("Give a trained model a photo: it finds each face, crops it to the 48
 
 # ---- models ------------------------------------------------------------------------------
 
-@dataclass
-class Choice:
-    path: Path
-    label: str
-    run: runs.RunInfo | None
-    mtime: float
-
-
-def saved_checkpoints() -> list[Choice]:
-    """Published checkpoints plus every run's best.pt, newest first."""
-    found: list[Choice] = []
-    folder = checkpoints_dir()
-    if folder.is_dir():
-        for path in folder.glob("*.pt"):
-            if path.is_file():
-                mtime = path.stat().st_mtime
-                found.append(Choice(path, f"{path.stem}  [published {ui_data.format_time(mtime)}]",
-                                    None, mtime))
-    for run in runs.list_runs(runs_dir()):
-        path = run.best_checkpoint
-        if path.is_file():
-            found.append(Choice(path, f"{run_label(run)} · best.pt", run, path.stat().st_mtime))
-    return sorted(found, key=lambda c: c.mtime, reverse=True)
+UPLOAD_LABEL = "Upload a checkpoint file…"
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
@@ -88,9 +70,9 @@ def store_uploaded_checkpoint(uploaded) -> Path:
     return path
 
 
-def run_of(choice: Choice | None, info: dict) -> runs.RunInfo | None:
-    if choice is not None and choice.run is not None:
-        return choice.run
+def run_of(entry: ModelEntry | None, info: dict) -> runs.RunInfo | None:
+    if entry is not None and entry.run is not None:
+        return entry.run
     run_dir = info.get("run_dir")
     if run_dir and Path(run_dir).is_dir():
         return runs.load_run(Path(run_dir))
@@ -99,19 +81,20 @@ def run_of(choice: Choice | None, info: dict) -> runs.RunInfo | None:
 
 def model_section() -> Predictor:
     """The model picker and its facts; stops the page when there is no usable model."""
-    choices = saved_checkpoints()
-    by_path = {str(c.path): c for c in choices}
+    catalog = list_models(runs_dir(), checkpoints_dir())
     with st.container(border=True):
-        if choices:
-            options = list(by_path) + [UPLOAD_OPTION]
+        if catalog.entries:
+            options = [e.key for e in catalog.entries] + [UPLOAD_OPTION]
             if st.session_state.get("predict_model") not in options:
-                st.session_state["predict_model"] = options[0]
+                st.session_state["predict_model"] = catalog.default.key
             chosen = st.selectbox(
                 "Model", options, key="predict_model",
-                format_func=lambda p: ":material/upload_file: Upload a checkpoint file…"
-                if p == UPLOAD_OPTION else by_path[p].label,
-                help=f"Checkpoints published to {checkpoints_dir()} and each run's best.pt under "
-                     f"{runs_dir()}, newest first.")
+                format_func=lambda key: UPLOAD_LABEL if key == UPLOAD_OPTION else catalog.get(key).label,
+                help="One entry per run (its published model, or its best checkpoint so far) and "
+                     "any other checkpoint file in the checkpoints folder; the best completed "
+                     "model on real data first.")
+            if chosen == catalog.default.key:
+                st.caption(catalog.reason)
         else:
             st.info("**No trained model yet.** Train one on the **Train** page (the quick demo "
                     "takes about a minute), or upload a checkpoint file below.",
@@ -119,7 +102,7 @@ def model_section() -> Predictor:
             st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
             chosen = UPLOAD_OPTION
 
-        choice = by_path.get(chosen)
+        entry = catalog.get(chosen)
         if chosen == UPLOAD_OPTION:
             uploaded = st.file_uploader(
                 "Upload a checkpoint file (.pt)", type=["pt"], key="predict_ckpt_upload",
@@ -131,24 +114,24 @@ def model_section() -> Predictor:
             try:
                 path = store_uploaded_checkpoint(uploaded)
             except OSError as exc:
-                st.error(f"Could not store {escape(uploaded.name)}: {escape(exc.strerror or exc)}")
+                st.error(f"Could not store {literal(uploaded.name)}: {literal(exc.strerror or exc)}")
                 st.stop()
             shown_name = uploaded.name
         else:
-            path, shown_name = choice.path, choice.path.name
+            path, shown_name = entry.path, entry.path.name
 
         try:
             predictor = load_predictor(str(path), path.stat().st_mtime_ns)
         except FerError as exc:
-            st.error(f"This checkpoint cannot be used: {escape(exc)}", icon=":material/error:")
+            st.error(f"This checkpoint cannot be used: {literal(exc)}", icon=":material/error:")
             st.stop()
         except OSError as exc:  # deleted or replaced between listing and loading
-            st.error(f"Could not read {escape(shown_name)}: {escape(exc.strerror or exc)}",
+            st.error(f"Could not read {literal(shown_name)}: {literal(exc.strerror or exc)}",
                      icon=":material/error:")
             st.stop()
 
         info = predictor.info
-        run = run_of(choice, info)
+        run = run_of(entry, info)
         accuracy = info.get("accuracy")
         macro_f1 = info.get("macro_f1")
         if accuracy is None and run is not None:
@@ -161,11 +144,12 @@ def model_section() -> Predictor:
                   help="F1 averaged over classes with equal weight.")
         m3.metric("Image size", f"{info['img_size']} px",
                   help="Each face is cropped to 48×48 grey, then resized to this for the network.")
-        m4.metric("Classes", info["num_classes"], help=", ".join(info["classes"]))
-        where = f"Run `{run.id}`" if run is not None else (
-            f"Uploaded {escape(shown_name)}" if chosen == UPLOAD_OPTION else "Run not recorded")
+        m4.metric("Classes", info["num_classes"], help=literal(", ".join(info["classes"])))
+        # names come from files (run folders, checkpoints): shown as plain text, never Markdown
+        where = f"Run {run.id}" if run is not None else (
+            f"Uploaded {shown_name}" if chosen == UPLOAD_OPTION else f"{shown_name} (no run record)")
         extras = [f"{info['stem']} stem"] + (["ten-view TTA"] if info.get("tta") else [])
-        st.caption(f"{where} · classes: {', '.join(info['classes'])} · {' · '.join(extras)}")
+        st.text(f"{where} · classes: {', '.join(info['classes'])} · {' · '.join(extras)}")
         if run is not None and run.config.get("synthetic_data"):
             synthetic_badge("This model learnt from the synthetic demo's cartoon faces: its "
                             "readings of real photographs mean little.")
@@ -174,52 +158,15 @@ def model_section() -> Predictor:
 
 # ---- drawing -----------------------------------------------------------------------------
 
-def escape(text: str) -> str:
-    """Show a file name, URL or message literally in Markdown (no emphasis, links, icons, LaTeX)."""
-    return re.sub(r"([\\`*_\[\]<>|~$:])", r"\\\1", str(text))
-
-
-def annotate(image: Image.Image, result: PredictionResult) -> Image.Image:
-    """A copy of `image` with each face's box and '<n> <emotion> <p>%' label drawn on it."""
-    out = image.copy()
-    if not result.face_found or not result.image_size:
-        return out
-    sx, sy = out.width / result.image_size[0], out.height / result.image_size[1]
-    draw = ImageDraw.Draw(out)
-    line = max(2, round(max(out.size) / 250))
-    font = ImageFont.load_default(size=max(14, round(max(out.size) / 30)))
-    for number, face in enumerate(result.faces, start=1):
-        if face.box is None:
-            continue
-        colour = UNCERTAIN_COLOUR if face.uncertain else PRIMARY
-        x0, y0 = face.box.x * sx, face.box.y * sy
-        x1, y1 = (face.box.x + face.box.w) * sx, (face.box.y + face.box.h) * sy
-        draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
-        text = f"{number} {face.label} {face.confidence:.0%}" + (" ?" if face.uncertain else "")
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        pad = line + 2
-        tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
-        if y0 - tag_h >= 0:
-            ty = y0 - tag_h                       # above the box
-        elif y1 + tag_h <= out.height:
-            ty = y1                               # below it
-        else:
-            ty = y0                               # inside, at its top
-        tx = max(0.0, min(x0, out.width - tag_w))
-        draw.rectangle((tx, ty, tx + tag_w, ty + tag_h), fill=colour)
-        draw.text((tx + pad - left, ty + pad - top), text, fill="white", font=font)
-    return out
-
-
 def probability_figure(face) -> go.Figure:
     """All class probabilities as horizontal bars, highest on top, top-k in the primary colour."""
     ranked = sorted(face.probabilities.items(), key=lambda item: item[1], reverse=True)
     highlighted = {name for name, _ in face.top_k}
-    names = [name for name, _ in ranked]
+    names = [html.escape(name) for name, _ in ranked]  # plotly reads <a>, <b>...: show as typed
     values = [100 * p for _, p in ranked]
     figure = go.Figure(go.Bar(
         x=values, y=names, orientation="h",
-        marker_color=[PRIMARY if n in highlighted else GREY for n in names],
+        marker_color=[PRIMARY if n in highlighted else GREY for n, _ in ranked],
         text=[f"{v:.1f}%" for v in values], textposition="outside", cliponaxis=False,
         hovertemplate="%{y}: %{x:.1f}%<extra></extra>"))
     figure.update_layout(height=40 + 26 * len(names), margin=dict(l=0, r=48, t=8, b=8),
@@ -256,9 +203,9 @@ def predict_items(predictor: Predictor, model_key: str, items: list[tuple[str, b
     for index, (name, data) in enumerate(items):
         if progress is not None:
             progress.progress(index / len(items),
-                              text=f"Analysing {escape(name)} ({index + 1}/{len(items)})…")
+                              text=f"Analysing {literal(name)} ({index + 1}/{len(items)})…")
         try:
-            with st.spinner(f"Analysing {name}…") if progress is None else nullcontext():
+            with st.spinner(f"Analysing {literal(name)}…") if progress is None else nullcontext():
                 result = analyse(predictor, model_key, data, options)
         except Exception as exc:  # one strange image must not take the others down
             result = PredictionResult(source=name, faces=[], face_found=False, message=str(exc),
@@ -280,7 +227,7 @@ def results_frame(done: list[tuple[str, bytes, PredictionResult]], classes: list
             continue
         for number, face in enumerate(result.faces, start=1):
             box = face.box
-            rows.append({"file": name, "face": str(number) if box else "whole image",
+            rows.append({"file": name, "face": str(number) if box else "none: whole image",
                          "top emotion": face.label, "probability": face.confidence,
                          "uncertain": face.uncertain,
                          **{c: face.probabilities.get(c) for c in classes},
@@ -304,9 +251,9 @@ def show_table(done, classes: list[str], key: str) -> None:
 
 
 def show_face(number: int, face, uncertain_below: float, key: str) -> None:
-    title = "Whole image" if face.box is None else f"Face {number}"
+    title = "Whole image (no face)" if face.box is None else f"Face {number}"
     badge = (" :orange-badge[:material/help: uncertain]" if face.uncertain else "")
-    st.markdown(f"**{title}** · {face.label} **{face.confidence:.1%}**{badge}",
+    st.markdown(f"**{title}** · {literal(face.label)} **{face.confidence:.1%}**{badge}",
                 help=(f"The top emotion has less than {uncertain_below:.0%} probability: the model "
                       "is not sure." if face.uncertain else None))
     crop_col, chart_col = st.columns([1, 2], vertical_alignment="center")
@@ -318,26 +265,43 @@ def show_face(number: int, face, uncertain_below: float, key: str) -> None:
                         config={"displayModeBar": False})
 
 
-def show_card(name: str, data: bytes, result: PredictionResult, uncertain_below: float,
-              key: str) -> None:
-    if not result.ok:
-        st.error(f"**{escape(name)}**: {escape(result.error)}", icon=":material/broken_image:")
-        return
+def annotated(data: bytes, result: PredictionResult) -> Image.Image | None:
     image = display_image(data)
-    details = [result.message]
+    return None if image is None else annotate(image, result, PRIMARY, UNCERTAIN_COLOUR)
+
+
+def show_card(name: str, data: bytes, result: PredictionResult, uncertain_below: float,
+              key: str, with_image: bool = True) -> None:
+    if not result.ok:
+        st.error(f"**{literal(name)}**: {literal(result.error)}", icon=":material/broken_image:")
+        return
+    details = [result.message if result.face_found else NO_FACE]
     if result.image_size:
         details.append(f"{result.image_size[0]}×{result.image_size[1]} px")
     if result.timings_ms:
         details.append(f"{sum(result.timings_ms.values()):.0f} ms")
-    st.markdown(f"**{escape(name)}**  \n:gray[{' · '.join(details)}]")
+    st.markdown(f"**{literal(name)}**  \n:gray[{' · '.join(details)}]")
     if not result.face_found:
-        st.info(f"{NO_FACE_MESSAGE[0].upper()}{NO_FACE_MESSAGE[1:]}. For a reading of a face, "
-                "crop the photo closer to it or lower the minimum face size in Options.",
-                icon=":material/face_retouching_off:")
+        # the whole-image reading is not an answer about a face: say so first, show it below, folded
+        st.warning("**No face found** in this image, so there is no emotion to read. Crop the photo "
+                   "closer to the face, or lower the minimum face size in Options.",
+                   icon=":material/face_retouching_off:")
+        if with_image and (image := display_image(data)) is not None:
+            st.image(image, width=320, output_format="JPEG")
+        with st.expander(WHOLE_IMAGE_LABEL, icon=":material/image:"):
+            st.caption("The whole picture squeezed to 48×48 grey, as if it were a face. The model "
+                       "only learnt faces, so this reading means little.")
+            show_face(1, result.faces[0], uncertain_below, f"{key}_1")
+        return
+    if not with_image:
+        for number, face in enumerate(result.faces, start=1):
+            with st.container(border=True):
+                show_face(number, face, uncertain_below, f"{key}_{number}")
+        return
     left, right = st.columns([5, 6], gap="large")
     with left:
-        if image is not None:
-            st.image(annotate(image, result), width="stretch", output_format="JPEG")
+        if (image := annotated(data, result)) is not None:
+            st.image(image, width="stretch", output_format="JPEG")
     with right:
         for number, face in enumerate(result.faces, start=1):
             with st.container(border=True):
@@ -345,10 +309,26 @@ def show_card(name: str, data: bytes, result: PredictionResult, uncertain_below:
 
 
 def summary(result: PredictionResult) -> str:
+    """One line per image, plain text: '2 faces found · happy 63%'."""
     if not result.ok:
         return "could not be read"
+    if not result.face_found:
+        return NO_FACE
     best = max(result.faces, key=lambda f: f.confidence)
     return f"{result.message} · {best.label} {best.confidence:.0%}"
+
+
+def show_grid(done: list[tuple[str, bytes, PredictionResult]]) -> None:
+    """Every annotated photo at a glance, GRID_COLUMNS a row, captioned with its file and summary."""
+    readable = [(name, data, result) for name, data, result in done if result.ok]
+    for start in range(0, len(readable), GRID_COLUMNS):
+        columns = st.columns(GRID_COLUMNS)
+        for column, (name, data, result) in zip(columns, readable[start:start + GRID_COLUMNS]):
+            with column:
+                image = annotated(data, result) if result.face_found else display_image(data)
+                if image is not None:
+                    st.image(image, width="stretch", output_format="JPEG")
+                st.text(f"{name}\n{summary(result)}")
 
 
 def show_results(predictor: Predictor, model_key: str, items: list[tuple[str, bytes]],
@@ -356,17 +336,22 @@ def show_results(predictor: Predictor, model_key: str, items: list[tuple[str, by
     done = predict_items(predictor, model_key, items, options)
     classes = predictor.class_names
     uncertain_below = dict(options)["uncertain_below"]
+    grid = len(done) > EXPANDED_CARDS
     if len(done) > 1:
         faces = sum(len(r.faces) for _, _, r in done if r.ok and r.face_found)
         failed = sum(1 for _, _, r in done if not r.ok)
         st.markdown(f"**{len(done)} images** · {faces} face{'s' if faces != 1 else ''} found"
                     + (f" · :red[{failed} could not be read]" if failed else ""))
+        if grid:
+            show_grid(done)
         show_table(done, classes, key)
+    if grid:
+        st.caption("Details per image:")
     for index, (name, data, result) in enumerate(done):
         card_key = f"{key}_{index}"
-        if len(done) > EXPANDED_CARDS and result.ok:
-            with st.expander(f"{escape(name)} · {summary(result)}"):
-                show_card(name, data, result, uncertain_below, card_key)
+        if grid and result.ok:
+            with st.expander(f"{literal(name)} · {literal(summary(result))}"):
+                show_card(name, data, result, uncertain_below, card_key, with_image=False)
         elif result.ok:
             with st.container(border=True):
                 show_card(name, data, result, uncertain_below, card_key)
@@ -430,7 +415,7 @@ with url_tab:
         if not address:
             st.session_state[URL_STATE] = {"url": "", "data": None, "error": "Enter an image URL first."}
         else:
-            with st.spinner(f"Downloading {address}…"):
+            with st.spinner(f"Downloading {literal(address)}…"):
                 try:
                     data = fetch_image_bytes(address, allow_private=allow_private)
                     st.session_state[URL_STATE] = {"url": address, "data": data, "error": None}
@@ -438,8 +423,8 @@ with url_tab:
                     st.session_state[URL_STATE] = {"url": address, "data": None, "error": str(exc)}
     fetched = st.session_state.get(URL_STATE)
     if fetched and fetched["error"]:
-        shown = f"**{escape(fetched['url'])}**: " if fetched["url"] else ""
-        st.error(shown + escape(fetched["error"]), icon=":material/link_off:")
+        shown = f"**{literal(fetched['url'])}**: " if fetched["url"] else ""
+        st.error(shown + literal(fetched["error"]), icon=":material/link_off:")
         if "refusing to fetch" in fetched["error"] and not allow_private:
             st.caption("Using this app only on your own machine? Tick **Allow local/private URLs** "
                        "under *Local use* to fetch from it.")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +24,8 @@ from skimage import data as skdata  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import fer_core  # noqa: E402
+from fer_core import runs  # noqa: E402
+from markdown_safety import MALICIOUS_IMAGE, MALICIOUS_LINK, active_markdown, plain_text  # noqa: E402
 
 APP = "../streamlit_app.py"  # AppTest resolves relative paths against this file
 PAGE = "pages/predict.py"
@@ -68,6 +72,14 @@ def plain_png() -> bytes:
     """A flat grey picture: no face, so the whole image is classified."""
     buffer = io.BytesIO()
     Image.new("RGB", (160, 120), (128, 128, 128)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def plain_jpeg() -> bytes:
+    """The flat grey picture as the camera sends it (JPEG)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (160, 120), (128, 128, 128)).save(buffer, "JPEG")
     return buffer.getvalue()
 
 
@@ -131,7 +143,7 @@ def rerun(at: AppTest) -> AppTest:
 
 
 def page_text(at: AppTest) -> str:
-    parts = [e.value for group in (at.title, at.markdown, at.caption, at.info, at.success,
+    parts = [e.value for group in (at.title, at.markdown, at.caption, at.text, at.info, at.success,
                                    at.warning, at.error) for e in group]
     parts += [f"{m.label}: {m.value}" for m in at.metric]
     return "\n".join(str(p) for p in parts)
@@ -159,6 +171,14 @@ def results_table(at: AppTest):
         if {"file", "face", "top emotion", "probability"} <= set(frame.columns):
             return frame
     raise AssertionError("no results table on the page")
+
+
+def images_outside_expanders(node) -> int:
+    if getattr(node, "type", "") == "expander":
+        return 0
+    if getattr(node, "type", "") == "image":
+        return len(node.proto.imgs)
+    return sum(images_outside_expanders(child) for child in getattr(node, "children", {}).values())
 
 
 def uploader(at: AppTest, label: str):
@@ -295,12 +315,12 @@ def test_many_images_table_csv_and_a_bad_file_only_fails_itself(env, published, 
     assert "broken" in errors and "is not an image in a format this tool reads" in errors
     text = page_text(at)
     assert "**3 images**" in text
-    assert "No face found: classified the whole image" in text  # the grey picture
+    assert "No face found" in text  # the grey picture
     assert len(bar_traces(at)) == 2  # astronaut's face + grey's whole image
 
     frame = results_table(at)
     assert list(frame["file"]) == ["astronaut.jpg", "broken.jpg", "grey.png"]
-    assert list(frame["face"]) == ["1", "", "whole image"]
+    assert list(frame["face"]) == ["1", "", "none: whole image"]
     assert frame.loc[1, "error"]
     for row in (0, 2):
         assert frame.loc[row, list(fer_core.CLASS_NAMES)].sum() == pytest.approx(1.0, abs=1e-4)
@@ -343,3 +363,115 @@ def test_a_camera_photo_is_read_like_an_upload(env, published, face_jpeg):
     rerun(at)
     assert "1 face found" in page_text(at)
     assert len(bar_traces(at)) == 1
+
+
+# ---- which model, and how it is named (issue #11 items 2 and 8) ----------------------------
+
+def add_run(env, checkpoint: Path, stamp: str, experiment: str, *, state: str = "completed",
+            accuracy: float | None = None, synthetic: bool = False, age_s: float = 0.0) -> runs.RunInfo:
+    """A run folder as the trainer leaves it, holding the test checkpoint (no training)."""
+    layout = runs.RunLayout(env.runs / stamp / experiment / runs.MODEL_NAME / "finetune")
+    layout.checkpoint_dir.mkdir(parents=True)
+    runs.atomic_write_json(layout.config_file, {"data": "demo" if synthetic else "/data/fer2013",
+                                                "experiment": experiment, "mode": "finetune"})
+    runs.atomic_write_json(layout.environment_file, {"synthetic_data": synthetic,
+                                                     "classes": list(fer_core.CLASS_NAMES)})
+    layout.best_checkpoint.write_bytes(checkpoint.read_bytes())
+    status = {"state": state, "started_at": time.time() - 60,
+              "pid": os.getpid() if state == "running" else None}
+    if state == "completed":
+        target = layout.published_checkpoint(env.ckpt)
+        target.write_bytes(checkpoint.read_bytes())
+        status.update(published_checkpoint=str(target), finished_at=time.time())
+    runs.atomic_write_json(layout.status_file, status)
+    if accuracy is not None:
+        runs.atomic_write_json(layout.evaluation_file(), {
+            "accuracy": accuracy, "macro_f1": accuracy - 0.05, "classes": list(fer_core.CLASS_NAMES),
+            "confusion_matrix": [[1 if i == j else 0 for j in range(7)] for i in range(7)]})
+    for path in (layout.best_checkpoint, layout.published_checkpoint(env.ckpt)):
+        if path.exists():
+            os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return runs.load_run(layout)
+
+
+def test_the_default_model_is_the_best_completed_one_on_real_data_and_says_why(env, checkpoint):
+    best = add_run(env, checkpoint, "2030-01-01_00-00-00", "cpu-fast", accuracy=0.683, age_s=3000)
+    add_run(env, checkpoint, "2030-01-02_00-00-00", "demo-quick", accuracy=0.874, synthetic=True,
+            age_s=2000)
+    live = add_run(env, checkpoint, "2030-01-03_00-00-00", "demo-live", state="running", synthetic=True)
+    (env.ckpt / "left-over-of-a-deleted-run.pt").write_bytes(checkpoint.read_bytes())  # the newest
+
+    at = open_predict()
+    box = at.selectbox(key="predict_model")
+    assert box.value == str(best.layout.published_checkpoint(env.ckpt))
+    assert "Chosen: the best completed model on real data (68.3% test accuracy)." in page_text(at)
+    labels = list(box.options)  # as shown: format_func applied
+    # one entry per model (not the published file and best.pt), scored and tagged; a plain upload entry
+    assert len(labels) == 4 + 1
+    assert labels[0] == f"{best.id} · test 68.3% · macro-F1 63.3%"
+    assert any(label.startswith(live.id) and "running" in label for label in labels)
+    assert sum("SYNTHETIC" in label for label in labels) == 2
+    assert labels[-1] == "Upload a checkpoint file…"
+    assert not [label for label in labels if ":material/" in label]
+
+    # choosing another model: no "Chosen" reason, its own facts
+    box.set_value(str(live.best_checkpoint))
+    rerun(at)
+    assert "Chosen:" not in page_text(at)
+
+
+# ---- many photos, no face (issue #11, "Also") --------------------------------------------
+
+def test_more_than_four_photos_show_as_a_grid_with_details_on_demand(env, published, face_jpeg, plain_png):
+    at = open_predict()
+    photos = [(f"astronaut{n}.jpg", face_jpeg, "image/jpeg") for n in range(4)] + [
+        ("grey.png", plain_png, "image/png")]
+    uploader(at, "Drop one or more photos here").set_value(photos)
+    rerun(at)
+    assert images_outside_expanders(at.main) >= 5  # every photo visible without opening anything
+    captions = [t.value for t in at.text]
+    assert "astronaut0.jpg\n1 face found · " in "\n".join(captions)
+    assert "grey.png\nno face found" in captions
+    assert len(at.expander) >= 5  # the details, one per photo, closed
+
+
+def test_a_photo_without_a_face_says_so_and_keeps_the_whole_image_reading_aside(env, published, plain_jpeg):
+    at = open_predict()
+    at.toggle(key="predict_camera_on").set_value(True)
+    rerun(at)
+    at.camera_input(key="predict_camera").set_value(("photo.jpg", plain_jpeg, "image/jpeg"))
+    rerun(at)
+    assert "No face found" in " ".join(w.value for w in at.warning)
+    whole, = [e for e in at.expander if e.label.startswith("Whole-image reading")]
+    assert len(whole.get("plotly_chart")) == 1
+    assert len(at.get("plotly_chart")) == 1  # the only chart is the folded whole-image one
+    outside = [m.value for m in at.markdown if m.value not in [w.value for w in whole.markdown]]
+    assert not [m for m in outside if "%" in m], outside  # no emotion headline for a face-less photo
+
+
+# ---- names from files are text, never Markdown (issue #12 item 5) -----------------------
+
+@pytest.fixture(scope="module")
+def malicious_checkpoint(tmp_path_factory) -> Path:
+    import torch
+    from fer_core.models import build_model
+    model, _, _ = build_model(7, stem="small", pretrained=False)
+    classes = [MALICIOUS_IMAGE, MALICIOUS_LINK, "**bold**", ":material/home: icon", "<b>tag</b>",
+               "$x^2$", "sad"]
+    path = tmp_path_factory.mktemp("evil_ckpt") / "evil.pt"
+    torch.save({"model_state": model.state_dict(), "class_names": classes,
+                "config": {"img_size": 48, "stem": "small"}}, path)
+    return path
+
+
+def test_class_names_from_a_checkpoint_show_literally_on_the_predict_page(env, malicious_checkpoint,
+                                                                          face_jpeg, plain_png):
+    (env.ckpt / "evil.pt").write_bytes(malicious_checkpoint.read_bytes())
+    at = open_predict()
+    uploader(at, "Drop one or more photos here").set_value([
+        ("astronaut.jpg", face_jpeg, "image/jpeg"), ("grey.png", plain_png, "image/png"),
+        (f"{MALICIOUS_IMAGE}.png", plain_png, "image/png")])
+    rerun(at)
+    assert not active_markdown(at), active_markdown(at)
+    assert MALICIOUS_IMAGE in plain_text(at)  # shown, as typed
+    assert metric(at, "Classes") == "7"
