@@ -10,8 +10,12 @@ import streamlit as st
 from pages._shared import (active_job_panel, device_description, init_settings, limit_app_threads,
                            settings_panel)
 
-st.set_page_config(page_title="FER Studio", page_icon=":material/mood:", layout="wide",
-                   initial_sidebar_state="expanded")
+# The icon is a file in the repo (served by this app; a ":material/..." icon would be fetched from
+# a font CDN, which fails offline). "auto" opens the sidebar on wide screens and keeps it
+# collapsed on narrow ones (a phone), where it would cover most of the page.
+APP_ICON = Path(__file__).parent / "assets" / "favicon.png"
+st.set_page_config(page_title="FER Studio", page_icon=APP_ICON, layout="wide",
+                   initial_sidebar_state="auto")
 
 limit_app_threads()  # training runs in its own process; the app must not compete for cores
 init_settings()

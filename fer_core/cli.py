@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import CONFIG_FIELDS, PRESETS, ConfigField
-from .errors import ConfigError
+from .errors import ConfigError, FerError
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -91,7 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         stream=sys.stdout)
-    from .errors import FerError
     try:
         return COMMANDS[args.command](args)
     except FerError as exc:
@@ -176,16 +175,26 @@ def train_command(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
+        _start_next_job(Path(args.run_dir or args.resume or "."))
     from . import runs
-    state = runs.read_json(run_dir / runs.STATUS_FILE).get("state")
-    evaluation_file = run_dir / runs.EVALUATION_FILE
-    if state == "completed" and evaluation_file.exists():
-        evaluation = runs.read_json(evaluation_file)
-        print(f"test accuracy {evaluation['accuracy']:.4f}, macro-F1 {evaluation['macro_f1']:.4f}")
+    run = runs.load_run(run_dir)
+    if run.status.state == "completed" and run.evaluation is not None:
+        print(f"test accuracy {run.test_accuracy:.4f}, macro-F1 {run.macro_f1:.4f}")
     else:
-        print(f"run {state}")
+        print(f"run {run.status.state}")
     print(run_dir)
-    return 0 if state in ("completed", "cancelled") else 1
+    return 0 if run.status.state in ("completed", "cancelled") else 1
+
+
+def _start_next_job(run_dir: Path) -> None:
+    """A trainer started as a background job hands its slot on when it ends, so the queue
+    moves even if its runner was killed (and with no browser open)."""
+    from . import jobs, runs
+    if (run_dir / runs.JOB_FILE).is_file():
+        try:
+            jobs.pump_queue(runs.RunLayout.of(run_dir).runs_dir)
+        except (FerError, OSError) as exc:  # the run itself is recorded; say why the queue waits
+            logging.getLogger("fer_core.jobs").warning("could not start the next queued job: %s", exc)
 
 
 class _TqdmProgress:

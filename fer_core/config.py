@@ -32,8 +32,9 @@ TEXT_RULES = ("folder name", "path")
 # Presets set the fields that matter for a recipe; anything given explicitly overrides them.
 # Defined before TrainConfig because the `preset` field takes its choices from here.
 PRESETS: dict[str, dict[str, Any]] = {
+    # the synthetic cartoons are learnt from scratch in a minute: no ImageNet download needed
     "demo-quick": dict(mode="finetune", stem="small", img_size=48, epochs=8, batch_size=64,
-                       lr=2e-3, scheduler="onecycle", label_smoothing=0.05, patience=0),
+                       lr=2e-3, scheduler="onecycle", label_smoothing=0.05, patience=0, pretrained=False),
     "cpu-fast": dict(mode="finetune", stem="small", img_size=48, epochs=30, batch_size=128,
                      optimizer="sgd", lr=0.1, weight_decay=5e-4, scheduler="onecycle",
                      label_smoothing=0.1, augment=True, tta=True, pretrained=False, patience=0),
@@ -329,9 +330,10 @@ class TrainConfig:
         min_value=0, max_value=10_000, zero_means="off", step=1, metavar="N",
         help="Stop after this many epochs without validation improvement (0 = never).")
     max_per_class: int | None = setting(
-        None, group="data", label="Max images per class (0 = all)", noun="max per class",
+        None, group="data", label="Max training images per class (0 = all)", noun="max per class",
         min_value=2, max_value=10**9, zero_means="all", step=50, metavar="N",
-        help="Use at most this many training images per class (0 = all): for quick trials.")
+        help="Use at most this many training images per class (0 = all): for quick trials. "
+             "Validation and test images are never capped, so the test score is comparable.")
     label_smoothing: float = setting(
         0.0, group="optimisation", min_value=0.0, max_value=1.0, max_open=True, step=0.05, metavar="F",
         help="Softens the targets (e.g. 0.1); helps with noisy labels like FER2013's.")

@@ -19,18 +19,18 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from . import CLASS_NAMES
+from . import CLASS_NAMES, fer2013_csv, settings
 from .errors import DataError
+from .inference import STORE_SIZE, reduce_jpeg_decode, to_grey_48
 from .runs import atomic_save
 
-STORE_SIZE = 48
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 # FER2013's csv codes, as published with the Kaggle challenge.
 FER2013_CSV_CODES = {0: "angry", 1: "disgust", 2: "fear", 3: "happy", 4: "sad", 5: "surprise", 6: "neutral"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: decoded by inference.to_grey_48 (16-bit by type range, no grey JPEG draft)
 MAX_SOURCE_PIXELS = 40_000_000
 
 
@@ -56,11 +56,10 @@ class Dataset:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FER_CACHE_DIR", Path.home() / ".cache" / "fer_core"))
+    return settings.cache_dir()
 
 
-def load_dataset(spec: str, *, max_per_class: int | None = None, seed: int = 0,
-                 cache_dir: Path | None = None) -> Dataset:
+def load_dataset(spec: str, *, cache_dir: Path | None = None) -> Dataset:
     """Load the dataset named by `spec` ("demo", a folder, or a fer2013.csv)."""
     if spec == "demo":
         from .demo import ensure_demo_dataset
@@ -78,8 +77,6 @@ def load_dataset(spec: str, *, max_per_class: int | None = None, seed: int = 0,
         else:
             raise DataError(f"dataset not found: {path}")
     _check_usable(dataset)
-    if max_per_class:
-        dataset = subsample_per_class(dataset, max_per_class, seed)
     return dataset
 
 
@@ -165,7 +162,11 @@ def display_path(path: str | Path) -> str:
 
 
 def decode_file(path: Path) -> tuple[np.ndarray | None, str | None]:
-    """Decode one image file to (48, 48) uint8 grey, or return why it cannot be used."""
+    """Decode one image file to (48, 48) uint8 grey, or return why it cannot be used.
+
+    The pixels are `inference.to_grey_48`'s, exactly what a photo of the same file gives the
+    model at prediction time.
+    """
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return None, f"not an image file extension ({path.suffix or 'none'})"
     try:
@@ -176,66 +177,63 @@ def decode_file(path: Path) -> tuple[np.ndarray | None, str | None]:
             with Image.open(path) as image:
                 if image.width * image.height > MAX_SOURCE_PIXELS:
                     return None, f"image too large ({image.width}x{image.height})"
-                image.draft("L", (STORE_SIZE, STORE_SIZE))
-                return to_store_array(image), None
+                reduce_jpeg_decode(image)  # the photo path's decode scale, so the pixels match
+                return to_grey_48(image), None
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return None, f"not a readable image ({type(exc).__name__})"
     except (OSError, ValueError, SyntaxError) as exc:
         return None, f"unreadable ({str(exc).splitlines()[0][:120]})"
 
 
-def to_store_array(image: Image.Image) -> np.ndarray:
-    """Any PIL image -> 48x48 grey uint8: centre square crop, then resize."""
-    image = ImageOps.exif_transpose(image) if hasattr(image, "getexif") else image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        image = background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(array.min()), float(array.max())
-        array = (array - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(array)
-        image = Image.fromarray(array.astype(np.uint8))
-    grey = image.convert("L")
-    if grey.size != (STORE_SIZE, STORE_SIZE):
-        grey = ImageOps.fit(grey, (STORE_SIZE, STORE_SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(grey, dtype=np.uint8).copy()
-
-
 def read_fer2013_csv(path: Path) -> Dataset:
-    """Read Kaggle's fer2013.csv (emotion, pixels[, Usage]); malformed rows are skipped and reported."""
+    """Read Kaggle's fer2013.csv (emotion, pixels[, Usage]); malformed rows are skipped and reported.
+
+    Each line is parsed on its own (`fer2013_csv.read_lines`): a broken row, an unclosed quote
+    or an overlong line costs only that line. A UTF-8 byte-order mark is accepted.
+    """
     classes = list(CLASS_NAMES)
     arrays, labels, paths, splits, bad = [], [], [], [], []
     try:
-        handle = open(path, newline="", encoding="utf-8", errors="replace")
+        handle = fer2013_csv.open_csv(path)
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
-    with handle:
-        reader = csv.DictReader(handle)
-        columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
-        if "emotion" not in columns or "pixels" not in columns:
-            raise DataError(f"{path.name} is not a fer2013.csv: it needs 'emotion' and 'pixels' columns")
-        has_usage = "usage" in columns
-        for row_number, row in enumerate(reader, start=2):
-            ref = f"{path}#{row_number}"
-            try:
-                code = int(str(row[columns["emotion"]]).strip())
-                name = FER2013_CSV_CODES[code]
-                pixels = np.array(str(row[columns["pixels"]]).split(), dtype=np.int64)
-                if pixels.size != STORE_SIZE * STORE_SIZE or pixels.min() < 0 or pixels.max() > 255:
-                    raise ValueError(f"expected {STORE_SIZE * STORE_SIZE} pixel values 0-255, got {pixels.size}")
-            except (KeyError, ValueError, TypeError, AttributeError) as exc:
-                bad.append({"path": ref, "reason": f"malformed row ({str(exc)[:80] or type(exc).__name__})"})
-                continue
-            arrays.append(pixels.astype(np.uint8).reshape(STORE_SIZE, STORE_SIZE))
-            labels.append(classes.index(name))
-            paths.append(ref)
-            if has_usage:
-                usage = str(row[columns["usage"]]).strip().lower()
-                splits.append("train" if usage == "training" else "test")
+    try:
+        with handle:
+            lines = fer2013_csv.read_lines(handle)
+            _, header, _ = next(lines, (1, None, None))
+            columns = fer2013_csv.header_columns(header)
+            if "emotion" not in columns or "pixels" not in columns:
+                raise DataError(f"{path.name} is not a fer2013.csv: it needs 'emotion' and 'pixels' columns")
+            usage_column = columns.get("usage")
+            needed = max(columns["emotion"], columns["pixels"], -1 if usage_column is None else usage_column)
+            for line_number, fields, problem in lines:
+                ref = f"{path}#{line_number}"
+                try:
+                    if problem is not None:
+                        raise ValueError(problem)
+                    fields = fields or []
+                    if len(fields) <= needed:
+                        raise ValueError(f"{len(fields)} field(s), expected {needed + 1}")
+                    code = int(fields[columns["emotion"]].strip())
+                    if code not in FER2013_CSV_CODES:
+                        raise ValueError(f"unknown emotion code {code}")
+                    pixels = fer2013_csv.parse_pixels(fields[columns["pixels"]])
+                    if pixels.size != STORE_SIZE * STORE_SIZE or pixels.min() < 0 or pixels.max() > 255:
+                        raise ValueError(f"expected {STORE_SIZE * STORE_SIZE} pixel values 0-255, got {pixels.size}")
+                except ValueError as exc:
+                    bad.append({"path": ref, "reason": f"malformed row ({str(exc)[:80] or type(exc).__name__})"})
+                    continue
+                arrays.append(pixels.astype(np.uint8).reshape(STORE_SIZE, STORE_SIZE))
+                labels.append(classes.index(FER2013_CSV_CODES[code]))
+                paths.append(ref)
+                if usage_column is not None:
+                    usage = fields[usage_column].strip().lower()
+                    splits.append("train" if usage == "training" else "test")
+    except OSError as exc:  # a read error part-way through the file
+        raise DataError(f"cannot read {path}: {exc}") from exc
     images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, STORE_SIZE, STORE_SIZE), dtype=torch.uint8)
     return Dataset(images=images, labels=torch.tensor(labels, dtype=torch.int64), paths=paths,
-                   classes=classes, source=str(path), given_split=splits if has_usage else None,
+                   classes=classes, source=str(path), given_split=splits if usage_column is not None else None,
                    bad_files=bad)
 
 
@@ -252,26 +250,18 @@ def _check_usable(dataset: Dataset) -> None:
                         "a classifier needs at least two")
 
 
-def subsample_per_class(dataset: Dataset, max_per_class: int, seed: int) -> Dataset:
-    """Keep at most `max_per_class` training images per class (and a quarter-ratio of test
-    images when the source has its own test split), chosen with a seeded generator."""
+def cap_training_images(dataset: Dataset, splits: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
+    """Keep at most `max_per_class` training images per class (a seeded choice); the rest
+    become 'unused'. Validation and test images are never capped, so a quick trial is scored
+    on the same test images as a full run."""
     rng = np.random.default_rng(seed)
     labels = dataset.labels.numpy()
-    given = np.array(dataset.given_split) if dataset.given_split else None
-    test_cap = max(1, round(max_per_class / 3))
-    keep: list[int] = []
+    capped = np.asarray(splits).astype(object)
     for label in range(len(dataset.classes)):
-        groups = [(np.flatnonzero(labels == label), max_per_class)] if given is None else [
-            (np.flatnonzero((labels == label) & (given == "train")), max_per_class),
-            (np.flatnonzero((labels == label) & (given == "test")), test_cap)]
-        for indices, cap in groups:
-            keep.extend(rng.permutation(indices)[:cap].tolist() if len(indices) > cap else indices.tolist())
-    keep.sort()
-    index = torch.tensor(keep, dtype=torch.int64)
-    return Dataset(images=dataset.images[index], labels=dataset.labels[index],
-                   paths=[dataset.paths[i] for i in keep], classes=dataset.classes,
-                   source=dataset.source, synthetic=dataset.synthetic, bad_files=dataset.bad_files,
-                   given_split=[dataset.given_split[i] for i in keep] if dataset.given_split else None)
+        train = np.flatnonzero((labels == label) & (capped == "train"))
+        if len(train) > max_per_class:
+            capped[rng.permutation(train)[max_per_class:]] = "unused"
+    return capped.astype(str)
 
 
 # ---- split ----------------------------------------------------------------------------
@@ -330,7 +320,8 @@ def split_table(dataset: Dataset, splits: Iterable[str]) -> list[dict[str, Any]]
         mask = labels == index
         total = int(mask.sum())
         row: dict[str, Any] = {"class": name, "total": total}
-        for part in ("train", "val", "test"):
+        parts = ("train", "val", "test", "unused") if (splits == "unused").any() else ("train", "val", "test")
+        for part in parts:
             row[part] = int((mask & (splits == part)).sum())
         row["train %"] = round(100 * (row["train"] + row["val"]) / total, 1) if total else 0.0
         row["test %"] = round(100 * row["test"] / total, 1) if total else 0.0

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from . import CLASS_NAMES
+from . import CLASS_NAMES, settings
 from .errors import DataError
 
 IMAGE_SIZE = 48
@@ -31,7 +31,6 @@ DEFAULT_PER_CLASS = 250
 MARKER_NAME = "DEMO_DATASET.json"
 # Bump whenever the drawing changes, so cached datasets made by older code are regenerated.
 DEMO_VERSION = 2
-ENV_DIR = "FER_DEMO_DIR"
 
 _SCALE = 4  # faces are drawn at 4x and downsampled, which antialiases every stroke
 _CANVAS = IMAGE_SIZE * _SCALE
@@ -86,10 +85,7 @@ _INTENSITY = (0.55, 1.0)
 
 def demo_dataset_dir() -> Path:
     """Where the default demo dataset lives: $FER_DEMO_DIR, else <repo root>/data/demo."""
-    env = os.environ.get(ENV_DIR)
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "data" / "demo"
+    return settings.demo_dir()
 
 
 def ensure_demo_dataset(per_class: int = DEFAULT_PER_CLASS, seed: int = 0) -> Path:

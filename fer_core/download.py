@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from . import settings
 from .errors import FerError
 
 DEFAULT_DATASET = "msambare/fer2013"
@@ -21,7 +22,7 @@ CREDENTIALS_HELP = ("Kaggle credentials not found. Either create an API token at
 
 
 def default_data_home() -> Path:
-    return Path(os.environ.get("FER_DATA_HOME", Path(__file__).resolve().parent.parent / "data"))
+    return settings.data_home()
 
 
 def find_credentials() -> str | None:

@@ -141,8 +141,7 @@ def evaluate_run(run_dir: Path, data: str | None = None) -> dict[str, Any]:
     checkpoint = load_checkpoint(layout.best_checkpoint)
     config = checkpoint["config"]
     classes = list(checkpoint["class_names"])
-    dataset = load_dataset(data or config["data"], max_per_class=None if data else config.get("max_per_class"),
-                           seed=config.get("seed", 0))
+    dataset = load_dataset(data or config["data"])
     if dataset.classes != classes:
         raise FerError(f"dataset classes {dataset.classes} differ from the model's {classes}")
     if data:

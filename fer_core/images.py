@@ -8,24 +8,27 @@ wrong, so the CLI and the app can show it as it is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import ipaddress
-import math
 import os
 import re
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
-import numpy as np
-import requests
-from PIL import Image, ImageOps, UnidentifiedImageError
+import requests.certs
+import urllib3
+from PIL import Image, UnidentifiedImageError
 from urllib3.util import parse_url
 
 from .errors import ImageInputError
+from .inference import flatten, reduce_jpeg_decode, upright
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
 
@@ -39,7 +42,6 @@ DEFAULT_TOTAL_TIMEOUT = 30.0
 MAX_REDIRECTS = 3
 USER_AGENT = "fer_core-image-fetch/1"
 
-_ORIENTATION = 0x0112
 _URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 _REFUSED_PREFIXES = ("data:", "javascript:", "mailto:", "blob:")
 # Types that name no particular format: the bytes decide (many CDNs serve images like this).
@@ -165,7 +167,11 @@ def _describe_start(data: bytes) -> str:
 
 
 def _normalise(image: Image.Image, name: str, reduce_to: int | None = None) -> Image.Image:
-    """Check the size, load the first frame, apply EXIF orientation, convert to RGB."""
+    """Check the size, load the first frame, apply EXIF orientation, convert to RGB.
+
+    The colour rules (transparency, 16-bit and float grey) are `inference.flatten`'s, the ones
+    the model's crops are made with, so a face's grey values match a dataset file's.
+    """
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageInputError(f"{name} has no pixels ({width}x{height})")
@@ -175,18 +181,15 @@ def _normalise(image: Image.Image, name: str, reduce_to: int | None = None) -> I
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
-        if reduce_to and image.format == "JPEG" and max(width, height) > reduce_to:
-            ratio = reduce_to / max(width, height)
-            # libjpeg's DCT scaling: decodes only the pixels asked for
-            image.draft(image.mode, (math.ceil(width * ratio), math.ceil(height * ratio)))
+        reduce_jpeg_decode(image, reduce_to)  # libjpeg's DCT scaling: only the pixels asked for
         image.load()
     except Exception as exc:  # truncated streams and corrupt chunks surface here, as OSError & co
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise ImageInputError(f"{name} is {reason}: the image data cannot be decoded ({exc})") from exc
     try:
         decoded_size = image.size
-        image = _exif_upright(image)
-        rgb = _to_rgb(image)
+        image = upright(image)
+        rgb = flatten(image).convert("RGB") if image.mode != "RGB" else image
     except ImageInputError:
         raise
     except Exception as exc:
@@ -197,51 +200,6 @@ def _normalise(image: Image.Image, name: str, reduce_to: int | None = None) -> I
     return rgb
 
 
-def _exif_upright(image: Image.Image) -> Image.Image:
-    try:
-        if image.getexif().get(_ORIENTATION, 1) == 1:
-            return image  # exif_transpose would copy every pixel for nothing
-        upright = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block should not cost the user the picture
-        return image
-    return upright if upright is not None else image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if (mode == "P" and "transparency" in image.info) or mode in ("PA", "LA", "La", "RGBa"):
-        image, mode = image.convert("RGBA"), "RGBA"
-    if mode == "RGBA":
-        return _on_white(image)
-    if mode.startswith("I") or mode == "F":
-        return _high_depth_to_grey(image).convert("RGB")
-    return image.convert("RGB")
-
-
-def _on_white(rgba: Image.Image) -> Image.Image:
-    """Composite onto white: transparent areas of logos and stickers are meant as background."""
-    background = Image.new("RGB", rgba.size, (255, 255, 255))
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
-
-
-def _high_depth_to_grey(image: Image.Image) -> Image.Image:
-    """16/32-bit and float grey to 8 bits by the range the values use (Pillow would clip at 255)."""
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = float(values.min()), float(values.max())
-    if image.mode == "F" and low >= 0.0 and high <= 1.0:
-        scaled = values * 255.0
-    elif low >= 0.0 and high <= 255.0:
-        scaled = values
-    elif low >= 0.0 and high <= 65535.0:
-        scaled = values / 257.0
-    else:
-        scaled = (values - low) * (255.0 / max(high - low, 1e-12))
-    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8))  # 2-D uint8 is "L"
-
-
 # --------------------------------------------------------------------------- URLs
 
 def fetch_image_bytes(url: str, *, timeout: tuple[float, float] = DEFAULT_TIMEOUT,
@@ -250,54 +208,163 @@ def fetch_image_bytes(url: str, *, timeout: tuple[float, float] = DEFAULT_TIMEOU
                       total_timeout: float = DEFAULT_TOTAL_TIMEOUT) -> bytes:
     """Download an image, checking every redirect hop's host and capping size and time.
 
-    Private, loopback, link-local, multicast and reserved addresses are refused unless
-    `allow_private`; the body must be declared (or sniffed as) an image.
+    Each hop's host is resolved once; every address it resolves to must be public (private,
+    loopback, link-local, multicast and reserved ones are refused unless `allow_private`), and
+    the connection goes to exactly those checked addresses, never to a second lookup's answer
+    (DNS rebinding), while the Host header, TLS server name and certificate check stay the
+    URL's. `total_timeout` bounds the whole fetch: lookups, connects, TLS, headers and body,
+    over all hops. The body must be declared (or sniffed as) an image.
     """
-    deadline = time.monotonic() + total_timeout
+    deadline = _Deadline(total_timeout)
+    try:
+        return _fetch(url.strip(), url, timeout, max_bytes, max_redirects, allow_private, deadline)
+    finally:
+        deadline.close()
+
+
+def _fetch(current: str, url: str, timeout: tuple[float, float], max_bytes: int,
+           max_redirects: int, allow_private: bool, deadline: _Deadline) -> bytes:
     seen: set[str] = set()
-    current = url.strip()
-    with requests.Session() as session:
-        # No proxies or .netrc from the environment: the address we check is the one we connect to.
-        session.trust_env = False
-        for _hop in range(max_redirects + 1):
-            if time.monotonic() > deadline:
-                raise ImageInputError(f"fetching {_short(url)} took too long")
-            host, _port = _check_url(current, allow_private)
-            seen.add(current)
-            response = _get(session, current, timeout, host)
-            with response:
-                if response.status_code in _REDIRECT_CODES:
-                    current = _next_hop(response, current, seen)
-                    continue
-                _check_peer(response, host, allow_private)
-                _check_status(response, host)
-                content_type = _check_content_type(response)
-                body = _read_capped(response, max_bytes, deadline, host)
-            if content_type in _UNTYPED and not body.startswith(_MAGIC) and not _opens(body):
-                raise ImageInputError(f"{host} sent no image content type and the bytes are not an "
-                                      f"image{_describe_start(body)}")
-            return body
+    for _hop in range(max_redirects + 1):
+        deadline.check(url)
+        target = _check_url(current, allow_private, deadline)
+        seen.add(current)
+        with _request(target, timeout, deadline, url) as response:
+            if response.status in _REDIRECT_CODES:
+                current = _next_hop(response, current, seen)
+                continue
+            _check_status(response, target.host)
+            content_type = _check_content_type(response)
+            body = _read_capped(response, max_bytes, deadline, target.host)
+        if content_type in _UNTYPED and not body.startswith(_MAGIC) and not _opens(body):
+            raise ImageInputError(f"{target.host} sent no image content type and the bytes are not "
+                                  f"an image{_describe_start(body)}")
+        return body
     raise ImageInputError(f"too many redirects (more than {max_redirects}) starting at {_short(url)}")
 
 
-def _check_url(url: str, allow_private: bool) -> tuple[str, int]:
-    """Validate scheme and host; resolve the host and refuse non-public addresses."""
+class _Deadline:
+    """The total time a fetch may take, enforced while blocked inside the HTTP library.
+
+    Per-read timeouts cannot stop a server that sends a byte just often enough, and the body
+    loop cannot check the clock while the status line and headers are read. A timer thread
+    shuts down every socket the fetch opened when the time is up, which wakes any blocked read
+    or TLS handshake at once; the fetch then reports that it took too long.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(seconds, 0.0), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def over(self) -> bool:
+        return self.expired or self.remaining() <= 0
+
+    def check(self, url: str) -> None:
+        if self.over():
+            raise self.error(url)
+
+    def error(self, url: str) -> ImageInputError:
+        return ImageInputError(f"fetching {_short(url)} took too long (over {self.seconds:g} s "
+                               "in all)")
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut `sock` down when the time is up (a duplicate is kept: TLS detaches the original)."""
+        twin = sock.dup()
+        with self._lock:
+            if not (self.expired or self._closed):
+                self._sockets.append(twin)
+                return
+        _shut(twin)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self.expired = True
+            for twin in self._sockets:
+                with contextlib.suppress(OSError):
+                    twin.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._closed = True
+            twins, self._sockets = self._sockets, []
+        for twin in twins:
+            twin.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """One hop: the URL's parts and the addresses its host resolved to (and was checked for)."""
+
+    scheme: str
+    host: str
+    port: int
+    request_uri: str
+    addresses: tuple[str, ...]
+
+
+def _check_url(url: str, allow_private: bool, deadline: _Deadline) -> _Target:
+    """Validate scheme and host; resolve the host once and refuse non-public addresses."""
     if not is_url(url):
         _refuse_other_schemes(url)
         raise ImageInputError(f"not an http(s) URL: {_short(url)}")
     try:
-        parts = parse_url(url)  # the parser requests itself uses: no disagreement on the host
+        parts = parse_url(url)  # urllib3's parser: the one that builds the request line too
     except Exception as exc:
         raise ImageInputError(f"not a valid URL: {_short(url)} ({exc})") from exc
     if not parts.host:
         raise ImageInputError(f"the URL has no host: {_short(url)}")
     if parts.auth:
         raise ImageInputError("URLs with a user name or password are not accepted")
+    scheme = (parts.scheme or "http").lower()
     host = parts.host.strip("[]")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    for address in _resolve(host, port):
+    port = parts.port or (443 if scheme == "https" else 80)
+    addresses = _resolve_within(host, port, deadline)
+    # Refuse the host if any of its addresses is blocked, rather than using only the public
+    # ones: a name that answers with both is either misconfigured or set up for rebinding.
+    for address in addresses:
         _check_address(address, host, allow_private)
-    return host, port
+    return _Target(scheme, host, port, parts.request_uri, tuple(addresses))
+
+
+def _resolve_within(host: str, port: int, deadline: _Deadline) -> list[str]:
+    """`_resolve` bounded by the deadline (a stuck resolver is left behind in its thread)."""
+    answer: dict[str, Any] = {}
+
+    def lookup() -> None:
+        try:
+            answer["addresses"] = _resolve(host, port)
+        except BaseException as exc:  # handed to the caller below
+            answer["error"] = exc
+
+    worker = threading.Thread(target=lookup, name="fer-image-dns", daemon=True)
+    worker.start()
+    worker.join(max(deadline.remaining(), 0.0))
+    if worker.is_alive():
+        raise ImageInputError(f"looking up {host} took too long (over {deadline.seconds:g} s in all)")
+    if "error" in answer:
+        raise answer["error"]
+    if not answer.get("addresses"):
+        raise ImageInputError(f"cannot find the host {host!r} (DNS lookup gave no address)")
+    return answer["addresses"]
 
 
 def _resolve(host: str, port: int) -> list[str]:
@@ -305,7 +372,7 @@ def _resolve(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OSError) as exc:
         raise ImageInputError(f"cannot find the host {host!r} (DNS lookup failed)") from exc
-    return sorted({info[4][0] for info in infos})
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))  # the resolver's order
 
 
 def _check_address(address: str, host: str, allow_private: bool) -> None:
@@ -333,30 +400,116 @@ def blocked_address_reason(address: str) -> str | None:
     return None if ip.is_global else "non-public"
 
 
-def _get(session: requests.Session, url: str, timeout: tuple[float, float], host: str
-         ) -> requests.Response:
+class _PinnedConnectionMixin:
+    """An urllib3 connection that connects to the checked addresses, not to a new lookup.
+
+    urllib3 keeps `host` for the Host header, the TLS server name (SNI) and the certificate's
+    host-name check; only the socket's destination is ours.
+    """
+
+    def __init__(self, *args: Any, fer_target: _Target, fer_deadline: _Deadline,
+                 **kwargs: Any) -> None:
+        self._fer_target = fer_target
+        self._fer_deadline = fer_deadline
+        super().__init__(*args, **kwargs)
+
+    def _new_conn(self) -> socket.socket:
+        target, deadline = self._fer_target, self._fer_deadline
+        failure: OSError | None = None
+        for address in target.addresses:
+            remaining = deadline.remaining()
+            if remaining <= 0:
+                break
+            limit = remaining if self.timeout is None else min(float(self.timeout), remaining)
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                for option in self.socket_options or ():
+                    sock.setsockopt(*option)
+                sock.settimeout(limit)
+                # a numeric address: the C library parses it, no lookup happens here
+                sock.connect((address, target.port))
+            except OSError as exc:
+                sock.close()
+                failure = exc
+                continue
+            deadline.watch(sock)
+            return sock
+        if isinstance(failure, TimeoutError) or failure is None:
+            raise urllib3.exceptions.ConnectTimeoutError(
+                self, f"connecting to {target.host} timed out") from failure
+        raise urllib3.exceptions.NewConnectionError(
+            self, f"Failed to establish a new connection: {failure}") from failure
+
+
+class _PinnedHTTPConnection(_PinnedConnectionMixin, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _PinnedHTTPSConnection(_PinnedConnectionMixin, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _PinnedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _PinnedHTTPConnection
+
+
+class _PinnedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _PinnedHTTPSConnection
+
+
+@contextlib.contextmanager
+def _request(target: _Target, timeout: tuple[float, float], deadline: _Deadline, url: str
+             ) -> Iterator[urllib3.BaseHTTPResponse]:
+    """GET one hop over a connection pinned to its checked addresses; no retries, no redirects."""
     headers = {"User-Agent": USER_AGENT, "Accept": "image/*",
                # images are compressed already; asking for identity also avoids gzip bombs
                "Accept-Encoding": "identity"}
-    try:
-        return session.get(url, stream=True, allow_redirects=False, timeout=timeout, headers=headers)
-    except requests.exceptions.ConnectTimeout as exc:
-        raise ImageInputError(f"timed out connecting to {host} (after {timeout[0]:g} s)") from exc
-    except requests.exceptions.ReadTimeout as exc:
-        raise ImageInputError(f"{host} did not answer within {timeout[1]:g} s") from exc
-    except requests.exceptions.SSLError as exc:
-        raise ImageInputError(f"secure connection to {host} failed (TLS certificate or handshake "
-                              "error)") from exc
-    except requests.exceptions.ConnectionError as exc:
-        raise ImageInputError(f"cannot connect to {host}: {_root_cause(exc)}") from exc
-    except requests.exceptions.RequestException as exc:
-        raise ImageInputError(f"request to {host} failed: {exc}") from exc
+    host = target.host
+    pinned = {"fer_target": target, "fer_deadline": deadline}
+    if target.scheme == "https":
+        # certifi's bundle, as requests used: the same trust as before pinning
+        pool: urllib3.HTTPConnectionPool = _PinnedHTTPSPool(
+            host, target.port, maxsize=1, cert_reqs="CERT_REQUIRED", ca_certs=requests.certs.where(),
+            **pinned)
+    else:
+        pool = _PinnedHTTPPool(host, target.port, maxsize=1, **pinned)
+    with pool:
+        try:
+            response = pool.urlopen("GET", target.request_uri, headers=headers, retries=False,
+                                    redirect=False, assert_same_host=False, preload_content=False,
+                                    timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
+        except Exception as exc:
+            raise _request_error(exc, host, timeout, deadline, url) from exc
+        try:
+            yield response
+        finally:
+            response.close()
 
 
-def _next_hop(response: requests.Response, current: str, seen: set[str]) -> str:
+def _request_error(exc: Exception, host: str, timeout: tuple[float, float], deadline: _Deadline,
+                   url: str) -> ImageInputError:
+    errors = urllib3.exceptions
+    if deadline.over():
+        return deadline.error(url)
+    if isinstance(exc, errors.NewConnectionError):
+        return ImageInputError(f"cannot connect to {host}: {_root_cause(exc)}")
+    if isinstance(exc, errors.ConnectTimeoutError):
+        return ImageInputError(f"timed out connecting to {host} (after {timeout[0]:g} s)")
+    if isinstance(exc, errors.ReadTimeoutError):
+        return ImageInputError(f"{host} did not answer within {timeout[1]:g} s")
+    if isinstance(exc, errors.SSLError):
+        return ImageInputError(f"secure connection to {host} failed (TLS certificate or handshake "
+                               "error)")
+    if isinstance(exc, errors.ProtocolError):
+        return ImageInputError(f"the connection to {host} broke off: {_root_cause(exc)}")
+    return ImageInputError(f"request to {host} failed: {exc}")
+
+
+def _next_hop(response: urllib3.BaseHTTPResponse, current: str, seen: set[str]) -> str:
     location = response.headers.get("Location")
     if not location:
-        raise ImageInputError(f"HTTP {response.status_code} redirect without a Location header")
+        raise ImageInputError(f"HTTP {response.status} redirect without a Location header")
     target = urljoin(current, location.strip())
     if target in seen:
         raise ImageInputError(f"redirect loop: {_short(target)} redirects back to itself")
@@ -366,33 +519,8 @@ def _next_hop(response: requests.Response, current: str, seen: set[str]) -> str:
     return target
 
 
-def _check_peer(response: requests.Response, host: str, allow_private: bool) -> None:
-    """Check the address actually connected to, in case DNS answered differently the second time."""
-    if allow_private:
-        return
-    peer = _peer_address(response)
-    if peer is None:  # fail closed: an unverified connection might be anywhere
-        raise ImageInputError(f"cannot verify which address {host} connected to; not fetching")
-    _check_address(peer, host, allow_private)
-
-
-def _peer_address(response: requests.Response) -> str | None:
-    # urllib3 drops conn.sock once a "Connection: close" response arrives; the body's reader
-    # (http.client's buffered socket file) still holds the socket then.
-    conn = getattr(response.raw, "connection", None)
-    body = getattr(getattr(response.raw, "_fp", None), "fp", None)
-    for sock in (getattr(conn, "sock", None), getattr(getattr(body, "raw", None), "_sock", None)):
-        if sock is None:
-            continue
-        try:
-            return str(sock.getpeername()[0])
-        except OSError:
-            continue
-    return None
-
-
-def _check_status(response: requests.Response, host: str) -> None:
-    code = response.status_code
+def _check_status(response: urllib3.BaseHTTPResponse, host: str) -> None:
+    code = response.status
     if code == 200:
         return
     if code == 404:
@@ -406,7 +534,7 @@ def _check_status(response: requests.Response, host: str) -> None:
     raise ImageInputError(f"{host} answered HTTP {code} {response.reason or ''}".rstrip())
 
 
-def _check_content_type(response: requests.Response) -> str:
+def _check_content_type(response: urllib3.BaseHTTPResponse) -> str:
     content_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     if content_type == "image/svg+xml":
         raise ImageInputError("the URL is an SVG drawing, which is not supported; use a photo "
@@ -416,29 +544,34 @@ def _check_content_type(response: requests.Response) -> str:
     raise ImageInputError(f"the URL is not an image: the server says it is {content_type}")
 
 
-def _read_capped(response: requests.Response, max_bytes: int, deadline: float, host: str) -> bytes:
+def _read_capped(response: urllib3.BaseHTTPResponse, max_bytes: int, deadline: _Deadline,
+                 host: str) -> bytes:
     declared = response.headers.get("Content-Length", "").split(",")[0].strip()
     if declared.isdigit() and int(declared) > max_bytes:
         raise ImageInputError(f"the image is {int(declared) / 2**20:.1f} MiB; downloads over "
                               f"{max_bytes / 2**20:.1f} MiB are refused")
+    too_long = ImageInputError(f"downloading from {host} took too long (over "
+                               f"{deadline.seconds:g} s in all)")
     chunks: list[bytes] = []
     total = 0
     try:
         while True:
-            # read1 returns what has arrived, so a slow trickle cannot outlast the deadline
-            chunk = response.raw.read1(64 * 1024, decode_content=True)
+            # read1 returns what has arrived; the deadline's timer ends a read that waits
+            chunk = response.read1(64 * 1024, decode_content=True)
+            if deadline.over():  # an end of data may be the timer's shutdown, not the server's
+                raise too_long
             if not chunk:
                 break
             total += len(chunk)
             if total > max_bytes:
                 raise ImageInputError(f"the image is larger than {max_bytes / 2**20:.1f} MiB; "
                                       "larger downloads are refused")
-            if time.monotonic() > deadline:
-                raise ImageInputError(f"downloading from {host} took too long")
             chunks.append(chunk)
     except ImageInputError:
         raise
     except Exception as exc:  # read timeouts and resets arrive as urllib3/socket errors here
+        if deadline.over():
+            raise too_long from exc
         if "timed out" in str(exc).lower():
             raise ImageInputError(f"{host} stopped sending data (read timed out)") from exc
         raise ImageInputError(f"the download from {host} broke off: {_root_cause(exc)}") from exc

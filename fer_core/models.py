@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from .errors import CheckpointError
+from .runs import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,9 @@ def build_model(num_classes: int, mode: str = "finetune", stem: str = "imagenet"
             _load_backbone_state(model, _download_imagenet_state())
             source = "imagenet"
         except Exception as exc:  # offline, DNS failure, proxy, corrupt cache: all mean "no weights"
-            warning = (f"ImageNet weights could not be downloaded ({type(exc).__name__}: {exc}); "
-                       "training from random initialisation. Pass --weights FILE to use a local "
-                       "copy of resnet18-f37072fd.pth.")
-            log.warning(warning)
+            warning = ("ImageNet weights could not be downloaded, so training starts from random "
+                       "weights. Pass --weights FILE to use a local copy of resnet18-f37072fd.pth.")
+            log.warning("%s (%s: %s)", warning, type(exc).__name__, exc)  # the details go to the log
     if stem == "small":
         model.maxpool = nn.Identity()
     model.fc = nn.Linear(model.fc.in_features, num_classes)
@@ -134,12 +135,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def save_checkpoint_file(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save, atomically. Serialised in memory first: torch reports a full disk as a
+    RuntimeError from its zip writer, a plain write reports it as OSError (ENOSPC)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(Path(path), buffer.getbuffer())
+
+
+def weights_are_finite(state: dict[str, Any]) -> bool:
+    """False when any floating-point tensor holds NaN or inf (a diverged model)."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the trained network from a loaded checkpoint, in eval mode on the CPU."""
     config = ckpt["config"]
     classes = ckpt["class_names"]
     model, _, _ = build_model(len(classes), mode="finetune", stem=config.get("stem", "imagenet"),
                               pretrained=False)
+    if isinstance(ckpt["model_state"], dict) and not weights_are_finite(ckpt["model_state"]):
+        raise CheckpointError("this model's weights contain NaN or inf (its training diverged): "
+                              "it cannot make predictions")
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:

@@ -21,15 +21,28 @@ class RunBusyError(FerError):
 
 
 def _checked(run_dir: Path, runs_dir: Path) -> tuple[Path, Path]:
+    """The run folder itself (never a timestamp or experiment folder above it), finished."""
     run_dir, runs_dir = Path(run_dir).resolve(), Path(runs_dir).resolve()
     if runs_dir not in run_dir.parents:
         raise FerError(f"{run_dir} is not inside the runs folder {runs_dir}")
     if not run_dir.is_dir():
         raise FerError(f"run not found: {run_dir}")
-    state = runs.load_run(run_dir).state
+    layout = runs.RunLayout.of(run_dir)
+    if layout.runs_dir != runs_dir:
+        raise FerError(f"{run_dir} is not a run folder of {runs_dir}")
+    state = runs.load_run(layout).state
     if state in BUSY_STATES:
-        raise RunBusyError(f"run {runs.run_id(run_dir)} is {state}; cancel it before removing it")
+        raise RunBusyError(f"run {layout.id} is {state}; cancel it before removing it")
     return run_dir, runs_dir
+
+
+def _remove_published_checkpoint(run_dir: Path) -> None:
+    """The run's published best model goes with the run, so it is no longer offered for prediction."""
+    status, _ = runs.run_status(run_dir)
+    if status.published_checkpoint:
+        published = Path(status.published_checkpoint)
+        if published.name == runs.RunLayout(run_dir).published_checkpoint(published.parent).name:
+            published.unlink(missing_ok=True)
 
 
 def _prune_empty_parents(path: Path, stop: Path) -> None:
@@ -44,15 +57,18 @@ def _prune_empty_parents(path: Path, stop: Path) -> None:
 
 
 def delete_run(run_dir: Path, runs_dir: Path) -> None:
-    """Delete a finished run's folder (checkpoints included) for good."""
+    """Delete a finished run's folder and its published checkpoint for good."""
     run_dir, runs_dir = _checked(run_dir, runs_dir)
+    _remove_published_checkpoint(run_dir)
     shutil.rmtree(run_dir)
     _prune_empty_parents(run_dir, runs_dir)
 
 
 def archive_run(run_dir: Path, runs_dir: Path) -> Path:
-    """Move a finished run under <runs_dir>/.archive/ and return its new folder."""
+    """Move a finished run under <runs_dir>/.archive/ and return its new folder; its published
+    checkpoint is removed (the archived folder keeps best.pt)."""
     run_dir, runs_dir = _checked(run_dir, runs_dir)
+    _remove_published_checkpoint(run_dir)  # its best.pt stays in the archived folder
     target = runs_dir / ARCHIVE_DIR / run_dir.relative_to(runs_dir)
     candidate, attempt = target, 1
     while candidate.exists():

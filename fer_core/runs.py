@@ -1,21 +1,35 @@
-"""The run directory: its layout, atomic writes, and reading runs back.
+"""The run directory: its layout, its files (each with exactly one writer) and the run's state.
 
 <runs_dir>/<YYYY-MM-DD_HH-MM-SS>/<experiment>/resnet18/<mode>/
-    config.json  status.json  metrics.jsonl  split.csv  data_report.json  train.log
-    events.out.tfevents.*  checkpoints/{best,last}.pt  evaluation.json  predictions.csv
-This directory is the single source of truth: the CLI writes it, the app only reads it.
+    config.json        whoever creates the run (jobs.launch or train.fit), once
+    job.json           fer_core.jobs, always under the queue lock
+    cancel             jobs.cancel: a request (a resume removes it)
+    status.json        the trainer process: progress and outcome of the current attempt
+    environment.json   the trainer: classes, weights source, device, sizes, versions
+    metrics.jsonl  split.csv  data_report.json  events.out.tfevents.*  checkpoints/{best,last}.pt
+    evaluation.json  predictions.csv                 the trainer (`fer evaluate RUN` re-scores)
+    evaluations/<dataset>.json (+ .predictions.csv)  `fer evaluate RUN --data DATASET`
+    train.log          the job's processes (runner and trainer share one stdout)
+
+`RunLayout` is the one place that knows these names and the folder shape; `run_status()` is the
+one answer to "what state is this run in"; `load_run()` reads everything the UI shows. Readers
+never write, so a page reload, another tab or the CLI all see the same thing. The contract in
+full: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -112,6 +126,25 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+# ---- the layout -----------------------------------------------------------------------
+
+EVALUATIONS_DIR = "evaluations"
+ENVIRONMENT_FILE = "environment.json"
+JOB_FILE = "job.json"
+_STAMP_LENGTH = len("YYYY-mm-dd_HH-MM-SS")
+
+
+def dataset_slug(spec: str) -> str:
+    """A file-name-safe name for a dataset spec: 'demo', or a folder's or csv's name plus a
+    short hash of its full path (two folders both called 'test' stay apart)."""
+    if spec == "demo":
+        return "demo"
+    path = Path(str(spec))
+    name = (path.stem if path.suffix.lower() == ".csv" else path.name) or "dataset"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:60] or "dataset"
+    return f"{safe}-{hashlib.sha1(str(spec).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
 def new_run_dir(runs_dir: Path, experiment: str, mode: str, now: datetime | None = None) -> Path:
     """Create a fresh run directory; a clash within the same second gets a numeric suffix."""
     stamp = (now or datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
@@ -124,6 +157,9 @@ def new_run_dir(runs_dir: Path, experiment: str, mode: str, now: datetime | None
         except FileExistsError:
             continue
         except OSError as exc:
+            for parent in list(path.parents)[:3]:  # leave no empty timestamp folder behind
+                with suppress(OSError):
+                    parent.rmdir()
             raise FerError(f"cannot create a run directory under {runs_dir}: {exc.strerror or exc}") from exc
     raise RuntimeError(f"could not create a run directory under {runs_dir}")
 
@@ -134,27 +170,294 @@ def run_id(run_dir: Path) -> str:
     return "/".join((parts[-4], parts[-3], parts[-1])) if len(parts) >= 4 else str(run_dir)
 
 
-# ---- status ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunLayout:
+    """Where every file of one run lives: <runs_dir>/<stamp>/<experiment>/resnet18/<mode>/.
 
-def write_status(run_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
-    """Merge `fields` into status.json and set the state, atomically."""
-    if state not in STATES:
-        raise ValueError(f"unknown state {state!r}")
-    path = Path(run_dir) / STATUS_FILE
-    status = _read_json_or_empty(path)
-    status.update(fields)
-    status["state"] = state
-    status["updated_at"] = time.time()
-    atomic_write_json(path, status)
-    return status
+    The one place that knows the folder shape; everything else asks it for paths, the run's
+    id, its age order and which runs_dir it belongs to.
+    """
+
+    path: Path
+
+    @classmethod
+    def create(cls, runs_dir: Path, experiment: str, mode: str, now: datetime | None = None) -> "RunLayout":
+        """Make a fresh run folder; a clash within the same second gets a numeric suffix."""
+        return cls(new_run_dir(runs_dir, experiment, mode, now))
+
+    @classmethod
+    def of(cls, run_dir: Path | str) -> "RunLayout":
+        """The layout of an existing run folder; FerError if the path has not the run shape."""
+        path = Path(run_dir)
+        if len(path.resolve().parts) < 5 or path.resolve().parts[-2] != MODEL_NAME:
+            raise FerError(f"{run_dir} is not a run directory (<runs>/<time>/<experiment>/"
+                           f"{MODEL_NAME}/<mode>)")
+        return cls(path)
+
+    # ---- identity -------------------------------------------------------------------
+    @property
+    def runs_dir(self) -> Path:
+        return self.path.resolve().parents[3]
+
+    @property
+    def stamp(self) -> str:
+        return self.path.parts[-4] if len(self.path.parts) >= 4 else ""
+
+    @property
+    def experiment(self) -> str:
+        return self.path.parts[-3] if len(self.path.parts) >= 3 else ""
+
+    @property
+    def mode(self) -> str:
+        return self.path.name
+
+    @property
+    def id(self) -> str:
+        """A short, unique, human-readable id: '<timestamp>/<experiment>/<mode>'."""
+        return run_id(self.path)
+
+    @property
+    def age_key(self) -> tuple[str, int, str]:
+        """Sort key by creation: '<stamp>-<n>' (a clash within one second) is newer than '<stamp>'.
+        Plain string order gets this wrong because '/' sorts after '-'."""
+        folder = self.stamp
+        stamp, suffix = folder[:_STAMP_LENGTH], folder[_STAMP_LENGTH + 1:]
+        return stamp, int(suffix) if suffix.isdigit() else 0, str(self.path)
+
+    # ---- files ----------------------------------------------------------------------
+    config_file = property(lambda self: self.path / CONFIG_FILE)
+    environment_file = property(lambda self: self.path / ENVIRONMENT_FILE)
+    status_file = property(lambda self: self.path / STATUS_FILE)
+    job_file = property(lambda self: self.path / JOB_FILE)
+    cancel_file = property(lambda self: self.path / CANCEL_FILE)
+    metrics_file = property(lambda self: self.path / METRICS_FILE)
+    split_file = property(lambda self: self.path / SPLIT_FILE)
+    data_report_file = property(lambda self: self.path / DATA_REPORT_FILE)
+    log_file = property(lambda self: self.path / LOG_FILE)
+    checkpoint_dir = property(lambda self: self.path / CHECKPOINT_DIR)
+    best_checkpoint = property(lambda self: self.path / CHECKPOINT_DIR / BEST_CHECKPOINT)
+    last_checkpoint = property(lambda self: self.path / CHECKPOINT_DIR / LAST_CHECKPOINT)
+
+    def evaluation_file(self, dataset: str | None = None) -> Path:
+        """The test-split result (dataset None), or the result of scoring on another dataset."""
+        if dataset is None:
+            return self.path / EVALUATION_FILE
+        return self.path / EVALUATIONS_DIR / f"{dataset_slug(dataset)}.json"
+
+    def predictions_file(self, dataset: str | None = None) -> Path:
+        if dataset is None:
+            return self.path / PREDICTIONS_FILE
+        return self.path / EVALUATIONS_DIR / f"{dataset_slug(dataset)}.predictions.csv"
+
+    def other_evaluations(self) -> list[Path]:
+        """Results of scoring this run's model on other datasets, by name."""
+        folder = self.path / EVALUATIONS_DIR
+        return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+    def published_checkpoint(self, checkpoints_dir: Path) -> Path:
+        """Where this run's best model is published for prediction."""
+        return Path(checkpoints_dir) / (self.id.replace("/", "_") + ".pt")
 
 
-def _read_json_or_empty(path: Path) -> dict[str, Any]:
+# ---- typed records ----------------------------------------------------------------------
+
+def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the JSON object in `path`, None), (None, None) when the file is missing, or
+    (None, why it cannot be used) when it is unreadable, not JSON, or not an object."""
     try:
         value = read_json(path)
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:
+        return None, f"{Path(path).name} is damaged ({exc})"
+    if not isinstance(value, dict):
+        return None, f"{Path(path).name} is damaged (not a JSON object)"
+    return value, None
+
+
+def _kind(kind: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"kind": kind})
+
+
+def _valid(kind: str, value: Any) -> bool:
+    if value is None:
+        return True
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":  # finite, and a float at all (an integer of 400 digits is not)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value))
+    if kind == "number":  # a measurement: NaN is a value (a diverged loss), a string is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "pids":
+        return isinstance(value, list) and all(_valid("int", v) for v in value)
+    raise ValueError(kind)
+
+
+class _Record:
+    """A JSON file's schema: every field has a kind; a value of the wrong kind is a problem."""
+
+    @classmethod
+    def parse(cls, values: dict[str, Any], file_name: str) -> tuple[Any, list[str]]:
+        """The record from a JSON object; unknown keys are ignored (older or newer versions),
+        values of the wrong type are dropped and reported."""
+        problems, known = [], {}
+        for item in fields(cls):  # type: ignore[arg-type]
+            if item.name not in values:
+                continue
+            value = values[item.name]
+            if value is None and item.default is not None:  # null where the writer never puts one
+                problems.append(f"{file_name}: {item.name} has no value")
+            elif _valid(item.metadata["kind"], value):
+                known[item.name] = float(value) if item.metadata["kind"] == "float" and value is not None \
+                    else value
+            else:
+                problems.append(f"{file_name}: {item.name} has a value of the wrong type ({value!r:.40})")
+        return cls(**known), problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {item.name: getattr(self, item.name) for item in fields(self)}  # type: ignore[arg-type]
+
+
+@dataclass
+class TrainerStatus(_Record):
+    """status.json: the trainer's own record of its current attempt. Only the trainer writes it."""
+
+    state: str = _kind("str", "running")       # running, then completed | failed | cancelled
+    pid: int | None = _kind("int")
+    started_at: float | None = _kind("float")          # the run's first start (kept across resumes)
+    attempt_started_at: float | None = _kind("float")  # this attempt (a resume starts a new one)
+    finished_at: float | None = _kind("float")
+    epoch: int = _kind("int", 0)
+    epochs: int | None = _kind("int")
+    batch: int = _kind("int", 0)
+    batches: int | None = _kind("int")
+    eta_s: float | None = _kind("float")
+    images_per_second: float | None = _kind("float")
+    train_loss: float | None = _kind("float")
+    phase: str | None = _kind("str")
+    error: str | None = _kind("str")
+    best_val_acc: float | None = _kind("float")
+    best_epoch: int | None = _kind("int")
+    early_stopped_at: int | None = _kind("int")
+    published_checkpoint: str | None = _kind("str")
+
+
+@dataclass
+class JobRecord(_Record):
+    """job.json: a background job's record. Written only by fer_core.jobs, under the queue lock."""
+
+    queued_at: float = _kind("float", 0.0)      # this attempt's place in the queue
+    max_concurrent: int = _kind("int", 1)
+    resume: bool = _kind("bool", False)
+    resume_epochs: int | None = _kind("int")
+    runner_pid: int | None = _kind("int")
+    runner_started_at: float | None = _kind("float")
+    trainer_pid: int | None = _kind("int")
+    previous_pids: list[int] = field(default_factory=list, metadata={"kind": "pids"})
+    outcome: str | None = _kind("str")        # set when the job ended without the trainer saying so
+    outcome_error: str | None = _kind("str")
+    ended_at: float | None = _kind("float")
+
+
+def read_record(path: Path, record: type, required: bool = False) -> tuple[Any, list[str]]:
+    """A typed record from its JSON file: (record or None, problems)."""
+    values, problem = read_json_object(path)
+    if values is None:
+        missing = [f"{Path(path).name} is missing"] if required and problem is None else []
+        return None, [problem] if problem else missing
+    parsed, problems = record.parse(values, Path(path).name)
+    if isinstance(parsed, TrainerStatus) and parsed.state not in STATES:
+        problems.append(f"{Path(path).name}: unknown state {parsed.state!r}")
+        parsed.state = "failed"
+    if isinstance(parsed, JobRecord) and parsed.outcome not in (None, *FINAL_STATES):
+        problems.append(f"{Path(path).name}: unknown outcome {parsed.outcome!r}")
+        parsed.outcome = "failed"
+    return parsed, problems
+
+
+class TrainerStatusWriter:
+    """The trainer's handle on status.json: the record lives here and is always written whole,
+    so no update can be lost to another writer (there is none)."""
+
+    def __init__(self, layout: "RunLayout", record: TrainerStatus) -> None:
+        self.layout, self.record = layout, record
+
+    @classmethod
+    def start(cls, layout: "RunLayout", *, epochs: int) -> "TrainerStatusWriter":
+        """Begin an attempt: keep what a previous attempt learnt (first start, epochs done, best)."""
+        now = time.time()
+        previous, _ = read_record(layout.status_file, TrainerStatus)
+        record = TrainerStatus(state="running", pid=os.getpid(), attempt_started_at=now, epochs=epochs,
+                               started_at=(previous.started_at if previous else None) or now)
+        if previous is not None:
+            record.epoch, record.best_val_acc, record.best_epoch = \
+                previous.epoch, previous.best_val_acc, previous.best_epoch
+        writer = cls(layout, record)
+        writer.write()
+        return writer
+
+    def update(self, **changes: Any) -> None:
+        for name, value in changes.items():
+            if not hasattr(self.record, name):
+                raise AttributeError(f"status.json has no field {name!r}")
+            setattr(self.record, name, value)
+        self.write()
+
+    def finish(self, state: str, **changes: Any) -> None:
+        """Record the outcome of this attempt."""
+        if state not in FINAL_STATES:
+            raise ValueError(f"not a final state: {state!r}")
+        self.update(state=state, finished_at=time.time(), eta_s=None, phase=None, **changes)
+
+    def write(self) -> None:
+        atomic_write_json(self.layout.status_file, {**self.record.to_dict(), "updated_at": time.time()})
+
+
+# ---- the run's state --------------------------------------------------------------------
+
+DEAD_PROCESS_ERROR = "process exited without finishing"
+ACTIVE_STATES = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What state a run is in and how far it got: the one answer every page, the CLI and the
+    job queue use (see `run_status`)."""
+
+    state: str
+    pid: int | None = None                 # the trainer's, while it runs
+    runner_pid: int | None = None
+    epoch: int = 0
+    epochs: int | None = None
+    batch: int = 0
+    batches: int | None = None
+    eta_s: float | None = None
+    images_per_second: float | None = None
+    phase: str | None = None
+    error: str | None = None
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested: bool = False         # running, but a cancel is on its way
+    best_val_acc: float | None = None
+    best_epoch: int | None = None
+    early_stopped_at: int | None = None
+    published_checkpoint: str | None = None
+    max_concurrent: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Dict-style access for callers that take a status dict or a RunStatus alike."""
+        value = getattr(self, name, None)
+        return default if value is None else value
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -167,7 +470,7 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    except (OverflowError, ValueError):
+    except (OverflowError, ValueError, TypeError):
         return False
     try:
         stat = Path(f"/proc/{int(pid)}/stat").read_text()
@@ -176,12 +479,105 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
-def effective_state(status: dict[str, Any]) -> str:
-    """The state to show: a 'running' run whose process is gone has failed."""
-    state = status.get("state", "failed")
-    if state == "running" and not pid_alive(status.get("pid")):
-        return "failed"
-    return state
+def cancel_request(layout: "RunLayout") -> tuple[float, float] | None:
+    """(requested_at, grace_s) if a cancel was asked for, else None."""
+    values, _ = read_json_object(layout.cancel_file)
+    if values is None:
+        try:
+            mtime = layout.cancel_file.stat().st_mtime  # an empty or damaged request still counts
+        except OSError:
+            return None
+        return mtime, 10.0
+    at, grace = values.get("requested_at"), values.get("grace_s")
+    at = float(at) if _valid("float", at) and at is not None else layout.cancel_file.stat().st_mtime
+    return at, float(grace) if _valid("float", grace) and grace is not None else 10.0
+
+
+def run_status(run_dir: Path | "RunLayout") -> tuple[RunStatus, list[str]]:
+    """The run's state and progress, from job.json, status.json, the cancel request and whether
+    the recorded processes live; plus any problems with those files. Never writes, never raises."""
+    layout = run_dir if isinstance(run_dir, RunLayout) else RunLayout(Path(run_dir))
+    trainer, problems = read_record(layout.status_file, TrainerStatus)
+    job, job_problems = read_record(layout.job_file, JobRecord)
+    problems += job_problems
+    if trainer is None and job is None and not problems:
+        problems.append(f"{STATUS_FILE} is missing")
+    return resolve_status(trainer, job, cancel_request(layout) is not None), problems
+
+
+def resolve_status(trainer: TrainerStatus | None, job: JobRecord | None, cancel_requested: bool) -> RunStatus:
+    """The state from the records. The trainer's record is about the current attempt unless the
+    job was queued again (a resume) after that attempt started."""
+    current = trainer if trainer is not None and (
+        job is None or (trainer.attempt_started_at or trainer.started_at or 0.0) >= job.queued_at) else None
+    error: str | None = None
+    if current is not None:
+        state, error = current.state, current.error
+        if state == "running" and not pid_alive(current.pid):
+            if job is not None and job.outcome:
+                state, error = job.outcome, job.outcome_error
+            elif job is not None and pid_alive(job.runner_pid):
+                pass  # the runner records how its trainer ended in a moment
+            else:
+                state, error = ("cancelled", None) if cancel_requested else ("failed", DEAD_PROCESS_ERROR)
+    elif job is not None:
+        if job.outcome:
+            state, error = job.outcome, job.outcome_error
+        elif job.runner_pid is None:
+            state = "queued"
+        elif pid_alive(job.runner_pid) or pid_alive(job.trainer_pid):
+            state = "running"  # starting: the trainer has not written its record yet
+        else:
+            state, error = ("cancelled", None) if cancel_requested else ("failed", DEAD_PROCESS_ERROR)
+    else:
+        state, error = "failed", "no status recorded"
+
+    running = state == "running"
+    finished_at = None
+    if state in FINAL_STATES:
+        finished_at = (current.finished_at if current is not None and current.state == state else None) \
+            or (job.ended_at if job is not None else None) or (trainer.finished_at if trainer else None)
+    live = current if running and current is not None else None
+    return RunStatus(
+        state=state, error=error,
+        pid=current.pid if running and current is not None else (job.trainer_pid if running and job else None),
+        runner_pid=job.runner_pid if job is not None else None,
+        epoch=trainer.epoch if trainer else 0,
+        epochs=(current.epochs if current is not None else None) or (job.resume_epochs if job else None)
+        or (trainer.epochs if trainer else None),
+        batch=live.batch if live else 0, batches=live.batches if live else None,
+        eta_s=live.eta_s if live else None,
+        images_per_second=(current.images_per_second if current is not None else None),
+        phase=live.phase if live else None,
+        queued_at=job.queued_at if job is not None else None,
+        started_at=trainer.started_at if trainer else None, finished_at=finished_at,
+        cancel_requested=running and cancel_requested,
+        best_val_acc=trainer.best_val_acc if trainer else None,
+        best_epoch=trainer.best_epoch if trainer else None,
+        early_stopped_at=current.early_stopped_at if current is not None else None,
+        published_checkpoint=trainer.published_checkpoint if trainer else None,
+        max_concurrent=job.max_concurrent if job is not None else 1)
+
+
+LOG_TAIL_LINES = 40
+_LOG_TAIL_BYTES = 64 * 1024
+
+
+def read_log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of train.log ('' if there is none); reads at most 64 KiB."""
+    try:
+        with open(Path(run_dir) / LOG_FILE, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - _LOG_TAIL_BYTES))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    # a progress bar redraws with '\r': keep what the line finally showed
+    shown = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+    while shown and not shown[-1].strip():
+        shown.pop()
+    return "\n".join(shown[-lines:]) if lines > 0 else ""
 
 
 # ---- metrics --------------------------------------------------------------------------
@@ -208,10 +604,10 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
             continue
         with suppress(ValueError):
             row = json.loads(line)
-            if isinstance(row, dict):
+            if isinstance(row, dict) and all(_valid(kind, row.get(key)) for key, kind in _METRIC_KINDS.items()):
                 rows.append(row)
                 continue
-        bad += 1  # not JSON, or not an object
+        bad += 1  # not JSON, not an object, or a number that is not a number
     return rows, bad
 
 
@@ -227,26 +623,49 @@ def rewrite_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 class RunInfo:
     """Everything the UI shows about one run, read from its directory."""
 
-    path: Path
-    id: str
-    config: dict[str, Any] = field(default_factory=dict)
-    status: dict[str, Any] = field(default_factory=dict)
-    state: str = "failed"
+    layout: RunLayout
+    config: dict[str, Any] = field(default_factory=dict)   # config.json + the trainer's environment.json
+    status: RunStatus = field(default_factory=lambda: RunStatus(state="failed"))
     metrics: list[dict[str, Any]] = field(default_factory=list)
     evaluation: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.layout.path
+
+    @property
+    def id(self) -> str:
+        return self.layout.id
+
+    @property
+    def state(self) -> str:
+        """The run's state; 'damaged' for a run that is not active and has unreadable files."""
+        if self.problems and not self.status.active:
+            return "damaged"
+        return self.status.state
 
     @property
     def damaged(self) -> bool:
         return bool(self.problems)
 
     @property
+    def experiment(self) -> str:
+        value = self.config.get("experiment")
+        return value if isinstance(value, str) and value else self.layout.experiment
+
+    @property
+    def mode(self) -> str:
+        value = self.config.get("mode")
+        return value if isinstance(value, str) and value else self.layout.mode
+
+    @property
     def best_checkpoint(self) -> Path:
-        return self.path / CHECKPOINT_DIR / BEST_CHECKPOINT
+        return self.layout.best_checkpoint
 
     @property
     def last_checkpoint(self) -> Path:
-        return self.path / CHECKPOINT_DIR / LAST_CHECKPOINT
+        return self.layout.last_checkpoint
 
     @property
     def best_val_acc(self) -> float | None:
@@ -262,57 +681,112 @@ class RunInfo:
         return (self.evaluation or {}).get("macro_f1")
 
     @property
+    def planned_epochs(self) -> int | None:
+        epochs = self.status.epochs or self.config.get("epochs")
+        return epochs if isinstance(epochs, int) else None
+
+    @property
     def duration_s(self) -> float | None:
-        start = self.status.get("started_at")
-        end = self.status.get("finished_at") or (time.time() if self.state == "running" else None)
+        start = self.status.started_at
+        end = self.status.finished_at or (time.time() if self.state == "running" else None)
         if start is None or end is None:
             return None
         return max(0.0, float(end) - float(start))
 
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return read_log_tail(self.path, lines)
 
-def load_run(run_dir: Path) -> RunInfo:
-    """Read one run; a damaged file is reported in `problems`, never raised."""
-    run_dir = Path(run_dir)
-    info = RunInfo(path=run_dir, id=run_id(run_dir))
-    for name, attr in ((CONFIG_FILE, "config"), (STATUS_FILE, "status")):
-        try:
-            value = read_json(run_dir / name)
-            if not isinstance(value, dict):
-                raise ValueError("not a JSON object")
-            setattr(info, attr, value)
-        except FileNotFoundError:
-            info.problems.append(f"{name} is missing")
-        except (OSError, ValueError) as exc:
-            info.problems.append(f"{name} is damaged ({exc})")
-    info.state = effective_state(info.status) if info.status else "failed"
-    info.metrics, bad_lines = read_metrics(run_dir)
+
+# The keys of config.json and evaluation.json the app relies on, and their kinds.
+_CONFIG_KINDS = {"data": "str", "experiment": "str", "mode": "str", "epochs": "int", "img_size": "int",
+                 "batch_size": "int", "lr": "float", "preset": "str", "synthetic_data": "bool",
+                 "selection_split": "str", "weights_source": "str", "num_test": "int"}
+_METRIC_KINDS = {"epoch": "int", "train_loss": "number", "train_acc": "number", "val_loss": "number",
+                 "val_acc": "number", "lr": "number", "seconds": "number", "images_per_second": "number"}
+
+
+def _check_kinds(values: dict[str, Any], kinds: dict[str, str], file_name: str) -> list[str]:
+    return [f"{file_name}: {key} has a value of the wrong type ({values[key]!r:.40})"
+            for key, kind in kinds.items() if key in values and not _valid(kind, values[key])]
+
+
+def evaluation_problem(evaluation: Any) -> str | None:
+    """Why an evaluation record cannot be shown, or None when it is well formed."""
+    if not isinstance(evaluation, dict):
+        return "not a JSON object"
+    for key in ("accuracy", "macro_f1"):
+        value = evaluation.get(key)
+        if not _valid("float", value) or value is None or not 0.0 <= value <= 1.0:
+            return f"{key} must be a number between 0 and 1 (got {value!r:.40})"
+    classes, matrix = evaluation.get("classes"), evaluation.get("confusion_matrix")
+    if (not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes)
+            or len(set(classes)) != len(classes)):
+        return "classes must be a list of distinct names"
+    if (not isinstance(matrix, list) or len(matrix) != len(classes)
+            or not all(isinstance(row, list) and len(row) == len(classes)
+                       and all(_valid("int", v) and v is not None and 0 <= v < 2**53 for v in row)
+                       for row in matrix)):
+        return "confusion_matrix must be a square table of counts, one row per class"
+    for key, kind in (("num_images", "int"), ("best_epoch", "int"), ("data", "str"), ("split", "str"),
+                      ("synthetic", "bool"), ("tta", "bool")):
+        if not _valid(kind, evaluation.get(key)) or (kind == "int" and (evaluation.get(key) or 0) < 0):
+            return f"{key} has a value of the wrong type ({evaluation.get(key)!r:.40})"
+    report = evaluation.get("report", {})
+    if not isinstance(report, dict) or not all(
+            isinstance(scores, dict) and all(_valid("float", scores.get(name)) for name in
+                                             ("precision", "recall", "f1-score", "support"))
+            for name, scores in report.items() if name in classes):
+        return "report must hold precision, recall, f1-score and support numbers per class"
+    return None
+
+
+def load_run(run_dir: Path | RunLayout) -> RunInfo:
+    """Read one run; a damaged or wrongly typed file is reported in `problems`, never raised."""
+    layout = run_dir if isinstance(run_dir, RunLayout) else RunLayout(Path(run_dir))
+    info = RunInfo(layout=layout)
+    config, problem = read_json_object(layout.config_file)
+    if problem or config is None:
+        info.problems.append(problem or f"{CONFIG_FILE} is missing")
+    else:
+        info.problems += _check_kinds(config, _CONFIG_KINDS, CONFIG_FILE)
+        info.config = {k: v for k, v in config.items() if k not in _CONFIG_KINDS or _valid(_CONFIG_KINDS[k], v)}
+    environment, problem = read_json_object(layout.environment_file)
+    if problem:
+        info.problems.append(problem)
+    elif environment:
+        info.problems += _check_kinds(environment, _CONFIG_KINDS, ENVIRONMENT_FILE)
+        info.config.update({k: v for k, v in environment.items()
+                            if k not in _CONFIG_KINDS or _valid(_CONFIG_KINDS[k], v)})
+    info.status, problems = run_status(layout)
+    info.problems += problems
+    info.metrics, bad_lines = read_metrics(layout.path)
     if bad_lines:
         info.problems.append(f"{METRICS_FILE} has {bad_lines} unreadable line(s)")
-    if (run_dir / EVALUATION_FILE).exists():
-        try:
-            info.evaluation = read_json(run_dir / EVALUATION_FILE)
-        except (OSError, ValueError) as exc:
-            info.problems.append(f"{EVALUATION_FILE} is damaged ({exc})")
+    evaluation, problem = read_json_object(layout.evaluation_file())
+    reason = problem or (evaluation_problem(evaluation) if evaluation is not None else None)
+    if reason:
+        info.problems.append(reason if problem else f"{EVALUATION_FILE} is damaged ({reason})")
+    elif evaluation is not None:
+        info.evaluation = evaluation
     return info
 
 
-def find_run_dirs(runs_dir: Path) -> list[Path]:
-    """Every run directory under runs_dir (those holding a config.json or status.json)."""
+def find_runs(runs_dir: Path) -> list[RunLayout]:
+    """Every run folder under runs_dir (one holding a config.json, status.json or job.json),
+    newest first."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    found = {p.parent for pattern in (f"*/*/*/*/{CONFIG_FILE}", f"*/*/*/*/{STATUS_FILE}")
-             for p in runs_dir.glob(pattern)}
-    return sorted(found, key=_newest_first_key, reverse=True)
+    found = {p.parent for name in (CONFIG_FILE, STATUS_FILE, JOB_FILE)
+             for p in runs_dir.glob(f"*/*/{MODEL_NAME}/*/{name}")}
+    return sorted((RunLayout(p) for p in found), key=lambda layout: layout.age_key, reverse=True)
 
 
-def _newest_first_key(run_dir: Path) -> tuple[str, int, str]:
-    """Sort by timestamp, then by the clash suffix ('<stamp>-2' is newer than '<stamp>')."""
-    folder = run_dir.parts[-4] if len(run_dir.parts) >= 4 else run_dir.name
-    stamp, suffix = folder[:19], folder[20:]  # "YYYY-MM-DD_HH-MM-SS" then "-N" on a clash
-    return stamp, int(suffix) if suffix.isdigit() else 0, str(run_dir)
+def find_run_dirs(runs_dir: Path) -> list[Path]:
+    """find_runs as paths."""
+    return [layout.path for layout in find_runs(runs_dir)]
 
 
 def list_runs(runs_dir: Path) -> list[RunInfo]:
     """All runs, newest first."""
-    return [load_run(p) for p in find_run_dirs(runs_dir)]
+    return [load_run(layout) for layout in find_runs(runs_dir)]

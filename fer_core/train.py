@@ -27,12 +27,14 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import runs
 from .config import TrainConfig
-from .data import (Dataset, assign_splits, display_path, load_dataset, read_split_manifest, split_table,
-                   write_split_manifest)
+from .data import (Dataset, assign_splits, cap_training_images, display_path, load_dataset,
+                   read_split_manifest, split_table, write_split_manifest)
 from .errors import FerError
-from .evaluate import (autocast_context, confusion_figure, evaluation_report, predict_probabilities,
-                       predictions_csv)
-from .models import CHECKPOINT_FORMAT, build_model, freeze_batchnorm_if_head_only, parameter_groups
+from .runs import RunLayout, TrainerStatusWriter
+from .evaluate import confusion_figure, evaluate_model
+from .inference import autocast_context
+from .models import (CHECKPOINT_FORMAT, build_model, freeze_batchnorm_if_head_only, load_checkpoint,
+                     parameter_groups, save_checkpoint_file, weights_are_finite)
 from .transforms import denormalise, eval_transform, train_transform
 
 log = logging.getLogger("fer_core.train")
@@ -85,63 +87,63 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 
 def fit(config: TrainConfig, *, run_dir: Path | None = None,
         on_progress: ProgressCallback | None = None) -> Path:
-    """Train a new run and return its directory. `run_dir` may be pre-created (queued) by the
-    job manager; otherwise a new one is made under config.runs_dir."""
+    """Train a new run and return its directory. `run_dir` may be pre-created (queued, with its
+    config.json) by the job manager; otherwise a new one is made under config.runs_dir."""
     config.validate()
-    run_dir = Path(run_dir) if run_dir else runs.new_run_dir(Path(config.runs_dir), config.experiment, config.mode)
-    runs.write_status(run_dir, "running", pid=os.getpid(), started_at=time.time(), finished_at=None,
-                      epoch=0, epochs=config.epochs, batch=0, error=None)
-    return _guarded(run_dir, lambda: _train(config, run_dir, None, on_progress))
+    if run_dir is None:
+        layout = RunLayout.create(Path(config.runs_dir), config.experiment, config.mode)
+        runs.atomic_write_json(layout.config_file, config.to_dict())  # the run's creator writes it, once
+    else:
+        layout = RunLayout(Path(run_dir))
+    status = TrainerStatusWriter.start(layout, epochs=config.epochs)
+    return _guarded(layout, status, lambda: _train(config, layout, status, None, on_progress))
 
 
 def resume(run_dir: Path, *, epochs: int | None = None, on_progress: ProgressCallback | None = None) -> Path:
     """Continue a run from its last.pt with the same config and split; more epochs if asked."""
-    run_dir = Path(run_dir)
+    layout = RunLayout(Path(run_dir))
     try:
-        config = TrainConfig.from_dict(runs.read_json(run_dir / runs.CONFIG_FILE))
-    except (OSError, ValueError) as exc:
+        config = TrainConfig.from_dict(runs.read_json(layout.config_file))
+    except (OSError, ValueError, TypeError) as exc:
         raise FerError(f"cannot resume {run_dir}: config.json unreadable ({exc})") from exc
-    last = run_dir / runs.CHECKPOINT_DIR / runs.LAST_CHECKPOINT
-    if not last.is_file():
-        raise FerError(f"cannot resume {run_dir}: it has no checkpoints/last.pt (no epoch finished)")
-    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(layout.last_checkpoint)
     if epochs is not None:
         config.epochs = epochs
     config.validate()
-    (run_dir / runs.CANCEL_FILE).unlink(missing_ok=True)
-    runs.write_status(run_dir, "running", pid=os.getpid(), finished_at=None, error=None,
-                      epochs=config.epochs, resumed_at=time.time())
-    return _guarded(run_dir, lambda: _train(config, run_dir, checkpoint, on_progress))
+    layout.cancel_file.unlink(missing_ok=True)  # a resume consumes an old cancel request
+    status = TrainerStatusWriter.start(layout, epochs=config.epochs)
+    return _guarded(layout, status, lambda: _train(config, layout, status, checkpoint, on_progress))
 
 
-def _guarded(run_dir: Path, body: Callable[[], None]) -> Path:
+def _guarded(layout: RunLayout, status: TrainerStatusWriter, body: Callable[[], None]) -> Path:
     """Run the body; record completed / cancelled / failed in status.json whatever happens."""
     previous_handler = signal.signal(signal.SIGTERM, _raise_cancel_on_sigterm) \
         if _in_main_thread() else None
     try:
         body()
-        runs.write_status(run_dir, "completed", finished_at=time.time(), phase=None)
+        status.finish("completed")
     except Cancelled:
-        runs.write_status(run_dir, "cancelled", finished_at=time.time())
-        log.info("cancelled; checkpoints kept in %s", run_dir / runs.CHECKPOINT_DIR)
+        status.finish("cancelled")
+        log.info("cancelled; checkpoints kept in %s", layout.checkpoint_dir)
     except OSError as exc:  # disk full, folder removed or read-only: say so in words
-        message = f"could not write to {run_dir}: {exc.strerror or exc}"
-        _record_failure(run_dir, message)
+        message = f"could not write to {layout.path}: {exc.strerror or exc}"
+        _record_failure(status, message)
         raise FerError(message) from exc
     except BaseException as exc:
-        _record_failure(run_dir, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _record_failure(status, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-    return run_dir
+    return layout.path
 
 
-def _record_failure(run_dir: Path, message: str) -> None:
+def _record_failure(status: TrainerStatusWriter, message: str) -> None:
     try:
-        runs.write_status(run_dir, "failed", finished_at=time.time(), error=message)
-    except OSError:
-        log.error("could not record the failure in status.json: %s", message)
+        status.finish("failed", error=message)
+    except OSError as exc:
+        # e.g. the disk is still full: the state still reads as failed once this process exits
+        log.error("could not record the failure in status.json (%s): %s", exc.strerror or exc, message)
 
 
 def _in_main_thread() -> bool:
@@ -155,23 +157,25 @@ def _raise_cancel_on_sigterm(signum: int, frame: Any) -> None:
 
 # ---- the run --------------------------------------------------------------------------
 
-def _train(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None,
-           on_progress: ProgressCallback | None) -> None:
+def _train(config: TrainConfig, layout: RunLayout, status: TrainerStatusWriter,
+           checkpoint: dict[str, Any] | None, on_progress: ProgressCallback | None) -> None:
+    run_dir = layout.path
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and keep_freed_memory_for_reuse():
         log.info("glibc malloc: heap only, no trimming (freed activations are reused, not re-faulted)")
+    remove_unfinished_saves(layout)
 
-    runs.write_status(run_dir, "running", phase="loading data")
+    status.update(phase="loading data")
     data = prepare_data(config, run_dir, resuming=checkpoint is not None)
     model, weights_source, weights_warning = build_model(
         len(data.classes), config.mode, config.stem,
         pretrained=config.pretrained and checkpoint is None,
         weights_path=config.weights if checkpoint is None else None)
     if checkpoint is None:
-        write_run_config(run_dir, config, device, weights_source, weights_warning, data)
+        write_environment(layout, config, device, weights_source, weights_warning, data)
     model = model.to(device, memory_format=torch.channels_last)
 
     steps_per_epoch = math.ceil(len(data.train_x) / config.batch_size)
@@ -191,11 +195,11 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None
         log_run_start(writer, model, data, config, device)
 
     if uses_feature_cache(config):
-        runs.write_status(run_dir, "running", phase="computing the frozen backbone's features (once)")
+        status.update(phase="computing the frozen backbone's features (once)")
     source = batch_source(model, config, device, data)
-    runs.write_status(run_dir, "running", phase="training")
+    status.update(phase="training")
     for epoch in range(state.epoch + 1, config.epochs + 1):
-        progress = _ProgressReporter(run_dir, epoch, config.epochs, steps_per_epoch, on_progress)
+        progress = _ProgressReporter(status, epoch, config.epochs, steps_per_epoch, on_progress)
         train_result = train_one_epoch(source, data, config, epoch, optimizer, scheduler, scaler,
                                        criterion, device, run_dir, progress)
         val_loss, val_acc = validate(source, data, config, device)
@@ -211,25 +215,34 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: dict[str, Any] | None
             state.best_val_acc, state.best_epoch, state.epochs_without_improvement = val_acc, epoch, 0
         else:
             state.epochs_without_improvement += 1
-        save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, data.classes,
-                         val_loss, improved)
+        # Logs before the checkpoint: a kill between the two loses nothing, because a resume
+        # from the previous last.pt rewrites metrics.jsonl and purges TensorBoard from there.
         runs.append_metrics(run_dir, row)
         log_epoch(writer, row)
-        runs.write_status(run_dir, "running", epoch=epoch, batch=steps_per_epoch,
-                          best_val_acc=state.best_val_acc, best_epoch=state.best_epoch)
+        save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, data.classes,
+                         val_loss, improved)
+        status.update(epoch=epoch, batch=steps_per_epoch, best_val_acc=state.best_val_acc,
+                      best_epoch=state.best_epoch)
         log.info("epoch %d/%d  train loss %.4f acc %.3f | %s loss %.4f acc %.3f | %.0f img/s",
                  epoch, config.epochs, row["train_loss"], row["train_acc"], data.selection_split,
                  val_loss, val_acc, row["images_per_second"])
         if config.patience and state.epochs_without_improvement >= config.patience:
             log.info("early stop: no %s improvement for %d epochs", data.selection_split, config.patience)
-            runs.write_status(run_dir, "running", early_stopped_at=epoch)
+            status.update(early_stopped_at=epoch)
             break
 
-    runs.write_status(run_dir, "running", phase="evaluating the best model on the test split")
+    status.update(phase="evaluating the best model on the test split")
     evaluation = evaluate_best(run_dir, model, data, config, device, source)
     log_run_end(writer, config, evaluation, state)
     writer.close()
-    publish_best(run_dir, config)
+    status.update(published_checkpoint=str(publish_best(run_dir, config)))
+
+
+def remove_unfinished_saves(layout: RunLayout) -> None:
+    """Temp files of atomic saves that a kill interrupted (`.last.pt.*.tmp`): never valid data."""
+    for folder in (layout.path, layout.checkpoint_dir):
+        for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
+            leftover.unlink(missing_ok=True)
 
 
 def keep_freed_memory_for_reuse() -> bool:
@@ -264,7 +277,7 @@ def peak_rss_mb() -> float:
 
 def prepare_data(config: TrainConfig, run_dir: Path, *, resuming: bool) -> SplitTensors:
     """Load, split (or re-read the run's split on resume) and slice into split tensors."""
-    dataset = load_dataset(config.data, max_per_class=config.max_per_class, seed=config.seed)
+    dataset = load_dataset(config.data)
     manifest = run_dir / runs.SPLIT_FILE
     if resuming and manifest.is_file():
         by_path = {row["path"]: row["split"] for row in read_split_manifest(manifest)}
@@ -272,6 +285,8 @@ def prepare_data(config: TrainConfig, run_dir: Path, *, resuming: bool) -> Split
     else:
         splits = assign_splits(dataset, test_fraction=config.test_fraction,
                                val_fraction=config.val_fraction, seed=config.seed)
+        if config.max_per_class:
+            splits = cap_training_images(dataset, splits, config.max_per_class, config.seed)
         write_split_manifest(manifest, dataset, splits)
         runs.atomic_write_json(run_dir / runs.DATA_REPORT_FILE, {
             "source": dataset.source, "synthetic": dataset.synthetic, "classes": dataset.classes,
@@ -442,17 +457,26 @@ def train_one_epoch(source: BatchSource, data: SplitTensors, config: TrainConfig
         with autocast_context(device, config.amp):
             logits = source.forward(x)
             loss = criterion(logits.float(), y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # before the step: last.pt and the weights stay finite
+            raise FerError(diverged_message(epoch, batch_index, loss_value, config))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total_loss += loss.item() * len(y)
+        total_loss += loss_value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         progress.batch_done(batch_index, seen, time.perf_counter() - started, total_loss / seen)
     seconds = time.perf_counter() - started
     return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, seconds)
+
+
+def diverged_message(epoch: int, batch: int, loss: float, config: TrainConfig) -> str:
+    return (f"training diverged at epoch {epoch}, batch {batch}: the loss became {loss} "
+            f"(learning rate {config.lr:g}). Lower the learning rate (e.g. {config.lr / 10:g}), "
+            "or resume from the last good epoch with a smaller one.")
 
 
 @torch.inference_mode()
@@ -474,9 +498,9 @@ def validate(source: BatchSource, data: SplitTensors, config: TrainConfig,
 class _ProgressReporter:
     """Throttled batch progress into status.json (for the app) and a callback (for tqdm)."""
 
-    def __init__(self, run_dir: Path, epoch: int, epochs: int, batches: int,
+    def __init__(self, status: TrainerStatusWriter, epoch: int, epochs: int, batches: int,
                  callback: ProgressCallback | None):
-        self.run_dir, self.epoch, self.epochs, self.batches = run_dir, epoch, epochs, batches
+        self.status, self.epoch, self.epochs, self.batches = status, epoch, epochs, batches
         self.callback = callback
         self.last_write = 0.0
 
@@ -491,7 +515,7 @@ class _ProgressReporter:
         now = time.monotonic()
         if now - self.last_write >= STATUS_INTERVAL_S or batch == self.batches:
             self.last_write = now
-            runs.write_status(self.run_dir, "running", **event)
+            self.status.update(**event)
 
 
 # ---- checkpoints ----------------------------------------------------------------------
@@ -522,7 +546,7 @@ def save_checkpoints(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
                      classes: list[str], val_loss: float, improved: bool) -> None:
     payload = checkpoint_payload(model, optimizer, scheduler, scaler, state, config, classes, val_loss)
     folder = run_dir / runs.CHECKPOINT_DIR
-    runs.atomic_save(folder / runs.LAST_CHECKPOINT, lambda p: torch.save(payload, p))
+    save_checkpoint_file(folder / runs.LAST_CHECKPOINT, payload)
     if improved:  # the same bytes: a hard link instead of a second 45 MB write
         runs.atomic_link(folder / runs.LAST_CHECKPOINT, folder / runs.BEST_CHECKPOINT)
 
@@ -544,48 +568,49 @@ def restore_checkpoint(checkpoint: dict[str, Any], model: nn.Module, optimizer: 
 
 def evaluate_best(run_dir: Path, model: nn.Module, data: SplitTensors, config: TrainConfig,
                   device: torch.device, source: BatchSource) -> dict[str, Any]:
-    """Reload best.pt and score it once on the untouched test split."""
-    best = torch.load(run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT, map_location="cpu",
-                      weights_only=True)
+    """Reload best.pt and score it once on the untouched test split, with the code the
+    `evaluate` command uses (`evaluate.evaluate_model`)."""
+    layout = RunLayout(run_dir)
+    best = torch.load(layout.best_checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(best["model_state"])
-    if isinstance(source, FeatureBatches) and not config.tta:
-        probabilities = source.test_probabilities(data)
-    else:
-        probabilities = predict_probabilities(model, data.test_x, config.img_size, device=device,
-                                              amp=config.amp, tta=config.tta)
-    y_true = data.test_y.numpy()
-    evaluation = evaluation_report(y_true, probabilities, data.classes)
-    evaluation.update({"best_epoch": best["epoch"], "tta": config.tta, "split": "test",
-                       "synthetic": data.synthetic})
-    runs.atomic_write_json(run_dir / runs.EVALUATION_FILE, evaluation)
-    runs.atomic_write_text(run_dir / runs.PREDICTIONS_FILE,
-                           predictions_csv(data.test_paths, y_true, probabilities, data.classes))
+    precomputed = None
+    if isinstance(source, FeatureBatches) and not config.tta and data.selection_split == "test":
+        # the test split's backbone features are already cached (they were the selection
+        # split): the head alone scores them, a whole forward pass saved
+        precomputed = source.test_probabilities(data)
+    evaluation = evaluate_model(model, data.test_x, data.test_y, data.test_paths, data.classes,
+                                img_size=config.img_size, amp=config.amp, tta=config.tta, device=device,
+                                evaluation_file=layout.evaluation_file(),
+                                predictions_file=layout.predictions_file(),
+                                facts={"best_epoch": best["epoch"], "split": "test", "data": config.data,
+                                       "synthetic": data.synthetic},
+                                probabilities=precomputed)
     log.info("test accuracy %.4f  macro-F1 %.4f  (best epoch %d, %d images)",
-             evaluation["accuracy"], evaluation["macro_f1"], best["epoch"], len(y_true))
+             evaluation["accuracy"], evaluation["macro_f1"], best["epoch"], evaluation["num_images"])
     return evaluation
 
 
 def publish_best(run_dir: Path, config: TrainConfig) -> Path:
     """Copy the best model (weights, classes, config, scores; no optimizer) to checkpoints/."""
-    best = torch.load(run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT, map_location="cpu",
-                      weights_only=True)
-    evaluation = runs.read_json(run_dir / runs.EVALUATION_FILE)
+    layout = RunLayout(run_dir)
+    best = torch.load(layout.best_checkpoint, map_location="cpu", weights_only=True)
+    if not weights_are_finite(best["model_state"]):
+        raise FerError("the best model has non-finite weights (NaN or inf): it was not published")
+    evaluation = runs.read_json(layout.evaluation_file())
     slim = {key: best[key] for key in ("format", "model_state", "epoch", "best_val_acc", "config", "class_names")}
     slim["evaluation"] = {"accuracy": evaluation["accuracy"], "macro_f1": evaluation["macro_f1"]}
-    slim["run_dir"] = str(run_dir.resolve())
-    name = runs.run_id(run_dir).replace("/", "_") + ".pt"
-    target = Path(config.checkpoints_dir) / name
-    runs.atomic_save(target, lambda p: torch.save(slim, p))
-    runs.write_status(run_dir, "running", published_checkpoint=str(target))
+    slim["run_dir"] = str(layout.path.resolve())
+    target = layout.published_checkpoint(Path(config.checkpoints_dir))
+    save_checkpoint_file(target, slim)
     return target
 
 
 # ---- records and TensorBoard ----------------------------------------------------------
 
-def write_run_config(run_dir: Path, config: TrainConfig, device: torch.device, weights_source: str,
-                     weights_warning: str | None, data: SplitTensors) -> None:
-    record = config.to_dict()
-    record.update({
+def write_environment(layout: RunLayout, config: TrainConfig, device: torch.device, weights_source: str,
+                      weights_warning: str | None, data: SplitTensors) -> None:
+    """environment.json: what the trainer found and ran with, beside the config it was given."""
+    runs.atomic_write_json(layout.environment_file, {
         "weights_source": weights_source, "weights_warning": weights_warning,
         "classes": data.classes, "synthetic_data": data.synthetic,
         "selection_split": data.selection_split,
@@ -596,7 +621,6 @@ def write_run_config(run_dir: Path, config: TrainConfig, device: torch.device, w
         "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
         "python_version": platform.python_version(), "git_commit": _git_commit(),
     })
-    runs.atomic_write_json(run_dir / runs.CONFIG_FILE, record)
 
 
 def _git_commit() -> str | None:
@@ -626,7 +650,6 @@ def log_run_start(writer: SummaryWriter, model: nn.Module, data: SplitTensors, c
 
 def log_epoch(writer: SummaryWriter, row: dict[str, Any]) -> None:
     epoch = row["epoch"]
-    writer.add_scalars("loss", {"train": row["train_loss"], "val": row["val_loss"]}, epoch)
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_second"):
         writer.add_scalar(f"epoch/{key}", row[key], epoch)
     writer.flush()

@@ -7,7 +7,7 @@ without a browser.
 
 from __future__ import annotations
 
-import csv
+import html
 import math
 import time
 from contextlib import suppress
@@ -20,6 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from . import fer2013_csv
 from .runs import RunInfo
 
 STATE_COLORS = {"queued": "gray", "running": "blue", "completed": "green", "failed": "red",
@@ -27,7 +28,6 @@ STATE_COLORS = {"queued": "gray", "running": "blue", "completed": "green", "fail
 STATE_ICONS = {"queued": ":material/schedule:", "running": ":material/progress_activity:",
                "completed": ":material/check_circle:", "failed": ":material/error:",
                "cancelled": ":material/cancel:", "damaged": ":material/report:"}
-ACTIVE_STATES = ("queued", "running")
 TRAIN_COLOR, VAL_COLOR = "#4f46e5", "#f97316"
 
 # Config keys that describe where files go or how the machine was, not the experiment.
@@ -44,7 +44,10 @@ _HPARAM_ORDER = ["data", "preset", "mode", "stem", "pretrained", "weights_source
 
 def format_duration(seconds: float | None) -> str:
     """12 s, 3 min 05 s, 1 h 02 min; an em dash when unknown."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+    try:
+        if seconds is None or not math.isfinite(seconds) or seconds < 0:
+            return "—"
+    except (OverflowError, TypeError):
         return "—"
     seconds = int(round(seconds))
     if seconds < 60:
@@ -57,13 +60,22 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_percent(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None else f"{100 * value:.{digits}f}%"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "—"
+    try:
+        return f"{100 * float(value):.{digits}f}%"
+    except OverflowError:
+        return "—"
 
 
 def format_time(timestamp: float | None) -> str:
+    """A local date and time; an em dash when unknown or not a time a clock can show."""
     if not timestamp:
         return "—"
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(float(timestamp)))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(float(timestamp)))
+    except (OverflowError, OSError, ValueError, TypeError):
+        return "—"
 
 
 def dataset_label(spec: str | None, synthetic: bool | None = None) -> str:
@@ -170,19 +182,15 @@ def split_distribution_figure(table: list[dict[str, Any]]) -> go.Figure:
 
 # ---- runs -----------------------------------------------------------------------------
 
-def display_state(run: RunInfo) -> str:
-    return "damaged" if run.damaged and run.state not in ACTIVE_STATES else run.state
-
-
 def run_row(run: RunInfo) -> dict[str, Any]:
     """One row of the runs table."""
     config = run.config
-    planned = config.get("epochs") or run.status.get("epochs")
+    planned = run.planned_epochs
     done = len(run.metrics)
     return {
         "run": run.id,
-        "experiment": config.get("experiment") or (run.path.parts[-3] if len(run.path.parts) >= 3 else "—"),
-        "state": display_state(run),
+        "experiment": run.experiment,
+        "state": run.state,
         "problems": "; ".join(run.problems),
         "dataset": dataset_label(config.get("data"), config.get("synthetic_data")),
         "mode": config.get("mode", "—"),
@@ -196,7 +204,7 @@ def run_row(run: RunInfo) -> dict[str, Any]:
         "test acc": run.test_accuracy,
         "macro-F1": run.macro_f1,
         "duration": format_duration(run.duration_s),
-        "started": format_time(run.status.get("started_at") or run.status.get("queued_at")),
+        "started": format_time(run.status.started_at or run.status.queued_at),
         "path": str(run.path),
     }
 
@@ -287,7 +295,7 @@ def overlay_figure(runs: Sequence[RunInfo], key: str, title: str, percent: bool 
 
 
 def job_progress(status: dict[str, Any] | Any) -> float:
-    """Fraction of the whole run done, from epoch/batch counters (a dict or a JobInfo)."""
+    """Fraction of the whole run done, from epoch/batch counters (a dict or a RunStatus)."""
     get = status.get if isinstance(status, dict) else (lambda k, d=None: getattr(status, k, d))
     state = get("state")
     if state == "completed":
@@ -315,8 +323,10 @@ def confusion_figure(evaluation: dict[str, Any], normalise: bool = False,
     text = [[(f"{shares[i, j]:.0%}" if normalise else f"{counts[i, j]}") for j in range(len(classes))]
             for i in range(len(classes))]
     custom = np.dstack([counts, shares]).tolist()
+    # plotly reads <a>, <b>, <br> in labels: class names are folder names, shown as typed
+    labels = [html.escape(c) for c in classes]
     figure = go.Figure(go.Heatmap(
-        z=z.tolist(), x=classes, y=classes, text=text, texttemplate="%{text}", customdata=custom,
+        z=z.tolist(), x=labels, y=labels, text=text, texttemplate="%{text}", customdata=custom,
         colorscale="Blues", zmin=0, zmax=1 if normalise else max(int(counts.max()), 1),
         showscale=show_scale, xgap=2, ygap=2,
         colorbar=dict(title="share" if normalise else "images", tickformat=".0%" if normalise else None),
@@ -326,7 +336,7 @@ def confusion_figure(evaluation: dict[str, Any], normalise: bool = False,
     n = len(classes)
     cells = [(i, j) for i in range(n) for j in range(n)]
     figure.add_trace(go.Scatter(
-        x=[classes[j] for _, j in cells], y=[classes[i] for i, _ in cells], mode="markers",
+        x=[labels[j] for _, j in cells], y=[labels[i] for i, _ in cells], mode="markers",
         marker=dict(symbol="square", size=max(8, int((height - 130) / max(n, 1) * 0.9)),
                     color="rgba(0,0,0,0)"),
         selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)),
@@ -346,6 +356,15 @@ def confusion_figure(evaluation: dict[str, Any], normalise: bool = False,
 
 def cell_from_selection(selection: Any, classes: Sequence[str]) -> tuple[str, str] | None:
     """(true, predicted) from a plotly chart selection event, or None."""
+    cell = cell_index_from_selection(selection, classes)
+    return None if cell is None else (classes[cell[0]], classes[cell[1]])
+
+
+def cell_index_from_selection(selection: Any, classes: Sequence[str]) -> tuple[int, int] | None:
+    """(true row, predicted column) from a plotly chart selection event, or None.
+
+    A click lands on the invisible cell markers (`confusion_figure`'s second trace, one per
+    cell in row order), so the point's index names the cell whatever the class names contain."""
     try:
         points = selection["selection"]["points"]
     except (KeyError, TypeError):
@@ -353,13 +372,49 @@ def cell_from_selection(selection: Any, classes: Sequence[str]) -> tuple[str, st
     if not points:
         return None
     point = points[0]
+    n = len(classes)
+    index = point.get("point_index")
+    if point.get("curve_number") == 1 and isinstance(index, int) and 0 <= index < n * n:
+        return divmod(index, n)
+    labels = [html.escape(c) for c in classes]  # the axis labels as drawn
     true, predicted = point.get("y"), point.get("x")
-    if true in classes and predicted in classes:
-        return str(true), str(predicted)
-    index = point.get("point_index") or point.get("point_indices")
-    if isinstance(index, (list, tuple)) and len(index) == 2:
-        row, col = index
-        return classes[int(row)], classes[int(col)]
+    for names in (list(classes), labels):
+        if true in names and predicted in names:
+            return names.index(true), names.index(predicted)
+    pair = point.get("point_indices") if index is None else index
+    if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(0 <= int(v) < n for v in pair):
+        return int(pair[0]), int(pair[1])
+    return None
+
+
+def confusion_cell_order(evaluation: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """Every cell as (true row, predicted column, count): mistakes first, largest first, then
+    the correct cells, then the empty ones. Indices, so no class name can make two cells alike."""
+    matrix = evaluation["confusion_matrix"]
+    n = len(evaluation["classes"])
+    cells = [(i, j, int(matrix[i][j])) for i in range(n) for j in range(n)]
+    cells.sort(key=lambda c: (c[2] == 0, c[0] == c[1], -c[2]))
+    return cells
+
+
+def test_set_difference(a: RunInfo, b: RunInfo) -> str | None:
+    """Why two runs' test scores are not comparable (different data, or a different test split
+    of the same data), or None when they were tested on the same images."""
+    def facts(run: RunInfo) -> dict[str, Any]:
+        evaluation, config = run.evaluation or {}, run.config
+        data = evaluation.get("data") or config.get("data")
+        synthetic = bool(evaluation.get("synthetic", config.get("synthetic_data")) or data == "demo")
+        return {"data": data, "synthetic": synthetic, "label": dataset_label(data, synthetic),
+                "images": evaluation.get("num_images"),
+                "split": (config.get("seed"), config.get("test_fraction"), config.get("max_per_class"))}
+
+    x, y = facts(a), facts(b)
+    if x["data"] != y["data"] or x["synthetic"] != y["synthetic"]:
+        return (f"Different test sets: this run was tested on {x['label']}, the other on {y['label']}. "
+                "Their scores and matrices are not comparable.")
+    if x["images"] != y["images"] or x["split"] != y["split"]:
+        return (f"Different test splits of {x['label']} ({x['images'] or '?'} and {y['images'] or '?'} "
+                "images; another seed, test share or per-class cap): the scores are only roughly comparable.")
     return None
 
 
@@ -428,29 +483,34 @@ def load_image_arrays(paths: Sequence[str]) -> list[np.ndarray | None]:
 
 
 def load_csv_rows(path: str, rows: Iterable[int]) -> dict[int, np.ndarray]:
-    """Decode the given 1-based csv line numbers (the header is line 1) of a fer2013.csv."""
+    """Decode the given 1-based csv line numbers (the header is line 1) of a fer2013.csv.
+
+    The lines are numbered and parsed exactly as `data.read_fer2013_csv` numbers its rows (one
+    physical line each, byte-order mark accepted), so a dataset reference "file.csv#n" shows
+    its own face even after a broken row.
+    """
     wanted = set(rows)
     found: dict[int, np.ndarray] = {}
     if not wanted:
         return found
     # An unreadable csv shows no images rather than breaking the page; a malformed row has no
     # image to show, so the gallery skips it.
-    with suppress(OSError), open(path, newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.DictReader(handle)
-        columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
-        pixels_key = columns.get("pixels")
-        if pixels_key is None:
+    with suppress(OSError), fer2013_csv.open_csv(path) as handle:
+        lines = fer2013_csv.read_lines(handle)
+        _, header, _ = next(lines, (1, None, None))
+        pixels_column = fer2013_csv.header_columns(header).get("pixels")
+        if pixels_column is None:
             return found
         last = max(wanted)
-        for line_number, row in enumerate(reader, start=2):
-            if line_number in wanted:
-                with suppress(ValueError, TypeError):
-                    values = np.array(str(row[pixels_key]).split(), dtype=np.int64)
-                    side = int(round(math.sqrt(values.size)))
-                    if side * side == values.size:
-                        found[line_number] = np.clip(values, 0, 255).astype(np.uint8).reshape(side, side)
-            if line_number >= last:
+        for line_number, fields, _problem in lines:
+            if line_number > last:
                 break
+            if line_number in wanted and fields is not None and len(fields) > pixels_column:
+                with suppress(ValueError):
+                    values = fer2013_csv.parse_pixels(fields[pixels_column])
+                    side = int(round(math.sqrt(values.size)))
+                    if values.size and side * side == values.size:
+                        found[line_number] = np.clip(values, 0, 255).astype(np.uint8).reshape(side, side)
     return found
 
 

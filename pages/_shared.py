@@ -7,12 +7,13 @@ fer_core.ui_data instead.
 from __future__ import annotations
 
 import os
+import re
 import runpy
 from pathlib import Path
 
 import streamlit as st
 
-from fer_core import ui_data
+from fer_core import settings, ui_data
 
 ROUTER = Path(__file__).resolve().parent.parent / "streamlit_app.py"
 RUNS_DIR_KEY = "runs_dir"
@@ -39,28 +40,35 @@ def require_router() -> None:
 
 
 def init_settings() -> None:
-    """Folders default to FER_RUNS_DIR / FER_CHECKPOINTS_DIR, else runs/ and checkpoints/."""
-    st.session_state.setdefault(RUNS_DIR_KEY, os.environ.get("FER_RUNS_DIR", "runs"))
-    st.session_state.setdefault(CHECKPOINTS_DIR_KEY, os.environ.get("FER_CHECKPOINTS_DIR", "checkpoints"))
+    """Folders start as fer_core.settings says (FER_RUNS_DIR etc.), as the CLI's do."""
+    st.session_state.setdefault(RUNS_DIR_KEY, str(settings.runs_dir()))
+    st.session_state.setdefault(CHECKPOINTS_DIR_KEY, str(settings.checkpoints_dir()))
 
 
 def runs_dir() -> Path:
-    return Path(st.session_state.get(RUNS_DIR_KEY) or os.environ.get("FER_RUNS_DIR", "runs"))
+    return Path(st.session_state.get(RUNS_DIR_KEY) or settings.runs_dir())
 
 
 def checkpoints_dir() -> Path:
-    return Path(st.session_state.get(CHECKPOINTS_DIR_KEY)
-                or os.environ.get("FER_CHECKPOINTS_DIR", "checkpoints"))
+    return Path(st.session_state.get(CHECKPOINTS_DIR_KEY) or settings.checkpoints_dir())
+
+
+def known_datasets() -> dict[str, str]:
+    """Every dataset the app knows, spec -> label: the demo, what lies under the data folder,
+    and the source last chosen on the Data page (wherever it is)."""
+    labels = {c.spec: c.label for c in ui_data.discover_datasets(data_home(), demo_dir())}
+    remembered = st.session_state.get(DATA_SOURCE_KEY)
+    if remembered and remembered not in labels and (remembered == "demo" or Path(remembered).exists()):
+        labels[remembered] = f"{ui_data.dataset_label(remembered)} (chosen on the Data page)"
+    return labels
 
 
 def data_home() -> Path:
-    from fer_core.download import default_data_home
-    return default_data_home()
+    return settings.data_home()
 
 
 def demo_dir() -> Path:
-    from fer_core.demo import demo_dataset_dir
-    return demo_dataset_dir()
+    return settings.demo_dir()
 
 
 @st.cache_resource(show_spinner=False)
@@ -100,7 +108,7 @@ def settings_panel(device: str) -> None:
 
 @st.fragment(run_every=2)
 def active_job_panel() -> None:
-    """The running job's progress, refreshed every 2 s; also advances the job queue."""
+    """The running job's progress, refreshed every 2 s (it only reads: jobs advance by themselves)."""
     folder = runs_dir()
     st.markdown("**Training job**")
     if not folder.is_dir():
@@ -108,24 +116,30 @@ def active_job_panel() -> None:
         return
     try:
         from fer_core import jobs
-        jobs.pump_queue(folder, max_concurrent=1)
-        active = jobs.active_jobs(folder)
+        active = jobs.active_runs(folder)
     except Exception as exc:  # the sidebar must never take the page down
         st.caption(f"Job status unavailable: {exc}")
         return
-    running = [j for j in active if j.state == "running"]
-    queued = [j for j in active if j.state == "queued"]
+    running = [r for r in active if r.state == "running"]
+    queued = [r for r in active if r.state == "queued"]
     if not running and not queued:
         st.caption("Idle: no job running.")
         return
-    for job in running[:1]:
-        epoch = f"epoch {job.epoch or 0}/{job.epochs or '?'}"
-        eta = f" · {ui_data.format_duration(job.eta_s)} left" if job.eta_s else ""
-        st.caption(f":material/progress_activity: `{job.experiment}` ({job.mode})")
-        st.progress(ui_data.job_progress(job), text=f"{epoch}{eta}")
+    for run in running[:1]:
+        status = run.status
+        epoch = f"epoch {status.epoch}/{status.epochs or run.planned_epochs or '?'}"
+        eta = f" · {ui_data.format_duration(status.eta_s)} left" if status.eta_s else ""
+        st.caption(f":material/progress_activity: {literal(run.experiment)} ({literal(run.mode)})")
+        st.progress(ui_data.job_progress(status), text=f"{epoch}{eta}")
     if queued:
         st.caption(f":material/schedule: {len(queued)} job(s) queued")
     st.page_link("pages/train.py", label="Open monitor", icon=":material/monitoring:")
+
+
+def literal(text: object) -> str:
+    """Any user- or file-controlled string, made safe to put inside Markdown: it shows as
+    typed (no emphasis, links, images, icons, HTML or LaTeX)."""
+    return re.sub(r"([\\`*_\[\]<>|~$:#])", r"\\\1", str(text)).replace("\n", " ")
 
 
 def state_badge(state: str) -> None:
@@ -140,7 +154,7 @@ def synthetic_badge(help_text: str | None = None) -> None:
 
 def run_label(run) -> str:
     """How a run is named in pickers: its id, state and (when scored) test accuracy."""
-    state = ui_data.display_state(run)
+    state = run.state
     accuracy = f" · test {ui_data.format_percent(run.test_accuracy)}" if run.test_accuracy is not None else ""
     synthetic = " · SYNTHETIC" if run.config.get("synthetic_data") else ""
     return f"{run.id}  [{state}{accuracy}{synthetic}]"

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import streamlit as st
 
-from fer_core import ui_data
+from fer_core import settings, ui_data
 from fer_core.download import (CREDENTIALS_HELP, DEFAULT_DATASET, dataset_dest, download_dataset,
                                find_credentials, is_downloaded)
 from fer_core.errors import FerError
@@ -25,12 +23,6 @@ def load_source(spec: str, cache_dir: str):
     """The decoded dataset for a source string; one copy shared by every session."""
     from fer_core.data import load_dataset
     return load_dataset(spec, cache_dir=cache_dir or None)
-
-
-def test_fraction_adjustable() -> bool:
-    """Training jobs take their settings as CLI flags; the test share is one only if offered."""
-    from fer_core.cli import TRAIN_FLAGS
-    return any(flag == "--test-fraction" for flag, _ in TRAIN_FLAGS)
 
 
 st.title("Data")
@@ -101,7 +93,7 @@ if not spec:
     st.stop()
 
 try:
-    dataset = load_source(spec, os.environ.get("FER_CACHE_DIR", ""))
+    dataset = load_source(spec, str(settings.cache_dir()))
 except FerError as exc:
     st.error(f"This source cannot be used: {exc}", icon=":material/error:")
     st.stop()
@@ -147,10 +139,10 @@ val_fraction = c2.slider("Validation fraction", 0.0, 0.45, 0.10, 0.05, key="data
                          help="Share of the training images held out to pick the best epoch. 0 picks "
                               "on the test split, as the reference did (optimistic).")
 test_fraction = c3.slider("Test fraction", 0.05, 0.5, 0.25, 0.05, key="data_test_fraction",
-                          disabled=has_given_split or not test_fraction_adjustable(),
+                          disabled=has_given_split,
                           help="The source's own train/test split is kept when it has one."
                           if has_given_split else "Share of all images kept for the final test "
-                          "(training uses 0.25 unless the training command offers --test-fraction).")
+                          "(set the same value under Advanced on the Train page).")
 if has_given_split:
     st.caption("This source has its own **train/test** split; it is kept as given and validation "
                "images are carved from train.")

@@ -7,8 +7,8 @@ from pathlib import Path
 import streamlit as st
 
 from fer_core import runs, ui_data
-from pages._shared import (SELECTED_RUN_KEY, checkpoints_dir, data_home, demo_dir, require_router,
-                           runs_dir, state_badge)
+from pages._shared import (SELECTED_RUN_KEY, checkpoints_dir, data_home, known_datasets, literal,
+                           require_router, runs_dir, state_badge)
 
 require_router()
 
@@ -18,8 +18,8 @@ st.markdown("Train a **ResNet18** to recognise seven facial emotions, watch it l
 
 folder = runs_dir()
 all_runs = runs.list_runs(folder)
-datasets = ui_data.discover_datasets(data_home(), demo_dir())
-active = [r for r in all_runs if r.state in ui_data.ACTIVE_STATES]
+datasets = known_datasets()
+active = [r for r in all_runs if r.status.active]
 best = ui_data.best_run(all_runs)
 
 
@@ -66,10 +66,10 @@ c4.metric("Jobs running or queued", len(active), border=True)
 left, right = st.columns(2, gap="large")
 with left:
     st.subheader("Datasets")
-    for choice in datasets:
-        icon = ":material/science:" if choice.synthetic else (
-            ":material/description:" if choice.kind == "csv" else ":material/folder:")
-        st.markdown(f"{icon} {choice.label}" + ("" if choice.kind == "demo" else f"  \n`{choice.spec}`"))
+    for spec, label in datasets.items():
+        icon = ":material/science:" if spec == "demo" or "SYNTHETIC" in label else (
+            ":material/description:" if spec.lower().endswith(".csv") else ":material/folder:")
+        st.markdown(f"{icon} {literal(label)}" + ("" if spec == "demo" else f"  \n`{literal(spec)}`"))
     if len(datasets) == 1:
         st.caption("Only the demo so far. Get FER2013 on the **Data** page (Kaggle download) or put "
                    f"a folder of class folders under `{data_home()}`.")
@@ -79,10 +79,10 @@ with right:
     st.subheader("Models")
     if best is not None:
         with st.container(border=True):
-            st.markdown(f"**Best so far:** `{best.id}`")
+            st.markdown(f"**Best so far:** `{literal(best.id)}`")
             st.markdown(f"Test accuracy **{ui_data.format_percent(best.test_accuracy)}**, "
                         f"macro-F1 **{ui_data.format_percent(best.macro_f1)}** on "
-                        f"{ui_data.dataset_label(best.config.get('data'), best.config.get('synthetic_data'))}")
+                        f"{literal(ui_data.dataset_label(best.config.get('data'), best.config.get('synthetic_data')))}")
             if st.button("See its mistakes", icon=":material/grid_on:", type="tertiary", key="home_best_eval"):
                 st.session_state[SELECTED_RUN_KEY] = str(best.path)
                 st.switch_page("pages/evaluate.py")
@@ -91,10 +91,10 @@ with right:
     for run in active:
         with st.container(border=True):
             cols = st.columns([4, 1], vertical_alignment="center")
-            cols[0].markdown(f"`{run.id}`")
+            cols[0].markdown(f"`{literal(run.id)}`")
             with cols[1]:
                 state_badge(run.state)
-            st.progress(ui_data.job_progress({**run.status, "state": run.state}))
+            st.progress(ui_data.job_progress(run.status))
     if all_runs:
         st.page_link("pages/runs.py", label=f"All runs ({len(all_runs)})", icon=":material/table_rows:")
 

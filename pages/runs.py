@@ -8,14 +8,14 @@ import streamlit as st
 
 from fer_core import run_admin, runs, ui_data
 from fer_core.errors import FerError
-from pages._shared import SELECTED_RUN_KEY, require_router, run_label, runs_dir
+from pages._shared import SELECTED_RUN_KEY, literal, require_router, run_label, runs_dir
 
 require_router()
 
 st.title("Runs")
 folder = runs_dir()
 all_runs = runs.list_runs(folder)
-st.caption(f"Every run folder under `{folder}`, newest first.")
+st.caption(f"Every run folder under `{literal(folder)}`, newest first.")
 
 if not all_runs:
     st.info("No runs yet. Start one on the **Train** page, or with one click on **Home**.",
@@ -23,13 +23,13 @@ if not all_runs:
     st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
     st.stop()
 
-states = [ui_data.display_state(r) for r in all_runs]
+states = [r.state for r in all_runs]
 counts = {s: states.count(s) for s in dict.fromkeys(states)}
 st.markdown(" ".join(f":{ui_data.STATE_COLORS.get(s, 'gray')}-badge[{s}: {n}]" for s, n in counts.items()))
 
 frame = ui_data.runs_frame(all_runs)
 st.dataframe(
-    frame, hide_index=True, key="runs_table",
+    frame, hide_index=True, key="runs_table", placeholder="—",
     column_order=["started", "experiment", "state", "dataset", "mode", "img px", "epochs", "best val acc",
                   "test acc", "macro-F1", "duration", "batch", "lr", "stem", "weights", "problems", "run"],
     column_config={
@@ -46,7 +46,7 @@ damaged = [r for r in all_runs if r.damaged]
 if damaged:
     with st.expander(f"{len(damaged)} damaged run folder(s)", icon=":material/report:"):
         for run in damaged:
-            st.markdown(f"- `{run.id}`: " + "; ".join(run.problems))
+            st.markdown(f"- `{literal(run.id)}`: " + literal("; ".join(run.problems)))
 
 # ---- compare ---------------------------------------------------------------------------
 st.subheader("Compare runs")
@@ -80,14 +80,22 @@ run = by_path[target]
 busy = run.state in run_admin.BUSY_STATES
 
 with st.container(horizontal=True):
-    if run.best_checkpoint.is_file():
-        st.download_button("Download best checkpoint", data=run.best_checkpoint.read_bytes,
-                           file_name=f"{run.id.replace('/', '_')}_best.pt",
-                           mime="application/octet-stream", icon=":material/download:",
-                           key="runs_download", on_click="ignore")
+    published = Path(run.status.published_checkpoint) if run.status.published_checkpoint else None
+    if published is not None and published.is_file():
+        st.download_button("Download model", data=published.read_bytes, file_name=published.name,
+                           mime="application/octet-stream", icon=":material/download:", type="primary",
+                           key="runs_download", on_click="ignore",
+                           help="The best model's weights, classes and scores (no optimizer state): "
+                                "what `fer predict` and the Predict page load.")
     else:
-        st.button("Download best checkpoint", disabled=True, key="runs_download_none",
-                  help="This run has no best.pt yet (no finished epoch).")
+        st.button("Download model", disabled=True, key="runs_download_none",
+                  help="Only a completed run publishes its best model.")
+    if run.best_checkpoint.is_file():
+        st.download_button("Full checkpoint (for resuming elsewhere)", data=run.best_checkpoint.read_bytes,
+                           file_name=f"{run.id.replace('/', '_')}_best_full.pt",
+                           mime="application/octet-stream", icon=":material/save:",
+                           key="runs_download_full", on_click="ignore",
+                           help="best.pt with the optimizer and scheduler state: about three times larger.")
     if st.button("Open in Train", icon=":material/monitoring:", key="runs_open_train"):
         st.session_state[SELECTED_RUN_KEY] = target
         st.switch_page("pages/train.py")
@@ -109,8 +117,10 @@ if pending and pending[1] == target:
     action, path = pending
     with st.container(border=True):
         verb = "Archive" if action == "archive" else "Permanently delete"
-        st.warning(f"{verb} `{run.id}`?" + (" Its checkpoints are deleted too; this cannot be undone."
-                                             if action == "delete" else ""), icon=":material/warning:")
+        st.warning(f"{verb} `{literal(run.id)}`?" + (
+            " Its checkpoints, including the published best model, are deleted too; this cannot be undone."
+            if action == "delete" else " Its published best model is withdrawn from Predict; the archived "
+            "folder keeps its checkpoints."), icon=":material/warning:")
         yes, no = st.columns(2)
         if yes.button(f"Yes, {action}", type="primary", key="runs_confirm", width="stretch"):
             st.session_state.pop("runs_pending", None)

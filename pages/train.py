@@ -10,7 +10,7 @@ import streamlit as st
 from fer_core import config_form, jobs, runs, ui_data
 from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, TrainConfig, config_from_preset
 from fer_core.errors import FerError
-from pages._shared import (DATA_SOURCE_KEY, SELECTED_RUN_KEY, checkpoints_dir, data_home, demo_dir,
+from pages._shared import (DATA_SOURCE_KEY, SELECTED_RUN_KEY, checkpoints_dir, known_datasets,
                            literal, require_router, runs_dir, state_badge, synthetic_badge,
                            take_selected_run)
 
@@ -96,11 +96,8 @@ if st.session_state.pop("collapse_train_form", False):
 form_label = ("Start another run (it waits for the current one)" if active_runs else "New training run")
 with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:", key=FORM_OPEN_KEY,
                  on_change="rerun"):
-    choices = ui_data.discover_datasets(data_home(), demo_dir())
-    labels = {c.spec: c.label for c in choices}
+    labels = known_datasets()
     remembered = st.session_state.get(DATA_SOURCE_KEY)
-    if remembered and remembered not in labels:
-        labels[remembered] = f"{ui_data.dataset_label(remembered)} (chosen on the Data page)"
     options = list(labels)
     # The two pickers' own keys can be dropped like any widget's: fall back to what the form
     # was last filled for before falling back to the defaults.
@@ -170,14 +167,16 @@ def pick_run() -> runs.RunInfo | None:
     fresh = runs.list_runs(folder)
     if not fresh:
         return None
-    options = [str(r.path) for r in fresh]
-    by_path = {str(r.path): r for r in fresh}
+    # resolved paths: a launch names its run absolutely, the runs folder may be relative
+    options = [str(r.path.resolve()) for r in fresh]
+    by_path = dict(zip(options, fresh))
     requested = take_selected_run()
+    requested = str(Path(requested).resolve()) if requested else None
     if requested in options:
         st.session_state["train_run_picker"] = requested
     elif st.session_state.get("train_run_picker") not in options:
-        active = [r for r in fresh if r.state in ui_data.ACTIVE_STATES]
-        st.session_state["train_run_picker"] = str((active or fresh)[0].path)
+        active = [r for r in fresh if r.status.active]
+        st.session_state["train_run_picker"] = str((active or fresh)[0].path.resolve())
     # A label that never changes: the picker's text does not reliably redraw when a label
     # changes under a kept selection, and the state is shown (live) by the monitor below.
     chosen = st.selectbox("Run", options, key="train_run_picker",
@@ -204,22 +203,18 @@ def resume_controls(run_dir: Path, run: runs.RunInfo, state: str) -> None:
 
 
 def monitor(run_dir: Path, was_active: bool) -> None:
-    try:
-        job = jobs.job_info(run_dir)
-    except (FerError, OSError) as exc:
-        st.error(f"Cannot read this run: {exc}")
-        return
     run = runs.load_run(run_dir)
-    state = job.state
+    status, state = run.status, run.status.state
     if was_active and state in FINAL_STATES:
         st.rerun(scope="app")  # redraw once, statically, with the final numbers
     config = run.config
 
     head, badges = st.columns([3, 2], vertical_alignment="center")
     with head:
-        st.subheader(f"{job.experiment or config.get('experiment', '')} · {job.mode or config.get('mode', '')}")
-        facts = [f"`{run.id}`", f"data: {ui_data.dataset_label(config.get('data'), config.get('synthetic_data'))}",
-                 f"preset: {config.get('preset') or '—'}", config.get("device") or ""]
+        st.subheader(f"{literal(run.experiment)} · {literal(run.mode)}")
+        facts = [f"`{literal(run.id)}`",
+                 f"data: {literal(ui_data.dataset_label(config.get('data'), config.get('synthetic_data')))}",
+                 f"preset: {literal(config.get('preset') or '—')}", literal(config.get("device") or "")]
         st.caption(" · ".join(f for f in facts if f))
     with badges:
         with st.container(horizontal=True, horizontal_alignment="right"):
@@ -230,35 +225,39 @@ def monitor(run_dir: Path, was_active: bool) -> None:
                 st.badge(f"weights: {config['weights_source']}", color="gray")
 
     if config.get("weights_source") == "random" and config.get("pretrained"):
-        st.warning("**ImageNet weights were requested but are not available**, so this run started "
-                   "from random weights: expect lower accuracy, especially in head-only mode."
-                   + (f"  \nDetails: {config['weights_warning']}" if config.get("weights_warning") else ""),
-                   icon=":material/cloud_off:")
+        st.info("ImageNet weights were requested but are not available (no network?), so this run "
+                "started from random weights: expect lower accuracy, especially in head-only mode. "
+                "The log has the details; a local weights file can be given with --weights.",
+                icon=":material/cloud_off:")
     if run.problems:
         st.warning("This run folder is damaged: " + "; ".join(run.problems), icon=":material/report:")
     if state == "failed":
-        st.error(f"Training failed: {job.error or run.status.get('error') or 'the process ended unexpectedly'}",
+        st.error(f"Training failed: {literal(status.error or 'the process ended unexpectedly')}",
                  icon=":material/error:")
-    elif state == "running" and job.cancel_requested:
+    elif state == "running" and status.cancel_requested:
         st.info("Stopping: cancel requested. The run stops after the current batch and keeps its "
                 "checkpoints.", icon=":material/hourglass_top:")
     elif state == "queued":
         st.info("Queued: one job trains at a time; this one starts when the current job ends.",
                 icon=":material/schedule:")
+    elif state == "cancelled" and run.last_checkpoint.is_file():
+        st.info(f"Cancelled after {status.epoch} epoch(s). Its checkpoints are kept: resume it below.",
+                icon=":material/cancel:")
     elif state == "cancelled":
-        st.info("Cancelled. Its checkpoints are kept: resume it below.", icon=":material/cancel:")
+        st.info("Cancelled before its first epoch finished, so there is no checkpoint to resume from. "
+                "Start it again below with the same settings.", icon=":material/cancel:")
 
-    epoch, epochs = int(job.epoch or 0), int(job.epochs or config.get("epochs") or 0)
-    batch, batches = int(job.batch or 0), int(job.batches or 0)
-    fraction = ui_data.job_progress(job)
+    epoch, epochs = status.epoch, run.planned_epochs or 0
+    batch, batches = status.batch, status.batches or 0
+    fraction = ui_data.job_progress(status)
     st.progress(fraction, text=f"Run: epoch {epoch}/{epochs} · {fraction:.0%}")
     if state == "running" and batches:
         st.progress(min(batch / batches, 1.0), text=f"Epoch {epoch}: batch {batch}/{batches}")
-    if job.phase and job.phase != "training":
-        st.caption(f"Now: {job.phase}…")
+    if status.phase and status.phase != "training":
+        st.caption(f"Now: {literal(status.phase)}…")
 
-    if state in ui_data.ACTIVE_STATES:
-        if not job.cancel_requested and st.button(
+    if state in runs.ACTIVE_STATES:
+        if not status.cancel_requested and st.button(
                 "Cancel run", icon=":material/stop_circle:", key=f"cancel_{run.id}",
                 help="Stops after the current batch; checkpoints are kept and it can be resumed."):
             try:
@@ -269,11 +268,14 @@ def monitor(run_dir: Path, was_active: bool) -> None:
                 st.rerun(scope="app")
     elif run.last_checkpoint.is_file():
         resume_controls(run_dir, run, state)
+    elif state in ("cancelled", "failed"):
+        start_again_button(run)
 
     m1, m2, m3, m4 = st.columns(4)
-    if state in ui_data.ACTIVE_STATES:
-        m1.metric("Time left", ui_data.format_duration(job.eta_s) if state == "running" else "—", border=True)
-        m2.metric("Speed", f"{job.images_per_second:,.0f} img/s" if job.images_per_second else "—", border=True)
+    if state in runs.ACTIVE_STATES:
+        m1.metric("Time left", ui_data.format_duration(status.eta_s) if state == "running" else "—", border=True)
+        m2.metric("Speed", f"{status.images_per_second:,.0f} img/s" if status.images_per_second else "—",
+                  border=True)
     else:
         m1.metric("Test accuracy", ui_data.format_percent(run.test_accuracy), border=True)
         m2.metric("Macro-F1", ui_data.format_percent(run.macro_f1), border=True)
@@ -286,7 +288,7 @@ def monitor(run_dir: Path, was_active: bool) -> None:
                         f"**{ui_data.format_percent(run.test_accuracy)}**, macro-F1 "
                         f"**{ui_data.format_percent(run.macro_f1)}** on {config.get('num_test', '?')} test images."
                         + (" The best model was published to the checkpoints folder."
-                           if run.status.get("published_checkpoint") else ""))
+                           if status.published_checkpoint else ""))
             if st.button("See which faces it gets wrong", icon=":material/grid_on:", key=f"to_eval_{run.id}"):
                 st.session_state[SELECTED_RUN_KEY] = str(run_dir)
                 st.switch_page("pages/evaluate.py")
@@ -294,14 +296,14 @@ def monitor(run_dir: Path, was_active: bool) -> None:
     if run.metrics:
         st.plotly_chart(ui_data.curves_figure(run.metrics, config.get("selection_split", "val")),
                         key=f"curves_{run.id}")
-    elif state in ui_data.ACTIVE_STATES:
+    elif state in runs.ACTIVE_STATES:
         st.caption("Loss and accuracy curves appear after the first epoch.")
 
     table_col, log_col = st.columns([3, 2])
     with table_col:
         st.markdown("**Metrics per epoch**")
         if run.metrics:
-            st.dataframe(ui_data.metrics_frame(run.metrics), hide_index=True, height=240,
+            st.dataframe(ui_data.metrics_frame(run.metrics), hide_index=True, height=240, placeholder="—",
                          column_config={
                              "train_acc": st.column_config.NumberColumn("train acc", format="percent"),
                              "val_acc": st.column_config.NumberColumn("val acc", format="percent"),
@@ -314,15 +316,34 @@ def monitor(run_dir: Path, was_active: bool) -> None:
             st.caption("No epoch finished yet.")
     with log_col:
         st.markdown("**Log**")
-        st.code(job.log_tail or "(no output yet)", language=None,
-                height=240, wrap_lines=True)
+        log_view(run.log_tail())
 
-    queued = [j for j in jobs.list_jobs(folder) if j.state == "queued" and Path(j.run_dir) != run_dir]
+    queued = [r for r in jobs.active_runs(folder) if r.state == "queued" and r.path != run_dir]
     if queued:
         st.markdown("**Queue**")
-        st.dataframe([{"run": runs.run_id(Path(j.run_dir)), "experiment": j.experiment, "mode": j.mode,
-                       "queued": ui_data.format_time(j.queued_at)} for j in queued],
+        st.dataframe([{"run": r.id, "experiment": r.experiment, "mode": r.mode,
+                       "queued": ui_data.format_time(r.status.queued_at)} for r in queued],
                      hide_index=True, key="train_queue")
+
+
+def log_view(tail: str) -> None:
+    """The log's newest lines, newest at the bottom and in view: a box sized to what it shows,
+    so nothing needs scrolling to see the latest epoch."""
+    lines = tail.splitlines()[-LOG_LINES_SHOWN:] if tail else ["(no output yet)"]
+    st.code("\n".join(lines), language=None, wrap_lines=False)
+
+
+def start_again_button(run: runs.RunInfo) -> None:
+    """A new run with the same config, for a run that cannot be resumed."""
+    if st.button("Start again", icon=":material/restart_alt:", key=f"again_{run.id}",
+                 help="Launch a new run with exactly the same settings."):
+        try:
+            run_dir = jobs.launch(TrainConfig.from_dict(run.config), max_concurrent=1)
+        except (FerError, OSError, TypeError) as exc:
+            st.error(f"Nothing was started: {literal(exc)}", icon=":material/error:")
+        else:
+            st.session_state[SELECTED_RUN_KEY] = str(run_dir)
+            st.rerun(scope="app")
 
 
 st.divider()
@@ -333,7 +354,7 @@ if selected is None:
             icon=":material/info:")
 else:
     # the same reading as the picker's label, so the two never disagree
-    if selected.state in ui_data.ACTIVE_STATES:
+    if selected.status.active:
         st.fragment(monitor, run_every=REFRESH_S)(selected.path, True)
     else:
         monitor(selected.path, False)

@@ -6,7 +6,9 @@ Nothing here touches the network; every path lives under pytest's tmp folders.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,3 +111,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             marks.add("train")
         for mark in sorted(marks):
             item.add_marker(getattr(pytest.mark, mark))
+
+
+# ---- the app's pages (AppTest): shared by test_app_pages and test_walkthrough ----------
+
+@pytest.fixture(scope="session")
+def app_data(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A data home holding a tiny synthetic dataset (7 classes x 8 faces), and one finished
+    2-epoch run trained on it, to be copied into each test's runs folder."""
+    from fer_core.config import TrainConfig
+    from fer_core.demo import generate_demo_dataset
+    from fer_core.train import fit
+
+    root = tmp_path_factory.mktemp("app_pages")
+    data_home = root / "data_home"
+    tiny = generate_demo_dataset(data_home / "tiny-demo", per_class=8, seed=0)
+    run_dir = fit(TrainConfig(data=str(tiny), experiment="tinyexp", epochs=2, img_size=32, batch_size=16,
+                              pretrained=False, runs_dir=str(root / "template_runs"),
+                              checkpoints_dir=str(root / "template_ckpt"), num_threads=1))
+    from fer_core import runs
+    assert runs.load_run(run_dir).state == "completed"
+    return SimpleNamespace(root=root, data_home=data_home, tiny=tiny, run=run_dir,
+                           demo_dir=root / "demo", cache=root / "cache")
+
+
+@pytest.fixture
+def env(app_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """Point the app at empty per-test runs/checkpoints folders and the session's data."""
+    folders = SimpleNamespace(runs=tmp_path / "runs", ckpt=tmp_path / "checkpoints")
+    monkeypatch.setenv("FER_RUNS_DIR", str(folders.runs))
+    monkeypatch.setenv("FER_CHECKPOINTS_DIR", str(folders.ckpt))
+    monkeypatch.setenv("FER_CACHE_DIR", str(app_data.cache))
+    monkeypatch.setenv("FER_DEMO_DIR", str(app_data.demo_dir))
+    monkeypatch.setenv("FER_DATA_HOME", str(app_data.data_home))
+    return folders
+
+
+@pytest.fixture
+def sleeper():
+    """A live process (in its own session, so signalling its group is harmless) to own a run."""
+    process = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()

@@ -24,6 +24,8 @@ def rendered_markdown(at: AppTest) -> list[str]:
         if kind in ("markdown", "caption", "divider", "info", "success", "warning", "error",
                     "exception", "toast"):
             found.append(str(getattr(node, "value", "") or getattr(proto, "body", "")))
+        if kind == "image":  # image captions are Markdown too
+            found.extend(image.caption for image in proto.imgs)
         if kind in ("expander", "tab", "status"):
             found.append(str(getattr(node, "label", "")))
         for attribute in ("help", "label"):

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -35,46 +34,6 @@ def keep_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def app_data(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """A data home holding a tiny synthetic dataset (7 classes x 8 faces), and one finished
-    2-epoch run trained on it, to be copied into each test's runs folder."""
-    from fer_core.config import TrainConfig
-    from fer_core.demo import generate_demo_dataset
-    from fer_core.train import fit
-
-    root = tmp_path_factory.mktemp("app_pages")
-    data_home = root / "data_home"
-    tiny = generate_demo_dataset(data_home / "tiny-demo", per_class=8, seed=0)
-    run_dir = fit(TrainConfig(data=str(tiny), experiment="tinyexp", epochs=2, img_size=32, batch_size=16,
-                              pretrained=False, runs_dir=str(root / "template_runs"),
-                              checkpoints_dir=str(root / "template_ckpt"), num_threads=1))
-    assert runs.load_run(run_dir).state == "completed"
-    return SimpleNamespace(root=root, data_home=data_home, tiny=tiny, run=run_dir,
-                           demo_dir=root / "demo", cache=root / "cache")
-
-
-@pytest.fixture
-def env(app_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
-    """Point the app at empty per-test runs/checkpoints folders and the session's data."""
-    folders = SimpleNamespace(runs=tmp_path / "runs", ckpt=tmp_path / "checkpoints")
-    monkeypatch.setenv("FER_RUNS_DIR", str(folders.runs))
-    monkeypatch.setenv("FER_CHECKPOINTS_DIR", str(folders.ckpt))
-    monkeypatch.setenv("FER_CACHE_DIR", str(app_data.cache))
-    monkeypatch.setenv("FER_DEMO_DIR", str(app_data.demo_dir))
-    monkeypatch.setenv("FER_DATA_HOME", str(app_data.data_home))
-    return folders
-
-
-@pytest.fixture
-def sleeper():
-    """A live process (in its own session, so signalling its group is harmless) to own a run."""
-    process = subprocess.Popen(["sleep", "600"], start_new_session=True)
-    yield process
-    process.kill()
-    process.wait()
 
 
 def add_finished(app_data, env, stamp: str = "2030-01-01_00-00-00", **config_changes) -> Path:
@@ -372,9 +331,10 @@ def test_home_quick_start_launches_demo_quick_and_opens_train(env, monkeypatch):
     launched = []
 
     def fake_launch(config, *, max_concurrent=1):
-        run_dir = runs.new_run_dir(Path(config.runs_dir), config.experiment, config.mode)
-        runs.write_status(run_dir, "queued", queued_at=time.time(), epochs=config.epochs)
-        runs.atomic_write_json(run_dir / runs.CONFIG_FILE, config.to_dict())
+        layout = runs.RunLayout.create(Path(config.runs_dir), config.experiment, config.mode)
+        runs.atomic_write_json(layout.config_file, config.to_dict())
+        runs.atomic_write_json(layout.job_file, runs.JobRecord(queued_at=time.time()).to_dict())
+        run_dir = layout.path
         launched.append((config, run_dir))
         return run_dir
 
@@ -425,7 +385,7 @@ def test_evaluate_matrix_gallery_and_report_add_up(env, app_data):
     run_dir = add_finished(app_data, env)
     evaluation = runs.load_run(run_dir).evaluation
     info = runs.load_run(run_dir)
-    num_test = runs.read_json(run_dir / runs.CONFIG_FILE)["num_test"]
+    num_test = runs.read_json(run_dir / runs.ENVIRONMENT_FILE)["num_test"]
 
     at = open_page("evaluate")
     assert metric(at, "Test accuracy") == ui_data.format_percent(evaluation["accuracy"])
@@ -502,7 +462,7 @@ def test_pages_with_a_running_run(env, app_data, sleeper):
     at = open_page("home")
     assert metric(at, "Jobs running or queued") == "1"
     text = page_text(at)
-    assert "`livexp` (finetune)" in text  # the sidebar's job panel
+    assert "livexp (finetune)" in text  # the sidebar's job panel
     assert any("epoch 2/2" in p.proto.text for p in at.get("progress"))
 
     at = open_page("train", at)
@@ -531,8 +491,8 @@ def test_cancel_from_the_monitor_requests_a_stop(env, app_data, sleeper):
     at = open_page("train")
     at.button(key=f"cancel_{runs.run_id(live)}").click().run(timeout=TIMEOUT)
     assert not at.exception
-    status = runs.read_json(live / runs.STATUS_FILE)
-    assert status.get("cancel_requested_at") and (live / runs.CANCEL_FILE).exists()
+    assert runs.read_json(live / runs.CANCEL_FILE)["requested_at"] > 0
+    assert runs.load_run(live).status.cancel_requested
     assert "Stopping: cancel requested" in page_text(at)
 
 
@@ -540,8 +500,9 @@ def test_a_run_whose_process_died_shows_as_failed(env, app_data):
     process = subprocess.Popen(["true"])
     process.wait()
     live = add_running(app_data, env, process.pid)
-    at = open_page("home")  # the sidebar's job panel reconciles the queue on every refresh
-    assert runs.read_json(live / runs.STATUS_FILE)["state"] == "failed"
+    before = (live / runs.STATUS_FILE).read_bytes()
+    at = open_page("home")
+    assert (live / runs.STATUS_FILE).read_bytes() == before  # drawing a page writes nothing
     assert metric(at, "Jobs running or queued") == "0"
     at = open_page("train", at)
     assert "Training failed: process exited without finishing" in page_text(at)

@@ -1,6 +1,8 @@
 """One end-to-end test in a real Chromium: start the app, train from the Train form, watch it
 finish, open Evaluate and find the confusion matrix. Saves screenshots (to docs/ when
-FER_UPDATE_SCREENSHOTS=1).
+FER_UPDATE_SCREENSHOTS=1), light and dark and one at phone width. Quicker tests check that a page
+URL opened first gets the navigation, that narrow screens start with the sidebar collapsed, that the
+theme follows the system's light/dark setting, and that no page fetches anything from another host.
 
 Skipped (with the reason) when /usr/bin/chromium or the playwright package is missing; it
 never downloads a browser.
@@ -18,6 +20,7 @@ import subprocess
 import tempfile
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -35,7 +38,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 SERVER_START_TIMEOUT_S = 90
 TRAINING_TIMEOUT_S = 420  # a tiny run; generous because the CPU is shared with other jobs
 SHOT_SIZE = {"width": 1400, "height": 1500}
-REAL_MODEL_SHOTS = {"evaluate.png", "predict.png"}
+NARROW = {"width": 400, "height": 900}  # a phone
+NARROW_SHOT_SIZE = {"width": 400, "height": 1000}
+REAL_MODEL_SHOTS = {"evaluate.png", "predict.png", "evaluate-dark.png", "predict-dark.png"}
 # Small enough for about a minute of training on one busy core, big enough that the curves
 # and the confusion matrix in the screenshots show a model that learns.
 EPOCHS, IMG_SIZE, MAX_PER_CLASS = 8, 48, 60
@@ -84,15 +89,16 @@ def stop_training_processes(runs_dir: Path) -> None:
                     pass
 
 
-@pytest.fixture
-def app_server(tmp_path: Path):
+@contextlib.contextmanager
+def serve_app(tmp_path: Path, with_demo: bool):
     """The app on a free port, with its runs/checkpoints/cache/demo folders under tmp_path."""
     from fer_core.demo import DEFAULT_PER_CLASS, generate_demo_dataset
 
     demo_dir = tmp_path / "demo"
-    # The default-size demo, so neither the app nor the trainer has to draw it; the form's
-    # "max images per class" keeps the training itself tiny.
-    generate_demo_dataset(demo_dir, per_class=DEFAULT_PER_CLASS)
+    if with_demo:
+        # The default-size demo, so neither the app nor the trainer has to draw it; the form's
+        # "max images per class" keeps the training itself tiny.
+        generate_demo_dataset(demo_dir, per_class=DEFAULT_PER_CLASS)
     runs_dir = tmp_path / "runs"
     env = {**os.environ, "FER_RUNS_DIR": str(runs_dir), "FER_CHECKPOINTS_DIR": str(tmp_path / "checkpoints"),
            "FER_CACHE_DIR": str(tmp_path / "cache"), "FER_DEMO_DIR": str(demo_dir),
@@ -121,17 +127,77 @@ def app_server(tmp_path: Path):
             pass
 
 
+@pytest.fixture
+def app_server(tmp_path: Path):
+    """The app with the default-size demo dataset already drawn."""
+    with serve_app(tmp_path, with_demo=True) as served:
+        yield served
+
+
+@pytest.fixture
+def bare_app_server(tmp_path: Path):
+    """The app with nothing prepared (Home needs no dataset): a quicker start."""
+    with serve_app(tmp_path, with_demo=False) as served:
+        yield served
+
+
 @contextlib.contextmanager
-def browser_page():
-    """A Chromium page (1400x1000, 60 s timeouts), closed afterwards."""
+def chromium():
+    """A headless Chromium, closed afterwards."""
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+def open_page(browser, *, viewport: dict | None = None, color_scheme: str = "light",
+              requests: list[str] | None = None):
+    """A page in a fresh context (its own storage) with the given window size and system
+    light/dark setting, 60 s timeouts; every URL it requests is appended to `requests`."""
+    context = browser.new_context(viewport=viewport or {"width": 1400, "height": 1000},
+                                  color_scheme=color_scheme)
+    if requests is not None:
+        context.on("request", lambda request: requests.append(request.url))
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    return page
+
+
+@contextlib.contextmanager
+def browser_page():
+    """A Chromium page (1400x1000, light, 60 s timeouts), closed afterwards."""
+    with chromium() as browser:
+        yield open_page(browser)
+
+
+def outside_requests(urls: list[str]) -> list[str]:
+    """The URLs that went anywhere but this machine (every asset must be served by the app)."""
+    return sorted({url for url in urls if urllib.parse.urlsplit(url).scheme not in ("data", "blob", "about")
+                   and urllib.parse.urlsplit(url).hostname not in ("127.0.0.1", "localhost")})
+
+
+def luminance(css_colour: str) -> float:
+    """0 (black) .. 1 (white) for a computed CSS colour such as 'rgb(23, 22, 20)'."""
+    red, green, blue = (int(v) / 255 for v in re.findall(r"[\d.]+", css_colour)[:3])
+    return 0.2126 * red + 0.7152 * green + 0.0722 * blue
+
+
+def app_colours(page) -> tuple[float, float]:
+    """Luminance of the app's background and of its main heading's text."""
+    background = page.evaluate("getComputedStyle(document.querySelector(\"[data-testid='stApp']\"))"
+                               ".backgroundColor")
+    heading = page.locator("[data-testid='stMain'] h1").first.evaluate("e => getComputedStyle(e).color")
+    return luminance(background), luminance(heading)
+
+
+def sidebar_width_on_screen(page) -> float:
+    """How many pixels of the sidebar are inside the window (0 when it is collapsed)."""
+    box = page.locator("[data-testid='stSidebar']").bounding_box()
+    if box is None:
+        return 0.0
+    return max(0.0, min(box["x"] + box["width"], page.viewport_size["width"]) - max(box["x"], 0.0))
 
 
 def wait_until_idle(page, timeout_s: float = 60) -> None:
@@ -144,27 +210,32 @@ def wait_until_idle(page, timeout_s: float = 60) -> None:
         time.sleep(0.25)
 
 
-def screenshot(page, name: str) -> None:
+def screenshot(page, name: str, size: dict | None = None) -> None:
     # docs/evaluate.png and docs/predict.png show a real FER2013 model, not this test's tiny one
     folder = DOCS if name not in REAL_MODEL_SHOTS else Path(tempfile.gettempdir()) / "fer-screenshots"
     folder.mkdir(parents=True, exist_ok=True)
-    page.set_viewport_size(SHOT_SIZE)
+    page.set_viewport_size(size or SHOT_SIZE)
     time.sleep(1.0)
     page.screenshot(path=str(folder / name))
 
 
-def set_number(page, label: str, value: int) -> None:
-    field = page.get_by_role("spinbutton", name=label, exact=True)
+def set_number(page, label: str | re.Pattern, value: int) -> None:
+    field = page.get_by_role("spinbutton", name=label, exact=isinstance(label, str))
     field.fill(str(value))
     field.press("Tab")  # commit the value without submitting anything
 
 
 def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
     url, runs_dir = app_server
-    with browser_page() as page:
+    requests: list[str] = []  # every URL any page of this test asks for
+    with chromium() as browser:
+        page = open_page(browser, requests=requests)
         page.goto(url)
         page.get_by_role("button", name="Train a quick model on the demo dataset").wait_for()
         page.get_by_text("No trained model yet.").wait_for()
+        background, text = app_colours(page)
+        assert background > 0.8 and text < 0.3, "a light system setting gets the light theme"
+        assert sidebar_width_on_screen(page) >= 200, "a wide window opens the sidebar"
 
         page.goto(f"{url}/data")
         page.get_by_text("Sample faces per class").wait_for(timeout=120_000)
@@ -180,7 +251,7 @@ def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
         set_number(page, "Image size (px)", IMG_SIZE)
         set_number(page, "Batch size", 32)
         page.get_by_text("Advanced", exact=True).click()
-        set_number(page, "Max images per class (0 = all)", MAX_PER_CLASS)
+        set_number(page, re.compile(r"^Max (training )?images per class \(0 = all\)$"), MAX_PER_CLASS)
         set_number(page, "CPU threads (0 = all cores)", 1)  # the CPU is shared: do not oversubscribe
         page.get_by_role("button", name="Launch training").click()
 
@@ -265,6 +336,74 @@ def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
         wait_until_idle(page)
         page.mouse.move(0, 0)
         screenshot(page, "predict.png")
+
+        # The same app for a system set to dark: dark background, light text, readable charts
+        dark = open_page(browser, color_scheme="dark", requests=requests)
+        dark.goto(url)
+        dark.get_by_text("Best so far:").wait_for()
+        wait_until_idle(dark)
+        background, text = app_colours(dark)
+        assert background < 0.2 and text > 0.8, "a dark system setting gets the dark theme"
+        screenshot(dark, "home-dark.png")
+        dark.goto(f"{url}/train")
+        dark.get_by_text("Finished.").wait_for()
+        dark.locator("[data-testid='stPlotlyChart'] .js-plotly-plot").first.wait_for()
+        wait_until_idle(dark)
+        screenshot(dark, "train-dark.png")
+        dark.goto(f"{url}/evaluate")
+        dark.locator("[data-testid='stPlotlyChart'] g.hm").first.wait_for()
+        wait_until_idle(dark)
+        dark.mouse.move(0, 0)
+        screenshot(dark, "evaluate-dark.png")
+        dark.goto(f"{url}/predict")
+        dark.locator("[data-testid='stFileUploaderDropzoneInput']").first.set_input_files(str(face))
+        dark.get_by_text("1 face found").first.wait_for()
+        dark.locator("[data-testid='stPlotlyChart'] g.barlayer path").first.wait_for()
+        wait_until_idle(dark)
+        dark.mouse.move(0, 0)
+        screenshot(dark, "predict-dark.png")
+
+        # A phone: the page, not the sidebar, fills the screen
+        narrow = open_page(browser, viewport=NARROW, requests=requests)
+        narrow.goto(url)
+        narrow.get_by_text("Best so far:").wait_for()
+        wait_until_idle(narrow)
+        assert sidebar_width_on_screen(narrow) == 0, "a 400 px window starts with the sidebar collapsed"
+        screenshot(narrow, "home-narrow.png", NARROW_SHOT_SIZE)
+
+        assert not outside_requests(requests), "every asset comes from the app itself"
+
+
+def test_narrow_screens_collapse_the_sidebar_and_the_theme_follows_the_system(bare_app_server):
+    url, _ = bare_app_server
+    requests: list[str] = []
+    with chromium() as browser:
+        for color_scheme, viewport, sidebar_open in (("light", None, True), ("dark", None, True),
+                                                     ("dark", NARROW, False)):
+            page = open_page(browser, viewport=viewport, color_scheme=color_scheme, requests=requests)
+            page.goto(url)
+            page.get_by_role("heading", name="FER Studio").first.wait_for()
+            page.locator("[data-testid='stSidebar']").get_by_text("Training job").wait_for(state="attached")
+            wait_until_idle(page)
+            background, text = app_colours(page)
+            where = f"{color_scheme}, {page.viewport_size['width']} px"
+            if color_scheme == "dark":
+                assert background < 0.2 and text > 0.8, f"{where}: background {background:.2f}, text {text:.2f}"
+            else:
+                assert background > 0.8 and text < 0.3, f"{where}: background {background:.2f}, text {text:.2f}"
+            width = sidebar_width_on_screen(page)
+            assert (width >= 200) if sidebar_open else (width == 0), f"{where}: sidebar {width:.0f} px on screen"
+            # the favicon is set by the script run: it must be the app's own file, not a CDN's
+            requests.append(page.evaluate("document.querySelector(\"link[rel='shortcut icon']\").href"))
+
+        # on the phone the navigation is one tap away
+        page.get_by_test_id("stExpandSidebarButton").click()
+        deadline = time.monotonic() + 10
+        while sidebar_width_on_screen(page) < 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sidebar_width_on_screen(page) >= 200
+        assert page.locator("[data-testid='stSidebarNavLink']").filter(has_text="Predict").is_visible()
+    assert not outside_requests(requests), "every asset comes from the app itself"
 
 
 @pytest.mark.parametrize("first_page", ["predict", "evaluate"])

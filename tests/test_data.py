@@ -3,6 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from fer_core import data as data_module
@@ -117,11 +119,20 @@ def test_decoded_images_are_cached_by_file_list(tmp_path, monkeypatch):
         load_dataset(str(root))
 
 
-def test_max_per_class_caps_each_class_reproducibly(tmp_path):
-    root = write_class_folders(tmp_path / "ds", {"a": 20, "b": 6})
-    capped = load_dataset(str(root), max_per_class=5, seed=3)
-    assert capped.class_counts() == {"a": 5, "b": 5}
-    assert capped.paths == load_dataset(str(root), max_per_class=5, seed=3).paths
+def test_max_per_class_caps_training_images_only_and_reproducibly(tmp_path):
+    from fer_core.data import cap_training_images
+    root = write_class_folders(tmp_path / "ds", {"a": 40, "b": 12})
+    dataset = load_dataset(str(root))
+    splits = assign_splits(dataset, test_fraction=0.25, val_fraction=0.1, seed=3)
+    capped = cap_training_images(dataset, splits, 5, seed=3)
+    labels = dataset.labels.numpy()
+    for label in (0, 1):
+        assert ((labels == label) & (capped == "train")).sum() == 5
+    assert ((capped == "test") == (splits == "test")).all() and ((capped == "val") == (splits == "val")).all()
+    assert (capped == cap_training_images(dataset, splits, 5, seed=3)).all()
+    assert {row["class"]: row["unused"] for row in split_table(dataset, capped)} == {
+        "a": int(((labels == 0) & (splits == "train")).sum()) - 5,
+        "b": int(((labels == 1) & (splits == "train")).sum()) - 5}
 
 
 def _csv_row(code, pixels, usage):
@@ -189,3 +200,103 @@ def test_non_utf8_file_names_load_and_survive_the_manifest(tmp_path):
     write_split_manifest(tmp_path / "split.csv", dataset, splits)
     rows = read_split_manifest(tmp_path / "split.csv")
     assert any("\\xe9" in r["path"] for r in rows) and len(rows) == len(dataset)
+
+
+def _face_rows(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, 48 * 48) for _ in range(count)]
+
+
+@pytest.mark.parametrize("rows_after", [2, 40])  # 40 rows of ~9 KB pass csv's 128 KiB field limit
+def test_a_runaway_quote_costs_only_its_own_row(tmp_path, rows_after):
+    """One unclosed quote must not swallow the rows after it, nor kill the whole file."""
+    faces = _face_rows(3 + rows_after)
+    text = "emotion,pixels,Usage\n"
+    text += "".join(_csv_row(3, p, "Training") for p in faces[:3])
+    text += '4,"' + " ".join(["9"] * 2304) + ",Training\n"       # line 5: the quote never closes
+    text += "".join(_csv_row(6, p, "PublicTest") for p in faces[3:])
+    path = tmp_path / "fer2013.csv"
+    path.write_text(text)
+    dataset = read_fer2013_csv(path)
+    assert len(dataset) == 3 + rows_after
+    assert [b["path"] for b in dataset.bad_files] == [f"{path}#5"]
+    assert "malformed" in dataset.bad_files[0]["reason"]
+    assert dataset.paths[3] == f"{path}#6"  # references are physical line numbers
+    assert np.array_equal(dataset.images[-1].numpy().ravel(), faces[-1].astype(np.uint8))
+
+
+def test_a_line_too_long_for_any_face_is_skipped_without_reading_it_whole(tmp_path):
+    faces = _face_rows(2)
+    text = "emotion,pixels,Usage\n" + _csv_row(3, faces[0], "Training")
+    text += "3," + "1 " * 200_000 + ",Training\n"                 # 400 KB on one line
+    text += _csv_row(4, faces[1], "Training")
+    path = tmp_path / "fer2013.csv"
+    path.write_text(text)
+    dataset = read_fer2013_csv(path)
+    assert len(dataset) == 2 and dataset.paths[1] == f"{path}#4"
+    assert [b["path"] for b in dataset.bad_files] == [f"{path}#3"]
+    assert "too long" in dataset.bad_files[0]["reason"]
+
+
+def test_a_csv_saved_with_a_byte_order_mark_loads(tmp_path):
+    """Excel and Windows tools write UTF-8 with a BOM; the header must still be recognised."""
+    from fer_core.ui_data import load_csv_rows
+
+    faces = _face_rows(2)
+    path = tmp_path / "fer2013.csv"
+    # pixels first: the BOM then sits on the column the gallery needs
+    path.write_text("pixels,emotion,Usage\n" + "".join(
+        f"{' '.join(map(str, p))},{code},Training\n" for p, code in zip(faces, (3, 4))),
+        encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    dataset = read_fer2013_csv(path)
+    assert [dataset.classes[i] for i in dataset.labels] == ["happy", "sad"] and not dataset.bad_files
+    shown = load_csv_rows(str(path), [2, 3])
+    assert np.array_equal(shown[3].ravel(), faces[1].astype(np.uint8))
+
+
+def test_the_gallery_reads_the_same_rows_the_dataset_names(tmp_path):
+    """load_csv_rows(path, [n]) shows the face the reader called path#n, even after a bad row."""
+    from fer_core.ui_data import load_csv_rows
+
+    faces = _face_rows(4)
+    text = "emotion,pixels,Usage\n" + _csv_row(3, faces[0], "Training")
+    text += '2,"1 2 3,Training\n' + "\n"                          # a runaway quote, a blank line
+    text += "".join(_csv_row(5, p, "Training") for p in faces[1:])
+    path = tmp_path / "fer2013.csv"
+    path.write_text(text)
+    dataset = read_fer2013_csv(path)
+    assert len(dataset) == 4
+    numbers = [int(ref.rsplit("#", 1)[1]) for ref in dataset.paths]
+    shown = load_csv_rows(str(path), numbers)
+    for number, image in zip(numbers, dataset.images):
+        assert np.array_equal(shown[number], image.numpy()), number
+
+
+_FER_FIELDS = st.one_of(
+    st.sampled_from(["emotion", "pixels", "Usage", "", '"', '"3"', "0", "3", "7", "-1", "255 0",
+                     "256", "99999999999999999999", "\u0663", "Training", "PublicTest", "\ufeff",
+                     "\x00", " ".join(["128"] * 2304), " ".join(["128"] * 2303) + ' "']),
+    st.text(max_size=30))
+_FER_LIKE = st.tuples(
+    st.sampled_from(["emotion,pixels,Usage", "\ufeffemotion,pixels", "pixels,emotion", "emotion"]),
+    st.lists(st.lists(_FER_FIELDS, max_size=4).map(",".join), max_size=12),
+    st.sampled_from(["\n", "\r\n", "\r"]),
+).map(lambda parts: parts[2].join([parts[0], *parts[1]]))
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.one_of(_FER_LIKE, st.text(max_size=3000), st.binary(max_size=3000)))
+@example("emotion,pixels\n0,99999999999999999999\n")  # what hypothesis found first
+def test_any_csv_content_gives_a_dataset_or_a_data_error(tmp_path, content):
+    path = tmp_path / "fer2013.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
+    try:
+        dataset = read_fer2013_csv(path)
+    except DataError as exc:
+        assert str(exc)
+        return
+    assert len(dataset.paths) == len(dataset.labels) == dataset.images.shape[0]
+    assert dataset.images.dtype == torch.uint8 and dataset.images.shape[1:] == (48, 48)
+    assert all(b["path"].startswith(f"{path}#") and b["reason"] for b in dataset.bad_files)

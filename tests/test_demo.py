@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import fer_core
-from fer_core import CLASS_NAMES, demo
+from fer_core import CLASS_NAMES, demo, settings
 from fer_core.errors import DataError
 
 
@@ -122,11 +122,11 @@ def test_invalid_arguments(tmp_path: Path) -> None:
 
 
 def test_default_location_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(demo.ENV_DIR, raising=False)
+    monkeypatch.delenv(settings.DEMO_DIR_ENV, raising=False)
     repo_root = Path(fer_core.__file__).resolve().parent.parent
     assert demo.demo_dataset_dir() == repo_root / "data" / "demo"
 
-    monkeypatch.setenv(demo.ENV_DIR, str(tmp_path / "elsewhere"))
+    monkeypatch.setenv(settings.DEMO_DIR_ENV, str(tmp_path / "elsewhere"))
     assert demo.demo_dataset_dir() == tmp_path / "elsewhere"
     assert demo.ensure_demo_dataset(per_class=1) == tmp_path / "elsewhere"
     assert len(_files(tmp_path / "elsewhere")) == len(CLASS_NAMES)

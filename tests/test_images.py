@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import struct
@@ -259,21 +260,6 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class _KeepAliveHandler(_Handler):
-    protocol_version = "HTTP/1.1"  # the connection stays open after the response
-
-
-@pytest.fixture(scope="module")
-def keep_alive_server(server: str) -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAliveHandler)
-    httpd.daemon_threads = True
-    httpd.block_on_close = False
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -399,12 +385,225 @@ def test_redirect_to_private_address_is_refused(server: str, monkeypatch: pytest
         fetch_image_bytes(f"{server}/to-private", timeout=(1.0, 2.0))
 
 
-@pytest.mark.parametrize("which", ["server", "keep_alive_server"])
-def test_connected_address_is_checked_again(which: str, request: pytest.FixtureRequest,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """DNS rebinding: the lookup we check says public, the connection lands on loopback."""
-    base = request.getfixturevalue(which)
-    assert fetch(f"{base}/face.jpg") == JPEG
-    monkeypatch.setattr(images, "_resolve", lambda host, port: ["93.184.216.34"])
-    with pytest.raises(ImageInputError, match=r"127\.0\.0\.1.*loopback"):
-        fetch_image_bytes(f"{base}/face.jpg", timeout=(1.0, 2.0))
+class _RecordingHandler(_Handler):
+    """The module server's routes, plus a log of every request line that arrives."""
+
+    requests: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.requests.append(f"{self.headers.get('Host')} {self.path}")
+        super().do_GET()
+
+
+@pytest.fixture
+def recorder(server: str) -> Iterator[tuple[int, list[str]]]:
+    """A local server (127.0.0.1 only) that records whether any request reached it."""
+    seen: list[str] = []
+    handler = type("Recorder", (_RecordingHandler,), {"requests": seen})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    httpd.block_on_close = False
+    port = httpd.server_address[1]
+    handler.routes = {
+        **_Handler.routes,
+        "/go-rebind": (302, {"Location": f"http://evil.test:{port}/face.jpg"}, b""),
+        "/go-rebind-hop": (302, {"Location": f"http://evil.test:{port}/hop"}, b""),
+        "/go-local": (302, {"Location": f"http://local.test:{port}/face.jpg"}, b""),
+    }
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield port, seen
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def fake_dns(monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]]) -> dict[str, int]:
+    """Make socket.getaddrinfo answer `answers[name]` in turn (the last answer repeats).
+
+    Every lookup anywhere in the process goes through it, so a second lookup by a library
+    (the classic DNS-rebinding gap) gets the later answer. Returns the lookups per name.
+    """
+    real = socket.getaddrinfo
+    calls: dict[str, int] = {}
+
+    def lookup(host, port, family=0, type=0, proto=0, flags=0):  # noqa: A002 (socket's names)
+        if host not in answers:
+            return real(host, port, family, type, proto, flags)
+        turn = calls.get(host, 0)
+        calls[host] = turn + 1
+        address = answers[host][min(turn, len(answers[host]) - 1)]
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port or 0)))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    return calls
+
+
+def test_a_name_that_rebinds_to_loopback_never_reaches_the_local_server(
+        recorder: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the checked lookup says public, any later lookup says 127.0.0.1.
+
+    The fetch connects to exactly the address it checked (public, unreachable here), so the
+    local service hears nothing, not even a request that is refused afterwards.
+    """
+    port, seen = recorder
+    calls = fake_dns(monkeypatch, {"rebind.test": ["93.184.216.34", "127.0.0.1"]})
+    start = time.monotonic()
+    with pytest.raises(ImageInputError):
+        fetch_image_bytes(f"http://rebind.test:{port}/face.jpg", timeout=(1.0, 2.0),
+                          total_timeout=5.0)
+    assert time.monotonic() - start < 5
+    assert seen == []
+    assert calls["rebind.test"] == 1  # resolved once, and that answer was used
+
+
+def test_every_redirect_hop_connects_to_the_address_it_checked(
+        recorder: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redirect to a name that rebinds: neither the image nor another redirect is requested."""
+    port, seen = recorder
+    real_check = images._check_address
+
+    def origin_is_public(address: str, host: str, allow_private: bool) -> None:
+        if host != "origin.test":  # the test server stands in for a public web site
+            real_check(address, host, allow_private)
+
+    monkeypatch.setattr(images, "_check_address", origin_is_public)
+    fake_dns(monkeypatch, {"origin.test": ["127.0.0.1"],
+                           "evil.test": ["93.184.216.34", "127.0.0.1"]})
+    for path in ("/go-rebind", "/go-rebind-hop"):
+        seen.clear()
+        with pytest.raises(ImageInputError):
+            fetch_image_bytes(f"http://origin.test:{port}{path}", timeout=(1.0, 2.0),
+                              total_timeout=5.0)
+        assert seen == [f"origin.test:{port} {path}"]  # the origin only; nothing for evil.test
+
+
+def test_a_redirect_to_a_name_on_loopback_is_refused_before_any_request(
+        recorder: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    port, seen = recorder
+    real_check = images._check_address
+    monkeypatch.setattr(images, "_check_address", lambda address, host, allow_private: None
+                        if host == "origin.test" else real_check(address, host, allow_private))
+    fake_dns(monkeypatch, {"origin.test": ["127.0.0.1"], "local.test": ["127.0.0.1"]})
+    with pytest.raises(ImageInputError, match=r"local\.test \(127\.0\.0\.1\).*loopback"):
+        fetch_image_bytes(f"http://origin.test:{port}/go-local", timeout=(1.0, 2.0))
+    assert seen == [f"origin.test:{port} /go-local"]
+
+
+def test_a_name_with_one_blocked_address_among_public_ones_is_refused(
+        recorder: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse the host rather than pick its public addresses: mixed answers are a rebinding set-up."""
+    port, seen = recorder
+    monkeypatch.setattr(images, "_resolve", lambda host, port: ["93.184.216.34", "127.0.0.1"])
+    with pytest.raises(ImageInputError, match=r"mixed\.test \(127\.0\.0\.1\).*loopback"):
+        fetch_image_bytes(f"http://mixed.test:{port}/face.jpg", timeout=(1.0, 2.0))
+    assert seen == []
+
+
+def test_allow_private_still_connects_to_the_resolved_name(
+        recorder: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinning keeps the Host header of the URL (virtual hosts keep working)."""
+    port, seen = recorder
+    fake_dns(monkeypatch, {"images.test": ["127.0.0.1"]})
+    assert fetch(f"http://images.test:{port}/face.jpg") == JPEG
+    assert fetch(f"http://images.test:{port}/hop") == JPEG
+    assert seen == [f"images.test:{port} /face.jpg", f"images.test:{port} /hop",
+                    f"images.test:{port} /face.jpg"]
+
+
+@contextlib.contextmanager
+def trickling_server(payload: bytes, interval: float) -> Iterator[tuple[str, dict]]:
+    """A raw socket server on 127.0.0.1 that sends `payload` one byte every `interval` s.
+
+    One connection, bounded: it stops at the end of the payload, when the client goes away, or
+    after 20 s in all.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+    state: dict = {"sent": 0, "closed_early": False}
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(2)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)  # the request
+            stop = time.monotonic() + 20
+            for byte in payload:
+                if time.monotonic() > stop:
+                    break
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    state["closed_early"] = True
+                    break
+                state["sent"] += 1
+                time.sleep(interval)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", state
+    finally:
+        listener.close()
+        thread.join(timeout=25)
+
+
+def test_headers_sent_a_byte_at_a_time_hit_the_total_deadline() -> None:
+    """Each byte arrives well within the read timeout; only the total deadline can stop this."""
+    headers = b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\nX-Slow: " + b"z" * 20 + b"\r\n\r\n"
+    with trickling_server(headers + JPEG, interval=0.15) as (base, _state):
+        start = time.monotonic()
+        with pytest.raises(ImageInputError, match="too long"):
+            fetch(f"{base}/face.jpg", timeout=(1.0, 1.0), total_timeout=2.0)
+        elapsed = time.monotonic() - start
+    assert elapsed < 2.0 + 2.0, f"the fetch lasted {elapsed:.1f} s"
+
+
+@pytest.fixture
+def tls_recorder(server: str, tmp_path: Path) -> Iterator[tuple[int, list[str], Path]]:
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate for images.test.
+
+    Records the TLS server name (SNI) and the Host header of each request.
+    """
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=images.test", "-addext",
+                    "subjectAltName=DNS:images.test"], check=True, capture_output=True, timeout=30)
+    seen: list[str] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: seen.append(f"sni {name}")
+    handler = type("TLSRecorder", (_RecordingHandler,), {"requests": seen})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    httpd.daemon_threads = True
+    httpd.block_on_close = False
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1], seen, cert
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_to_a_pinned_address_verifies_the_url_host_name(
+        tls_recorder: tuple[int, list[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connecting to the checked IP keeps SNI, Host and certificate checks on the URL's name."""
+    port, seen, cert = tls_recorder
+    monkeypatch.setattr(images.requests.certs, "where", lambda: str(cert))  # trust the test CA
+    fake_dns(monkeypatch, {"images.test": ["127.0.0.1"]})
+    assert fetch(f"https://images.test:{port}/face.jpg") == JPEG
+    assert seen == ["sni images.test", f"images.test:{port} /face.jpg"]
+    seen.clear()
+    with pytest.raises(ImageInputError, match="secure connection to 127.0.0.1 failed"):
+        fetch(f"https://127.0.0.1:{port}/face.jpg")  # the certificate is not for 127.0.0.1
+    assert not [line for line in seen if "/face.jpg" in line]

@@ -207,7 +207,7 @@ def test_scoring_another_dataset_keeps_the_runs_own_test_result(trained_run: Pat
 
     assert {path: path.read_bytes() for path in before} == before
     written = layout.evaluation_file(str(other))
-    assert written.parent == copy / "evaluations" and written.name == "other_faces.json"
+    assert written.parent == copy / "evaluations" and written.name.startswith("other_faces-")
     assert layout.other_evaluations() == [written]
     evaluation = runs.read_json(written)
     assert evaluation["data"] == str(other.resolve()) and evaluation["split"] == "all"
@@ -251,7 +251,7 @@ def test_the_evaluate_page_shows_the_dataset_chosen(trained_run: Path, tmp_path:
         assert [m.value for m in at.metric if m.label == "Accuracy"] == [format_percent(scored["accuracy"])]
         assert heatmap_total(at) == 21
         assert f"Scored on {other.resolve()}" in [t.value for t in at.text]
-        cells = at.selectbox(key=f"eval_cell::{run_id}::other_faces")
+        cells = at.selectbox(key=f"eval_cell::{run_id}::{runs.RunLayout(run).evaluation_file(str(other)).stem}")
         true, predicted = cells.value.split("|")
         expected = scored["confusion_matrix"][scored["classes"].index(true)][scored["classes"].index(predicted)]
         (gallery,) = at.image or [None]

@@ -40,20 +40,29 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
         time.sleep(0.1)
 
 
-def status_of(run_dir: Path) -> dict[str, Any]:
-    return runs.read_json(run_dir / runs.STATUS_FILE)
+def status_of(run_dir: Path) -> runs.RunStatus:
+    return runs.run_status(run_dir)[0]
+
+
+def trainer_record(run_dir: Path) -> runs.TrainerStatus | None:
+    """status.json as the trainer wrote it."""
+    return runs.read_record(run_dir / runs.STATUS_FILE, runs.TrainerStatus)[0]
+
+
+def job_record(run_dir: Path) -> runs.JobRecord | None:
+    return runs.read_record(run_dir / runs.JOB_FILE, runs.JobRecord)[0]
 
 
 def state_is(run_dir: Path, *states: str) -> Callable[[], bool]:
-    return lambda: jobs.job_info(run_dir).state in states
+    return lambda: status_of(run_dir).state in states
 
 
 def trainer_started(run_dir: Path) -> Callable[[], bool]:
-    """The runner has spawned the trainer (pid differs from the runner's) and it is alive."""
+    """The runner has spawned the trainer and the trainer has written its record."""
     def check() -> bool:
-        status = status_of(run_dir)
-        return (status.get("state") == "running" and status.get("pid") != status.get("runner_pid")
-                and runs.pid_alive(status.get("pid")))
+        status, job = status_of(run_dir), job_record(run_dir)
+        return (status.state == "running" and job is not None and status.pid is not None
+                and status.pid != job.runner_pid and runs.pid_alive(status.pid))
     return check
 
 
@@ -79,8 +88,9 @@ def runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def _kill_everything_in(folder: Path) -> None:
     pids = set()
     for run_dir in runs.find_run_dirs(folder):
-        status = jobs._read_status(run_dir)
-        pids.update(p for p in (status.get("pid"), status.get("runner_pid")) if runs.pid_alive(p))
+        trainer, job = trainer_record(run_dir), job_record(run_dir)
+        candidates = [trainer.pid if trainer else None] + ([job.runner_pid, job.trainer_pid] if job else [])
+        pids.update(p for p in candidates if runs.pid_alive(p))
     own_group = os.getpgid(0)
     pids = {p for p in pids if p != os.getpid() and os.getpgid(p) != own_group}  # never pytest itself
     for pid in pids:
@@ -102,44 +112,47 @@ def make_config(demo_data: Path, runs_dir: Path, tmp_path: Path) -> Callable[...
     return make
 
 
-def fake_run(runs_dir: Path, state: str, **fields: Any) -> Path:
-    """A run directory with only a status (no process of ours behind it)."""
-    run_dir = runs.new_run_dir(runs_dir, "fake", "finetune")
-    runs.write_status(run_dir, state, **fields)
-    return run_dir
+def fake_run(runs_dir: Path, trainer: dict[str, Any] | None = None, job: dict[str, Any] | None = None) -> Path:
+    """A run directory with only records (no process of ours behind it)."""
+    layout = runs.RunLayout.create(runs_dir, "fake", "finetune")
+    runs.atomic_write_json(layout.config_file, {"experiment": "fake", "mode": "finetune", "epochs": 2})
+    if trainer is not None:
+        runs.atomic_write_json(layout.status_file, runs.TrainerStatus(**trainer).to_dict())
+    if job is not None:
+        runs.atomic_write_json(layout.job_file, runs.JobRecord(**job).to_dict())
+    return layout.path
 
 
 def fresh_process_view(runs_dir: Path) -> list[list[Any]]:
-    """What a freshly started app would see: list_jobs() in a brand-new interpreter."""
-    code = ("import json, sys; from fer_core.jobs import list_jobs; "
-            "print(json.dumps([[str(j.run_dir), j.state, j.pid] for j in list_jobs(sys.argv[1])]))")
+    """What a freshly started app would see: list_runs() in a brand-new interpreter."""
+    code = ("import json, sys; from fer_core.runs import list_runs; "
+            "print(json.dumps([[str(r.path), r.state, r.status.pid] for r in list_runs(sys.argv[1])]))")
     out = subprocess.run([sys.executable, "-c", code, str(runs_dir)], cwd=PROJECT_ROOT, check=True,
                          capture_output=True, text=True, timeout=60)
     return json.loads(out.stdout)
 
 
 def view(runs_dir: Path) -> list[list[Any]]:
-    return [[str(j.run_dir), j.state, j.pid] for j in jobs.list_jobs(runs_dir)]
+    return [[str(r.path), r.state, r.status.pid] for r in runs.list_runs(runs_dir)]
+
+
+def dead_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
 
 
 # ---- without processes ----------------------------------------------------------------
 
-def test_trainer_flags_rebuild_the_same_config_through_the_cli(make_config, runs_dir):
-    from fer_core.cli import TRAIN_FLAGS, TRAIN_SWITCHES, build_parser
-    from fer_core.config import config_from_preset
-
-    config = make_config(preset="cpu-fast", optimizer="sgd", lr=0.05, amp=False, tta=True,
-                         max_per_class=5, label_smoothing=0.1, patience=3).validate()
-    args = build_parser().parse_args(["train", *jobs.trainer_flags(config)])
-    fields = [flag.lstrip("-").replace("-", "_") for flag, _ in TRAIN_FLAGS]
-    rebuilt = config_from_preset(args.preset, **{name: getattr(args, name) for name in [*fields, *TRAIN_SWITCHES]})
-    assert rebuilt == config
-
-
-def test_a_setting_the_cli_cannot_carry_is_refused_not_dropped(make_config):
-    assert "--test-fraction" in jobs.trainer_flags(make_config(test_fraction=0.3))
-    with pytest.raises(ConfigError, match="notes"):
-        jobs.trainer_flags(make_config(notes={"why": "no flag carries this"}))
+def test_launch_writes_the_config_and_a_queued_job_record_and_never_flags(make_config, runs_dir):
+    busy = fake_run(runs_dir, trainer={"state": "running", "pid": os.getpid()})  # the one slot is taken
+    config = make_config(notes={"why": "any field travels: the trainer reads config.json"}, test_fraction=0.3)
+    run_dir = jobs.launch(config)
+    assert runs.read_json(run_dir / runs.CONFIG_FILE) == config.to_dict()
+    job = job_record(run_dir)
+    assert job is not None and job.runner_pid is None and job.queued_at > 0
+    assert status_of(run_dir).state == "queued" and status_of(busy).state == "running"
+    assert not (run_dir / runs.STATUS_FILE).exists()  # only the trainer ever writes status.json
 
 
 def test_an_invalid_config_is_refused_before_anything_is_written(make_config, runs_dir):
@@ -149,30 +162,74 @@ def test_an_invalid_config_is_refused_before_anything_is_written(make_config, ru
 
 
 def test_resume_is_refused_for_active_runs_and_runs_without_last_checkpoint(runs_dir):
-    queued = fake_run(runs_dir, "queued", queued_at=time.time(), train_args=["train"])
+    queued = fake_run(runs_dir, job={"queued_at": time.time()})
     with pytest.raises(FerError, match="queued"):
         jobs.resume_job(queued)
-    running = fake_run(runs_dir, "running", pid=os.getpid())
+    running = fake_run(runs_dir, trainer={"state": "running", "pid": os.getpid()})
     with pytest.raises(FerError, match="running"):
         jobs.resume_job(running)
-    cancelled = fake_run(runs_dir, "cancelled")
+    cancelled = fake_run(runs_dir, trainer={"state": "cancelled"})
     with pytest.raises(FerError, match="last.pt"):
         jobs.resume_job(cancelled)
-    assert status_of(cancelled)["state"] == "cancelled"
+    assert status_of(cancelled).state == "cancelled" and job_record(cancelled) is None
 
 
-def test_pump_queue_records_a_dead_running_job_as_failed_with_its_log_tail(runs_dir):
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    run_dir = fake_run(runs_dir, "running", pid=gone.pid, runner_pid=gone.pid)
+def test_a_dead_running_job_reads_failed_with_its_log_and_nothing_is_rewritten(runs_dir):
+    run_dir = fake_run(runs_dir, trainer={"state": "running", "pid": dead_pid()},
+                       job={"queued_at": 1.0, "runner_pid": dead_pid()})
     (run_dir / runs.LOG_FILE).write_text("epoch 1/5 ...\nTraceback: something broke\n")
-    assert jobs.job_info(run_dir).state == "failed"  # visible at once, before any reconcile
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    run = runs.load_run(run_dir)
+    assert run.state == "failed" and run.status.error == jobs.DEAD_PROCESS_ERROR
+    assert "something broke" in run.log_tail()
     assert jobs.pump_queue(runs_dir) == []
-    status = status_of(run_dir)
-    assert status["state"] == "failed" and status["error"] == jobs.DEAD_PROCESS_ERROR
-    assert "something broke" in status["log_tail"]
-    info = jobs.job_info(run_dir)
-    assert info.error == jobs.DEAD_PROCESS_ERROR and "something broke" in info.log_tail
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_two_processes_updating_job_records_lose_no_update(runs_dir):
+    """Every job.json write is a read-modify-write under the queue lock: hammer it from two
+    processes at once, each appending its own numbers, and count what survived."""
+    run_dir = fake_run(runs_dir, job={"queued_at": 1.0})
+    code = ("import sys; from pathlib import Path; from fer_core import jobs; from fer_core.runs import RunLayout\n"
+            "layout = RunLayout(Path(sys.argv[1])); start = int(sys.argv[2])\n"
+            "for i in range(start, start + 150):\n"
+            "    with jobs._queue_lock(layout.runs_dir):\n"
+            "        record = jobs._read_job(layout)\n"
+            "        jobs._update_job(layout, previous_pids=record.previous_pids + [i])\n")
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(start)], cwd=PROJECT_ROOT)
+               for start in (0, 1000)]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    assert sorted(job_record(run_dir).previous_pids) == [*range(150), *range(1000, 1150)]
+
+
+def test_a_cancel_is_never_lost_while_the_trainer_writes_progress(runs_dir):
+    """The trainer rewrites status.json many times a second; the cancel request lives in its own
+    file, so no interleaving of the two writers can lose it (or the progress)."""
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live "runner":
+    run_dir = fake_run(runs_dir, job={"queued_at": 1.0, "runner_pid": runner.pid})  # so no reaper thread
+    layout = runs.RunLayout(run_dir)
+    writer = runs.TrainerStatusWriter.start(layout, epochs=1000)
+    stop = threading.Event()
+
+    def progress() -> None:
+        epoch = 0
+        while not stop.is_set():
+            epoch += 1
+            writer.update(epoch=epoch, batch=epoch % 7)
+
+    thread = threading.Thread(target=progress)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        jobs.cancel(run_dir, grace_s=600)
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join()
+        runner.kill()
+        runner.wait()
+    assert status_of(run_dir).cancel_requested
+    assert runs.read_json(run_dir / runs.STATUS_FILE)["epoch"] == writer.record.epoch > 1
 
 
 def test_cancel_escalates_to_sigkill_when_the_process_ignores_sigterm(runs_dir):
@@ -182,13 +239,14 @@ def test_cancel_escalates_to_sigkill_when_the_process_ignores_sigterm(runs_dir):
         stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert stubborn.stdout.readline().strip() == "ready"
-        run_dir = fake_run(runs_dir, "running", pid=stubborn.pid)  # no runner: cancel's own reaper acts
+        # no runner: cancel's own reaper acts
+        run_dir = fake_run(runs_dir, trainer={"state": "running", "pid": stubborn.pid})
         started = time.monotonic()
         jobs.cancel(run_dir, grace_s=0.3)
-        assert (run_dir / runs.CANCEL_FILE).exists() and jobs.job_info(run_dir).cancel_requested
+        assert (run_dir / runs.CANCEL_FILE).exists() and status_of(run_dir).cancel_requested
         assert stubborn.wait(timeout=10) == -signal.SIGKILL
         assert time.monotonic() - started >= 0.6  # SIGKILL only after grace + grace
-        wait_for(lambda: status_of(run_dir)["state"] == "cancelled", 5, "status 'cancelled' on disk")
+        wait_for(state_is(run_dir, "cancelled"), 5, "the state to read 'cancelled'")
     finally:
         if stubborn.poll() is None:
             stubborn.kill()
@@ -197,9 +255,9 @@ def test_cancel_escalates_to_sigkill_when_the_process_ignores_sigterm(runs_dir):
 
 def test_read_log_tail_keeps_the_last_lines_as_a_progress_bar_finally_showed_them(tmp_path):
     (tmp_path / runs.LOG_FILE).write_text("".join(f"line {i}\n" for i in range(100)) + "bar 10%\rbar 90%\n\n")
-    tail = jobs.read_log_tail(tmp_path, lines=3)
+    tail = runs.read_log_tail(tmp_path, lines=3)
     assert tail.splitlines() == ["line 98", "line 99", "bar 90%"]
-    assert jobs.read_log_tail(tmp_path / "missing") == ""
+    assert runs.read_log_tail(tmp_path / "missing") == ""
 
 
 # ---- with real trainer processes ------------------------------------------------------
@@ -208,9 +266,9 @@ def test_queued_jobs_run_one_at_a_time_in_order_and_continue_without_the_app(mak
     first = jobs.launch(make_config(epochs=1))
     second = jobs.launch(make_config(epochs=1, experiment="second"))
     assert first != second
-    assert [j.run_dir for j in jobs.active_jobs(runs_dir)] == [first, second]
-    assert jobs.job_info(first).state == "running" and jobs.job_info(first).pid
-    assert jobs.job_info(second).state == "queued" and jobs.job_info(second).pid is None
+    assert [r.path for r in jobs.active_runs(runs_dir)] == [first, second]
+    assert status_of(first).state == "running" and job_record(first).runner_pid
+    assert status_of(second).state == "queued" and job_record(second).runner_pid is None
     assert jobs.pump_queue(runs_dir) == []  # the slot is taken: pumping again starts nothing
 
     # a restarted app (a new interpreter) reads the same jobs from disk
@@ -224,35 +282,35 @@ def test_queued_jobs_run_one_at_a_time_in_order_and_continue_without_the_app(mak
 
     # only reads from here on: the first job's runner must start the second one by itself
     wait_for(trainer_started(first), START_TIMEOUT_S, "the first trainer to start")
-    assert jobs.job_info(second).state == "queued"
+    assert status_of(second).state == "queued"
     wait_for(state_is(first, "completed"), FINISH_TIMEOUT_S, "the first job to complete")
     wait_for(state_is(second, "running", "completed"), 30, "the second job to start by itself")
     wait_for(state_is(second, "completed"), FINISH_TIMEOUT_S, "the second job to complete")
 
-    one, two = jobs.job_info(first), jobs.job_info(second)
-    assert status_of(second)["runner_started_at"] >= one.finished_at  # not a moment before
-    assert (one.epoch, one.epochs, two.epoch, two.epochs) == (1, 1, 1, 1)
+    one, two = runs.load_run(first), runs.load_run(second)
+    assert job_record(second).runner_started_at >= one.status.finished_at  # not a moment before
+    assert (one.status.epoch, one.status.epochs, two.status.epoch, two.status.epochs) == (1, 1, 1, 1)
     assert (one.experiment, two.experiment) == ("default", "second")
     for run_dir in (first, second):
         assert (run_dir / runs.EVALUATION_FILE).is_file()
         assert runs.read_json(run_dir / runs.CONFIG_FILE)["img_size"] == 32
-        runner = status_of(run_dir)["runner_pid"]
+        runner = job_record(run_dir).runner_pid
         wait_for(lambda: not runs.pid_alive(runner), 10, "the runner to exit after its job")
-    assert "test accuracy" in one.log_tail
-    assert jobs.active_jobs(runs_dir) == []
+    assert "test accuracy" in one.log_tail()
+    assert jobs.active_runs(runs_dir) == []
     assert view(runs_dir) == fresh_process_view(runs_dir)
 
 
 def test_cancel_stops_a_running_job_keeps_last_pt_and_resume_finishes_it(make_config, runs_dir):
     run_dir = jobs.launch(make_config(epochs=200))
     wait_for(epochs_logged(run_dir, 1), START_TIMEOUT_S, "the first epoch")
-    trainer_pid = status_of(run_dir)["pid"]
+    trainer_pid = trainer_record(run_dir).pid
     started = time.monotonic()
     jobs.cancel(run_dir, grace_s=60)  # a long grace: the engine itself must stop within a batch
     wait_for(state_is(run_dir, "cancelled"), 20, "the job to be cancelled")
     assert time.monotonic() - started < 20
     wait_for(lambda: not runs.pid_alive(trainer_pid), 10, "the trainer to exit")
-    assert status_of(run_dir)["state"] == "cancelled"  # written by the engine, not inferred
+    assert trainer_record(run_dir).state == "cancelled"  # written by the engine, not inferred
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     trained = len(runs.read_metrics(run_dir)[0])
     assert 1 <= trained < 200
@@ -265,23 +323,24 @@ def test_cancel_stops_a_running_job_keeps_last_pt_and_resume_finishes_it(make_co
     rows, bad = runs.read_metrics(run_dir)
     assert bad == 0 and [row["epoch"] for row in rows] == list(range(1, target + 1))
     status = status_of(run_dir)
-    assert status["epoch"] == target and (run_dir / runs.EVALUATION_FILE).is_file()
+    assert status.epoch == target and (run_dir / runs.EVALUATION_FILE).is_file()
     # the cancelled trainer's runner, exiting late, must not have touched the resumed run
-    assert status["error"] is None and "without recording an outcome" not in jobs.read_log_tail(run_dir)
+    assert status.error is None and "without recording an outcome" not in runs.read_log_tail(run_dir)
+    assert job_record(run_dir).outcome is None
 
 
 def test_a_killed_trainer_shows_failed_with_its_log_and_the_queue_moves_on(make_config, runs_dir):
     doomed = jobs.launch(make_config(epochs=200))
     waiting = jobs.launch(make_config(epochs=200, experiment="next"))
-    wait_for(lambda: "epoch 1/200" in jobs.read_log_tail(doomed), START_TIMEOUT_S, "the first epoch's log line")
-    trainer_pid = status_of(doomed)["pid"]
+    wait_for(lambda: "epoch 1/200" in runs.read_log_tail(doomed), START_TIMEOUT_S, "the first epoch's log line")
+    trainer_pid = trainer_record(doomed).pid
     os.kill(trainer_pid, signal.SIGKILL)
     wait_for(state_is(doomed, "failed"), 10, "the killed job to show as failed")
-    info = jobs.job_info(doomed)
-    assert info.error.startswith(jobs.DEAD_PROCESS_ERROR)
-    assert "epoch 1/200" in info.log_tail
-    wait_for(lambda: status_of(doomed)["state"] == "failed", 10, "'failed' recorded on disk")
-    assert "SIGKILL" in status_of(doomed)["error"]
+    run = runs.load_run(doomed)
+    assert run.status.error.startswith(jobs.DEAD_PROCESS_ERROR)
+    assert "epoch 1/200" in run.log_tail()
+    wait_for(lambda: job_record(doomed).outcome == "failed", 10, "the runner to record the outcome")
+    assert "SIGKILL" in status_of(doomed).error
     # nobody called pump_queue: the dead job's runner started the next one
     wait_for(state_is(waiting, "running"), 30, "the queued job to start after the crash")
     jobs.cancel(waiting, grace_s=0.5)
@@ -306,19 +365,19 @@ def test_threads_launching_at_once_start_exactly_one_job(make_config, runs_dir):
     for thread in threads:
         thread.join(timeout=60)
     assert not errors and len(set(launched)) == 4
-    states = sorted(jobs.job_info(run_dir).state for run_dir in launched)
+    states = sorted(status_of(run_dir).state for run_dir in launched)
     assert states == ["queued", "queued", "queued", "running"]
-    assert len({status_of(r)["runner_pid"] for r in launched if "runner_pid" in status_of(r)}) == 1
+    assert len([r for r in launched if job_record(r).runner_pid]) == 1
     # no job was started twice either (a second runner for one job would log that it stood down)
     time.sleep(1.0)  # a runner that would stand down needs a moment to start and say so
-    assert not any("not starting" in jobs.read_log_tail(r) for r in launched)
+    assert not any("not starting" in runs.read_log_tail(r) for r in launched)
 
-    queued = [r for r in launched if jobs.job_info(r).state == "queued"]
+    queued = [r for r in launched if status_of(r).state == "queued"]
     running = next(r for r in launched if r not in queued)
     for run_dir in queued:
         jobs.cancel(run_dir)
-        assert jobs.job_info(run_dir).state == "cancelled"  # at once, no process involved
+        assert status_of(run_dir).state == "cancelled"  # at once, no process involved
     jobs.cancel(running, grace_s=0.5)
     wait_for(state_is(running, "cancelled"), 30, "the running job to be cancelled")
-    wait_for(lambda: not runs.pid_alive(status_of(running).get("runner_pid")), 10, "the runner to exit")
-    assert all(jobs.job_info(r).state == "cancelled" and jobs.job_info(r).started_at is None for r in queued)
+    wait_for(lambda: not runs.pid_alive(job_record(running).runner_pid), 10, "the runner to exit")
+    assert all(status_of(r).state == "cancelled" and status_of(r).started_at is None for r in queued)

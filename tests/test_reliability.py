@@ -41,13 +41,17 @@ def status_of(run_dir: Path) -> dict:
         return {}
 
 
+def queued_run(config, experiment: str) -> Path:
+    """A run folder as the job manager leaves it: config.json, ready for `train --run-dir`."""
+    layout = runs.RunLayout.create(Path(config.runs_dir), experiment, config.mode)
+    runs.atomic_write_json(layout.config_file, config.to_dict())
+    return layout.path
+
+
 def test_kill_9_mid_epoch_loses_nothing_and_resume_logs_every_epoch_once(tiny_demo, tmp_path):
-    run_dir = runs.new_run_dir(tmp_path / "runs", "kill", "finetune")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fer_core", "train", "--data", str(tiny_demo), "--run-dir", str(run_dir),
-         "--epochs", "4", "--img-size", "32", "--batch-size", "8", "--no-pretrained", "--val-fraction", "0.2",
-         "--runs-dir", str(tmp_path / "runs"), "--checkpoints-dir", str(tmp_path / "ckpt"), "--num-threads", "2"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = queued_run(tiny_config(tiny_demo, tmp_path, epochs=4, img_size=32, batch_size=8), "kill")
+    process = subprocess.Popen([sys.executable, "-m", "fer_core", "train", "--run-dir", str(run_dir)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # mid-epoch 2: epoch 1 checkpointed, some batches of epoch 2 done
         wait_for(lambda: status_of(run_dir).get("epoch") == 2 and 1 <= status_of(run_dir).get("batch", 0) < 6)
@@ -133,11 +137,9 @@ def test_repeated_kill_9_at_many_points_never_loses_or_repeats_an_epoch(tiny_dem
     """Kill the trainer again and again at different points; resume each time; the finished
     run must hold every epoch exactly once and the same number of epochs as asked for."""
     epochs = 7
-    run_dir = runs.new_run_dir(tmp_path / "runs", "killer", "finetune")
-    first = ["train", "--data", str(tiny_demo), "--run-dir", str(run_dir), "--epochs", str(epochs),
-             "--img-size", "32", "--batch-size", "4", "--no-pretrained", "--val-fraction", "0.2",
-             "--runs-dir", str(tmp_path / "runs"), "--checkpoints-dir", str(tmp_path / "ckpt"),
-             "--num-threads", "1"]
+    run_dir = queued_run(tiny_config(tiny_demo, tmp_path, epochs=epochs, img_size=32, batch_size=4,
+                                     num_threads=1), "killer")
+    first = ["train", "--run-dir", str(run_dir)]
     again = ["train", "--resume", str(run_dir)]
     killed_at = []
     for index, epoch in enumerate(KILL_EPOCHS):
@@ -161,3 +163,4 @@ def test_repeated_kill_9_at_many_points_never_loses_or_repeats_an_epoch(tiny_dem
     assert [e.step for e in accumulator.Scalars("epoch/train_loss")] == list(range(1, epochs + 1))
     assert runs.load_run(run_dir).state == "completed"
     assert len(killed_at) == len(KILL_EPOCHS)
+    assert not list(run_dir.rglob("*.tmp"))  # no half-written save survives a completed run

@@ -2,10 +2,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from fer_core import runs
+from fer_core.errors import FerError
 
 
 def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path):
@@ -22,20 +24,101 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
 
 
-def test_status_merges_fields_and_validates_state(tmp_path):
-    runs.write_status(tmp_path, "running", pid=123, epoch=1)
-    status = runs.write_status(tmp_path, "running", epoch=2)
-    assert status["pid"] == 123 and status["epoch"] == 2
-    with pytest.raises(ValueError):
-        runs.write_status(tmp_path, "exploded")
+def fake_run(runs_dir, trainer=None, job=None, name="exp"):
+    """A run folder holding only the given status.json / job.json records."""
+    layout = runs.RunLayout.create(runs_dir, name, "finetune")
+    runs.atomic_write_json(layout.config_file, {"experiment": name, "mode": "finetune", "data": "demo"})
+    if trainer is not None:
+        runs.atomic_write_json(layout.status_file, runs.TrainerStatus(**trainer).to_dict())
+    if job is not None:
+        runs.atomic_write_json(layout.job_file, runs.JobRecord(**job).to_dict())
+    return layout
 
 
-def test_a_running_status_whose_process_is_gone_shows_failed(tmp_path):
+def dead_pid():
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
-    assert runs.effective_state({"state": "running", "pid": process.pid}) == "failed"
-    assert runs.effective_state({"state": "running", "pid": os.getpid()}) == "running"
-    assert runs.effective_state({"state": "completed", "pid": process.pid}) == "completed"
+    return process.pid
+
+
+def test_the_trainer_writes_its_whole_record_and_keeps_what_earlier_attempts_learnt(tmp_path):
+    layout = runs.RunLayout.create(tmp_path, "exp", "finetune")
+    writer = runs.TrainerStatusWriter.start(layout, epochs=3)
+    writer.update(epoch=2, best_val_acc=0.5, phase="training")
+    writer.finish("cancelled")
+    on_disk = runs.read_json(layout.status_file)
+    assert on_disk["state"] == "cancelled" and on_disk["pid"] == os.getpid() and on_disk["epoch"] == 2
+    first_start = on_disk["started_at"]
+    again = runs.TrainerStatusWriter.start(layout, epochs=5)  # a resume: a new attempt
+    record = runs.read_json(layout.status_file)
+    assert record["state"] == "running" and record["epochs"] == 5 and record["epoch"] == 2
+    assert record["started_at"] == first_start and record["attempt_started_at"] >= first_start
+    with pytest.raises(AttributeError):
+        again.update(no_such_field=1)
+    with pytest.raises(ValueError):
+        again.finish("exploded")
+
+
+def test_a_running_trainer_whose_process_is_gone_reads_failed_or_cancelled(tmp_path):
+    gone = dead_pid()
+    assert runs.run_status(fake_run(tmp_path, {"state": "running", "pid": os.getpid()}))[0].state == "running"
+    failed, _ = runs.run_status(fake_run(tmp_path, {"state": "running", "pid": gone}))
+    assert failed.state == "failed" and failed.error == runs.DEAD_PROCESS_ERROR
+    asked = fake_run(tmp_path, {"state": "running", "pid": gone})
+    runs.atomic_write_json(asked.cancel_file, {"requested_at": 1.0, "grace_s": 1.0})
+    assert runs.run_status(asked)[0].state == "cancelled"
+    assert runs.run_status(fake_run(tmp_path, {"state": "completed", "pid": gone}))[0].state == "completed"
+
+
+def test_the_job_record_decides_until_the_trainer_of_this_attempt_writes(tmp_path):
+    now = time.time()
+    queued = fake_run(tmp_path, job={"queued_at": now})
+    assert runs.run_status(queued)[0].state == "queued"
+    starting = fake_run(tmp_path, job={"queued_at": now, "runner_pid": os.getpid()})
+    assert runs.run_status(starting)[0].state == "running"
+    runner_died = fake_run(tmp_path, job={"queued_at": now, "runner_pid": dead_pid()})
+    assert runs.run_status(runner_died)[0].state == "failed"
+    cancelled = fake_run(tmp_path, job={"queued_at": now, "outcome": "cancelled"})
+    assert runs.run_status(cancelled)[0].state == "cancelled"
+    # a resume queued after the last attempt: that attempt's "cancelled" is history now
+    resumed = fake_run(tmp_path, trainer={"state": "cancelled", "attempt_started_at": now - 60, "epoch": 3},
+                       job={"queued_at": now, "resume": True, "resume_epochs": 9})
+    status, problems = runs.run_status(resumed)
+    assert (status.state, status.epoch, status.epochs, problems) == ("queued", 3, 9, [])
+    # the trainer died without a word; its runner said how
+    crashed = fake_run(tmp_path, trainer={"state": "running", "pid": dead_pid(), "attempt_started_at": now + 1},
+                       job={"queued_at": now, "runner_pid": dead_pid(), "outcome": "failed",
+                            "outcome_error": "process exited without finishing (killed by SIGKILL)"})
+    status, _ = runs.run_status(crashed)
+    assert status.state == "failed" and "SIGKILL" in status.error
+
+
+def test_reading_a_state_never_writes(tmp_path):
+    layout = fake_run(tmp_path, {"state": "running", "pid": dead_pid()}, {"queued_at": 1.0, "runner_pid": dead_pid()})
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in layout.path.iterdir()}
+    assert runs.load_run(layout.path).state == "failed"
+    assert runs.list_runs(tmp_path)[0].state == "failed"
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in layout.path.iterdir()} == before
+
+
+@pytest.mark.parametrize("file_name, content, reason", [
+    ("status.json", "[1, 2]", "not a JSON object"),
+    ("status.json", '{"state": "running", "finished_at": "yesterday"}', "finished_at"),
+    ("status.json", '{"state": "exploded"}', "unknown state"),
+    ("job.json", '{"queued_at": "soon"}', "queued_at"),
+    ("evaluation.json", "[1, 2]", "evaluation.json"),
+    ("evaluation.json", '{"accuracy": "high"}', "accuracy"),
+    ("config.json", '{"data": 7}', "data"),
+    ("metrics.jsonl", '{"epoch": 1, "val_acc": "great"}\n', "unreadable line"),
+])
+def test_a_wrongly_typed_file_marks_its_run_damaged_and_the_rest_still_loads(tmp_path, file_name, content, reason):
+    fake_run(tmp_path, {"state": "completed", "pid": 1}, name="good")
+    bad = fake_run(tmp_path, {"state": "completed", "pid": 1}, name="bad")
+    (bad.path / file_name).write_text(content)
+    listed = {run.experiment: run for run in runs.list_runs(tmp_path)}
+    assert listed["good"].state == "completed"
+    assert listed["bad"].state == "damaged"
+    assert any(reason in problem for problem in listed["bad"].problems), listed["bad"].problems
 
 
 def test_torn_metric_lines_are_skipped_and_counted(tmp_path):
@@ -76,7 +159,28 @@ def test_a_damaged_run_is_listed_as_damaged_and_others_still_load(trained_run, t
 def test_runs_created_in_the_same_second_list_newest_first(tmp_path):
     from datetime import datetime
     now = datetime(2026, 1, 2, 3, 4, 5)
-    made = [runs.new_run_dir(tmp_path, "exp", "finetune", now) for _ in range(3)]
-    for path in made:
-        runs.write_status(path, "queued")
-    assert runs.find_run_dirs(tmp_path) == list(reversed(made))
+    made = [runs.RunLayout.create(tmp_path, "exp", "finetune", now) for _ in range(3)]
+    for layout in made:
+        runs.atomic_write_json(layout.job_file, runs.JobRecord(queued_at=1.0).to_dict())
+    assert [layout.path for layout in runs.find_runs(tmp_path)] == [layout.path for layout in reversed(made)]
+    assert [layout.stamp for layout in made] == ["2026-01-02_03-04-05", "2026-01-02_03-04-05-1",
+                                                 "2026-01-02_03-04-05-2"]
+
+
+def test_the_layout_knows_every_path_and_refuses_folders_of_another_shape(tmp_path):
+    layout = runs.RunLayout.create(tmp_path / "runs", "exp", "head_only")
+    assert layout.runs_dir == (tmp_path / "runs").resolve()
+    assert (layout.experiment, layout.mode, layout.id.split("/")[1:]) == ("exp", "head_only", ["exp", "head_only"])
+    assert layout.evaluation_file() == layout.path / "evaluation.json"
+    other = layout.evaluation_file("/data/CK+ faces")
+    assert other.parent == layout.path / "evaluations" and other.name.startswith("CK_faces-")
+    assert layout.evaluation_file("/elsewhere/CK+ faces") != other  # same name, another folder
+    assert layout.published_checkpoint(tmp_path).name == layout.id.replace("/", "_") + ".pt"
+    with pytest.raises(FerError, match="not a run directory"):
+        runs.RunLayout.of(layout.path.parent.parent)
+
+
+def test_a_name_too_long_for_the_file_system_leaves_no_empty_folder(tmp_path):
+    with pytest.raises(FerError, match="cannot create a run directory"):
+        runs.RunLayout.create(tmp_path, "x" * 300, "finetune")
+    assert list(tmp_path.iterdir()) == []

@@ -27,12 +27,16 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 def test_a_run_directory_has_everything_a_user_expects(trained_run):
     parts = trained_run.parts
     assert parts[-2:] == ("resnet18", "finetune") and parts[-3] == "default"
-    for name in ("config.json", "status.json", "metrics.jsonl", "split.csv", "data_report.json",
-                 "evaluation.json", "predictions.csv", "checkpoints/best.pt", "checkpoints/last.pt"):
+    for name in ("config.json", "environment.json", "status.json", "metrics.jsonl", "split.csv",
+                 "data_report.json", "evaluation.json", "predictions.csv", "checkpoints/best.pt",
+                 "checkpoints/last.pt"):
         assert (trained_run / name).is_file(), name
     assert list(trained_run.glob("events.out.tfevents.*"))
+    assert not (trained_run / "job.json").exists()  # trained from a terminal: no job record
+    environment = runs.read_json(trained_run / "environment.json")
+    assert environment["weights_source"] == "random" and environment["torch_version"] == torch.__version__
     config = runs.read_json(trained_run / "config.json")
-    assert config["weights_source"] == "random" and config["torch_version"] == torch.__version__
+    assert "weights_source" not in config  # config.json is what was asked for, written once
     status = runs.read_json(trained_run / "status.json")
     assert status["state"] == "completed" and status["phase"] is None
 
