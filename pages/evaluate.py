@@ -11,7 +11,7 @@ import streamlit as st
 
 from fer_core import runs, ui_data
 from fer_core.evaluate import read_predictions, top_confusions
-from pages._shared import require_router, run_label, runs_dir, synthetic_badge, take_selected_run
+from pages._shared import literal, require_router, run_label, runs_dir, synthetic_badge, take_selected_run
 
 require_router()
 
@@ -122,17 +122,18 @@ with mistakes_tab:
     chart_key = f"eval_cm::{view}"
     cell_key = f"eval_cell::{view}"
     click_key = f"eval_click::{view}"
-    cells = ui_data.confusion_cells(evaluation)
-    matrix = evaluation["confusion_matrix"]
-    all_cells = [f"{t}|{p}" for t, p, _ in cells] + [
-        f"{t}|{p}" for t in classes for p in classes if matrix[classes.index(t)][classes.index(p)] == 0]
-    clicked = ui_data.cell_from_selection(st.session_state.get(chart_key), classes)
+    # a cell is (true row, predicted column): indices, since a class name may hold any character
+    order = ui_data.confusion_cell_order(evaluation)
+    all_cells = [(i, j) for i, j, _ in order]
+    counts_by_cell = {(i, j): n for i, j, n in order}
+    clicked = ui_data.cell_index_from_selection(st.session_state.get(chart_key), classes)
     if clicked and clicked != st.session_state.get(click_key):
         st.session_state[click_key] = clicked
-        st.session_state[cell_key] = "|".join(clicked)
+        st.session_state[cell_key] = clicked
     if st.session_state.get(cell_key) not in all_cells:
         st.session_state[cell_key] = all_cells[0]
-    true_class, predicted_class = st.session_state[cell_key].split("|")
+    true_index, predicted_index = st.session_state[cell_key]
+    true_class, predicted_class = classes[true_index], classes[predicted_index]
 
     left, right = st.columns([3, 2], gap="large")
     with left:
@@ -149,34 +150,33 @@ with mistakes_tab:
         confusions = top_confusions(evaluation, k=6)
         if confusions:
             for item in confusions:
-                st.markdown(f"- **{item['true']}** predicted as **{item['predicted']}**: "
-                            f"{item['count']} images, {item['share_of_true']:.0%} of {item['true']}")
+                true, predicted = literal(item["true"]), literal(item["predicted"])
+                st.markdown(f"- **{true}** predicted as **{predicted}**: "
+                            f"{item['count']} images, {item['share_of_true']:.0%} of {true}")
         else:
             st.success("No mistakes on the test split." if own else "No mistakes on these images.")
         report = evaluation.get("report", {})
         f1 = {c: report.get(c, {}).get("f1-score", 0.0) for c in classes}
         hardest = min(f1, key=f1.get)
         easiest = max(f1, key=f1.get)
-        st.markdown(f"**Easiest class:** {easiest} (F1 {f1[easiest]:.0%}).  \n"
-                    f"**Hardest class:** {hardest} (F1 {f1[hardest]:.0%}).")
+        st.markdown(f"**Easiest class:** {literal(easiest)} (F1 {f1[easiest]:.0%}).  \n"
+                    f"**Hardest class:** {literal(hardest)} (F1 {f1[hardest]:.0%}).")
 
-    counts_by_cell = {f"{t}|{p}": n for t, p, n in cells}
-
-    def describe_cell(key: str) -> str:
-        t, p = key.split("|")
-        n = counts_by_cell.get(key, 0)
+    def describe_cell(cell: tuple[int, int]) -> str:
+        t, p = cell
+        n = counts_by_cell.get(cell, 0)
         kind = "correct" if t == p else "mistake"
-        return f"true {t} → predicted {p} · {n} image{'s' if n != 1 else ''} ({kind})"
+        return f"true {classes[t]} → predicted {classes[p]} · {n} image{'s' if n != 1 else ''} ({kind})"
 
     st.selectbox("Cell to inspect", all_cells, key=cell_key, format_func=describe_cell,
                  help="The same as clicking a cell of the matrix.")
     predictions = predictions_of(run, other_data)
     examples = ui_data.cell_examples(predictions, true_class, predicted_class)
-    heading = (f"{len(examples)} {'test ' if own else ''}face(s) that are **{true_class}** and were "
-               f"predicted **{predicted_class}**")
+    heading = (f"{len(examples)} {'test ' if own else ''}face(s) that are **{literal(true_class)}** and "
+               f"were predicted **{literal(predicted_class)}**")
     st.markdown(heading + (" (correct)" if true_class == predicted_class else ""))
     if not predictions:
-        st.warning(f"This run has no readable {runs.RunLayout(run.path).predictions_file(other_data).name}, "
+        st.warning(f"This run has no readable {literal(runs.RunLayout(run.path).predictions_file(other_data).name)}, "
                    "so the faces cannot be shown.")
     elif examples:
         shown = examples[:GALLERY_LIMIT]
@@ -186,7 +186,7 @@ with mistakes_tab:
                 missing += 1
                 continue
             images.append(array)
-            captions.append(ui_data.probability_caption(row, top=2))
+            captions.append(literal(ui_data.probability_caption(row, top=2)))  # Markdown
         if images:
             st.image(images, caption=captions, width=140)
         if missing:
@@ -223,12 +223,15 @@ with compare_tab:
         other_path = st.selectbox("Compare with", others, key="eval_compare",
                                   format_func=lambda p: run_label(by_path[p]))
         other = by_path[other_path]
+        difference = ui_data.test_set_difference(run, other)
+        if difference:
+            st.warning(literal(difference), icon=":material/compare_arrows:")
         shared_normalise = st.toggle("Row-normalised", value=True, key="eval_compare_normalise")
         a, b = st.columns(2)
         for column, item in ((a, run), (b, other)):
             with column:
                 ev = item.evaluation
-                st.markdown(f"**{item.id}**")
+                st.markdown(f"**{literal(item.id)}**")
                 st.caption(f"test accuracy {ui_data.format_percent(ev.get('accuracy'))} · macro-F1 "
                            f"{ui_data.format_percent(ev.get('macro_f1'))}")
                 st.plotly_chart(ui_data.confusion_figure(ev, shared_normalise, height=420, show_scale=False),

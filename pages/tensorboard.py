@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._shared import require_router, runs_dir
+from pages._shared import literal, require_router, runs_dir
 
 require_router()
 
@@ -16,22 +16,22 @@ folder = runs_dir()
 try:
     from fer_core import tensorboard as tb
 except ImportError as exc:  # the helper module ships separately; say so rather than crash
-    st.error(f"TensorBoard support is not available: {exc}", icon=":material/error:")
+    st.error(f"TensorBoard support is not available: {literal(exc)}", icon=":material/error:")
     st.stop()
 
 if not folder.is_dir() or not any(folder.iterdir()):
-    st.info(f"`{folder}` has no runs yet. TensorBoard will still start and show runs as they appear.",
+    st.info(f"{literal(folder)} has no runs yet. TensorBoard will still start and show runs as they appear.",
             icon=":material/info:")
 
 try:
     info = tb.tensorboard_status(folder)
 except Exception as exc:  # a broken record must not hide the start button
-    st.warning(f"Could not check whether TensorBoard is running: {exc}", icon=":material/warning:")
+    st.warning(f"Could not check whether TensorBoard is running: {literal(exc)}", icon=":material/warning:")
     info = None
 
 if info is None:
     with st.container(border=True):
-        st.markdown(f"TensorBoard is **not running** for `{folder}`.")
+        st.markdown(f"TensorBoard is **not running** for {literal(folder)}.")
         port = st.number_input("Port (0 = pick a free one)", min_value=0, max_value=65535, value=0,
                                step=1, key="tb_port")
         if st.button("Start TensorBoard", type="primary", icon=":material/play_arrow:", key="tb_start"):
@@ -39,7 +39,7 @@ if info is None:
                 try:
                     started = tb.start_tensorboard(folder, port=int(port) or None)
                 except Exception as exc:  # port busy, tensorboard missing, timeout: all shown as text
-                    st.error(f"TensorBoard did not start: {exc}", icon=":material/error:")
+                    st.error(f"TensorBoard did not start: {literal(exc)}", icon=":material/error:")
                 else:
                     st.toast(f"TensorBoard {'reused' if started.reused else 'started'} at {started.url}",
                              icon=":material/monitoring:")
@@ -47,14 +47,14 @@ if info is None:
 else:
     with st.container(border=True):
         st.markdown(f":material/check_circle: TensorBoard is **running** at [{info.url}]({info.url}) "
-                    f"(pid {info.pid}, port {info.port}) for `{folder}`.")
+                    f"(pid {info.pid}, port {info.port}) for {literal(folder)}.")
         with st.container(horizontal=True):
             st.link_button("Open in a new tab", info.url, icon=":material/open_in_new:", type="primary")
             if st.button("Stop TensorBoard", icon=":material/stop_circle:", key="tb_stop"):
                 try:
                     stopped = tb.stop_tensorboard(folder)
                 except Exception as exc:
-                    st.error(f"Could not stop TensorBoard: {exc}", icon=":material/error:")
+                    st.error(f"Could not stop TensorBoard: {literal(exc)}", icon=":material/error:")
                 else:
                     if stopped:
                         st.toast("TensorBoard stopped", icon=":material/stop_circle:")
