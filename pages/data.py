@@ -9,7 +9,7 @@ from fer_core import settings, ui_data
 from fer_core.download import (CREDENTIALS_HELP, DEFAULT_DATASET, dataset_dest, download_dataset,
                                find_credentials, is_downloaded)
 from fer_core.errors import FerError
-from pages._shared import DATA_SOURCE_KEY, data_home, demo_dir, require_router, synthetic_badge
+from pages._shared import DATA_SOURCE_KEY, data_home, demo_dir, literal, require_router, synthetic_badge
 
 require_router()
 
@@ -73,7 +73,7 @@ elif kind == "kaggle":
     target = dataset_dest(slug) if "/" in slug else None
     already = target is not None and is_downloaded(target)
     if already:
-        st.caption(f"Already downloaded to `{target}`.")
+        st.caption(f"Already downloaded to {literal(target)}.")
         spec = str(target)
     if st.button("Download", icon=":material/download:", type="primary", key="data_download",
                  disabled=already or not credentials,
@@ -83,7 +83,7 @@ elif kind == "kaggle":
                 folder = download_dataset(slug, log=st.write)
             except FerError as exc:
                 status.update(label="Download failed", state="error")
-                st.error(str(exc), icon=":material/error:")
+                st.error(literal(exc), icon=":material/error:")
             else:
                 status.update(label=f"Downloaded to {folder}", state="complete", expanded=False)
                 spec = str(folder)
@@ -95,10 +95,10 @@ if not spec:
 try:
     dataset = load_source(spec, str(settings.cache_dir()))
 except FerError as exc:
-    st.error(f"This source cannot be used: {exc}", icon=":material/error:")
+    st.error(f"This source cannot be used: {literal(exc)}", icon=":material/error:")
     st.stop()
 except OSError as exc:
-    st.error(f"Could not read {spec}: {exc}", icon=":material/error:")
+    st.error(f"Could not read {literal(spec)}: {literal(exc)}", icon=":material/error:")
     st.stop()
 
 st.session_state[DATA_SOURCE_KEY] = spec
@@ -107,10 +107,10 @@ st.session_state[DATA_SOURCE_KEY] = spec
 st.divider()
 head, action = st.columns([3, 1], vertical_alignment="center")
 with head:
-    st.subheader(ui_data.dataset_label(spec, dataset.synthetic))
+    st.subheader(literal(ui_data.dataset_label(spec, dataset.synthetic)))
     if dataset.synthetic:
         synthetic_badge()
-    st.caption(f"Source: `{dataset.source}`")
+    st.caption(f"Source: {literal(dataset.source)}")
 with action:
     if st.button("Train on this dataset", icon=":material/model_training:", type="primary",
                  width="stretch", key="data_to_train"):
@@ -125,7 +125,7 @@ m1, m2, m3, m4 = st.columns(4)
 m1.metric("Images", f"{len(dataset):,}", border=True)
 m2.metric("Classes", len(dataset.classes), border=True)
 m3.metric("Smallest class", f"{min(counts.values()):,}", border=True,
-          help=f"{min(counts, key=counts.get)}: imbalance makes rare classes harder to learn")
+          help=f"{literal(min(counts, key=counts.get))}: imbalance makes rare classes harder to learn")
 m4.metric("Unreadable files", len(dataset.bad_files), border=True,
           help="Files skipped because they are not images or cannot be decoded")
 
@@ -152,7 +152,7 @@ from fer_core.data import assign_splits, split_table  # noqa: E402  (torch-heavy
 try:
     splits = assign_splits(dataset, test_fraction=test_fraction, val_fraction=val_fraction, seed=int(seed))
 except FerError as exc:
-    st.error(f"Cannot split this dataset: {exc}", icon=":material/error:")
+    st.error(f"Cannot split this dataset: {literal(exc)}", icon=":material/error:")
     splits = None
 
 chart_left, chart_right = st.columns(2)
@@ -179,7 +179,7 @@ for index, name in enumerate(dataset.classes):
     members = np.flatnonzero(labels == index)
     chosen = rng.choice(members, size=min(SAMPLES_PER_CLASS, len(members)), replace=False)
     label_col, images_col = st.columns([1, 7], vertical_alignment="center")
-    label_col.markdown(f"**{name}**  \n{len(members):,} images")
+    label_col.markdown(f"**{literal(name)}**  \n{len(members):,} images")
     images_col.image([dataset.images[i].numpy() for i in sorted(chosen)], width=72)
 
 # ---- bad files -------------------------------------------------------------------------

@@ -400,10 +400,10 @@ def test_evaluate_matrix_gallery_and_report_add_up(env, app_data):
 
     # choose a cell with the fallback selectbox: the gallery shows exactly its images
     cell_box = at.selectbox(key=f"eval_cell::{info.id}")
-    counts = {f"{t}|{p}": n for t, p, n in ui_data.confusion_cells(evaluation)}
+    counts = {(i, j): n for i, j, n in ui_data.confusion_cell_order(evaluation) if n}
     for cell in list(counts)[:2]:
         at.selectbox(key=f"eval_cell::{info.id}").set_value(cell).run(timeout=TIMEOUT)
-        true, predicted = cell.split("|")
+        true, predicted = (evaluation["classes"][k] for k in cell)
         assert f"**{true}** and were predicted **{predicted}**" in page_text(at)
         gallery, = at.image
         assert len(gallery.value) == counts[cell]
