@@ -85,27 +85,65 @@ def describe_layout(path: Path) -> str:
     return "train_test" if (path / "train").is_dir() and (path / "test").is_dir() else "pool"
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+LINK_OUTSIDE = "symbolic link to {what} outside the dataset folder ({target}): not followed"
+
+
+def _outside(path: Path, root: Path) -> bool:
+    """True when `path` (a symbolic link, or under one) leads outside the real dataset root."""
+    try:
+        return not path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a link loop or an unreadable link leads nowhere we read
+        return True
+
+
+def _class_dirs(root: Path, real_root: Path | None = None,
+                skipped: list[dict[str, str]] | None = None) -> list[Path]:
+    """The class folders of `root`; a symbolic link to a folder outside `real_root` (the
+    dataset's real path) is not a class folder: it is listed in `skipped`."""
+    real_root = real_root or root.resolve()
+    found = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        if p.is_symlink() and _outside(p, real_root):
+            if skipped is not None:
+                skipped.append({"path": display_path(p), "reason": LINK_OUTSIDE.format(
+                    what="a folder", target=display_path(_link_target(p)))})
+            continue
+        found.append(p)
+    return found
+
+
+def _link_target(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path
 
 
 def _load_folder(root: Path, cache_dir: Path | None) -> Dataset:
     has_own_split = describe_layout(root) == "train_test"
+    real_root = root.resolve()
+    links: list[dict[str, str]] = []  # symbolic links that lead outside: reported, not read
     if has_own_split:
-        train_classes = [p.name for p in _class_dirs(root / "train")]
-        test_classes = [p.name for p in _class_dirs(root / "test")]
+        train_classes = [p.name for p in _class_dirs(root / "train", real_root, links)]
+        test_classes = [p.name for p in _class_dirs(root / "test", real_root, links)]
         extra = sorted(set(test_classes) - set(train_classes))
         if extra:
             raise DataError(f"test/ has classes that train/ lacks: {', '.join(extra)}")
         classes = train_classes
-        listing = [(f, i, "train") for i, c in enumerate(classes) for f in _list_files(root / "train" / c)]
-        listing += [(f, classes.index(c), "test") for c in test_classes for f in _list_files(root / "test" / c)]
+        listing = [(f, i, "train") for i, c in enumerate(classes)
+                   for f in _list_files(root / "train" / c, real_root, links)]
+        listing += [(f, classes.index(c), "test") for c in test_classes
+                    for f in _list_files(root / "test" / c, real_root, links)]
     else:
-        classes = [p.name for p in _class_dirs(root)]
-        listing = [(f, i, None) for i, c in enumerate(classes) for f in _list_files(root / c)]
+        classes = [p.name for p in _class_dirs(root, real_root, links)]
+        listing = [(f, i, None) for i, c in enumerate(classes) for f in _list_files(root / c, real_root, links)]
     if not classes:
-        raise DataError(f"{root} has no class folders (expected e.g. {root}/happy/*.jpg)")
+        raise DataError(f"{root} has no class folders (expected e.g. {root}/happy/*.jpg)"
+                        + (f"; {len(links)} symbolic link(s) outside it were not followed" if links else ""))
     images, kept, bad = _decode_cached([f for f, _, _ in listing], cache_dir)
+    bad = links + bad
     kept_set = set(kept)
     rows = [(str(f), label, split) for f, label, split in listing if str(f) in kept_set]
     given = [split for _, _, split in rows] if has_own_split else None
@@ -114,9 +152,23 @@ def _load_folder(root: Path, cache_dir: Path | None) -> Dataset:
                    given_split=given, bad_files=bad)
 
 
-def _list_files(class_dir: Path) -> list[Path]:
-    """Every file under a class folder (nested folders included), in a stable order."""
-    return sorted((p for p in class_dir.rglob("*") if p.is_file()), key=lambda p: str(p))
+def _list_files(class_dir: Path, real_root: Path | None = None,
+                skipped: list[dict[str, str]] | None = None) -> list[Path]:
+    """Every file under a class folder (nested folders included), in a stable order. A
+    symbolic link (to a file, or a nested folder) that leads outside `real_root` is not read:
+    it is listed in `skipped`."""
+    real_root = real_root or class_dir.resolve()
+    files = []
+    for p in sorted(class_dir.rglob("*"), key=lambda p: str(p)):
+        if (p.is_symlink() or p.parent != class_dir) and _outside(p, real_root):
+            if p.is_symlink() and skipped is not None:
+                what = "a folder" if p.is_dir() else "a file"
+                skipped.append({"path": display_path(p), "reason": LINK_OUTSIDE.format(
+                    what=what, target=display_path(_link_target(p)))})
+            continue
+        if p.is_file():
+            files.append(p)
+    return files
 
 
 def _cache_key(files: list[Path]) -> str:

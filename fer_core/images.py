@@ -34,6 +34,10 @@ ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
 
 MAX_PIXELS = 50_000_000
 """Refuse images with more pixels than this before decoding them (a 50 MP photo is ~150 MB RGB)."""
+MAX_REQUEST_PIXELS = 120_000_000
+"""Decoded pixels one request (one `Predictor.predict_many` call, one page submission) may cost
+in all: a 372 KB 16-bit PNG can hold 7000x7000 px (3-4 s and ~470 MB to decode), so a cap per
+image alone still lets one upload of many such files take minutes of CPU."""
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_URL_BYTES = 10 * 1024 * 1024
 DEFAULT_TIMEOUT: tuple[float, float] = (3.05, 10.0)
@@ -55,31 +59,49 @@ _MAGIC = tuple(_SIGNATURES)
 
 # --------------------------------------------------------------------------- entry point
 
+class PixelBudget:
+    """Decoded pixels left to one request; each image spends its (decoded) size before it is
+    decoded, and an image that does not fit is refused without decoding it."""
+
+    def __init__(self, pixels: int | None = None) -> None:
+        self.limit, self.spent = int(MAX_REQUEST_PIXELS if pixels is None else pixels), 0
+
+    def spend(self, pixels: int, name: str) -> None:
+        if self.spent + pixels > self.limit:
+            raise ImageInputError(
+                f"{name} was not decoded: this request already decoded {self.spent / 1e6:.0f} of its "
+                f"{self.limit / 1e6:.0f} megapixels, and it needs {pixels / 1e6:.0f} more. "
+                "Send fewer or smaller images at a time.")
+        self.spent += pixels
+
+
 def load_image(source: ImageSource, *, allow_private_urls: bool = False,
-               reduce_to: int | None = None) -> Image.Image:
+               reduce_to: int | None = None, budget: PixelBudget | None = None) -> Image.Image:
     """Return `source` as an upright RGB image, or raise ImageInputError saying why not.
 
     `source` is raw bytes, a PIL image, a path, or a string: http(s) URLs are fetched, any other
     scheme is refused, a string without a scheme is a path. With `reduce_to`, large JPEGs decode
     at 1/2, 1/4 or 1/8 scale (much faster) while the longest side stays >= `reduce_to`;
-    `image.info["original_size"]` always holds the full upright size.
+    `image.info["original_size"]` always holds the full upright size. With `budget`, the
+    decoded pixels are spent from it first (`PixelBudget`: a cap per request).
     """
     if isinstance(source, Image.Image):
         with _pillow_warnings():
-            return _normalise(source, "the image")
+            return _normalise(source, "the image", budget=budget)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return decode_image_bytes(bytes(source), reduce_to=reduce_to)
+        return decode_image_bytes(bytes(source), reduce_to=reduce_to, budget=budget)
     if isinstance(source, str):
         text = source.strip()
         if is_url(text):
             return decode_image_bytes(fetch_image_bytes(text, allow_private=allow_private_urls),
-                                      name=_short(text), reduce_to=reduce_to)
+                                      name=_short(text), reduce_to=reduce_to, budget=budget)
         _refuse_other_schemes(text)
         return decode_image_bytes(read_image_file(Path(source)), name=Path(source).name,
-                                  reduce_to=reduce_to)
+                                  reduce_to=reduce_to, budget=budget)
     if isinstance(source, os.PathLike):
         path = Path(source)
-        return decode_image_bytes(read_image_file(path), name=path.name, reduce_to=reduce_to)
+        return decode_image_bytes(read_image_file(path), name=path.name, reduce_to=reduce_to,
+                                  budget=budget)
     raise ImageInputError(f"cannot read an image from a {type(source).__name__}; "
                           "give bytes, a file path, an http(s) URL or a PIL image")
 
@@ -120,13 +142,13 @@ def read_image_file(path: Path) -> bytes:
 
 # --------------------------------------------------------------------------- decoding
 
-def decode_image_bytes(data: bytes, *, name: str = "the image", reduce_to: int | None = None
-                       ) -> Image.Image:
+def decode_image_bytes(data: bytes, *, name: str = "the image", reduce_to: int | None = None,
+                       budget: PixelBudget | None = None) -> Image.Image:
     """Decode encoded image bytes (first frame) into an upright RGB image (see `load_image`)."""
     if not data:
         raise ImageInputError(f"{name} is empty (0 bytes)")
     with _pillow_warnings():
-        return _normalise(_open(data, name), name, reduce_to)
+        return _normalise(_open(data, name), name, reduce_to, budget)
 
 
 @contextlib.contextmanager
@@ -166,7 +188,8 @@ def _describe_start(data: bytes) -> str:
     return ""
 
 
-def _normalise(image: Image.Image, name: str, reduce_to: int | None = None) -> Image.Image:
+def _normalise(image: Image.Image, name: str, reduce_to: int | None = None,
+               budget: PixelBudget | None = None) -> Image.Image:
     """Check the size, load the first frame, apply EXIF orientation, convert to RGB.
 
     The colour rules (transparency, 16-bit and float grey) are `inference.flatten`'s, the ones
@@ -182,6 +205,11 @@ def _normalise(image: Image.Image, name: str, reduce_to: int | None = None) -> I
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
         reduce_jpeg_decode(image, reduce_to)  # libjpeg's DCT scaling: only the pixels asked for
+    except Exception as exc:
+        raise ImageInputError(f"{name} is corrupt: the image data cannot be decoded ({exc})") from exc
+    if budget is not None:
+        budget.spend(image.width * image.height, name)  # what the decode below will cost
+    try:
         image.load()
     except Exception as exc:  # truncated streams and corrupt chunks surface here, as OSError & co
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"

@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import CheckpointError, FerError
 from .faces import DETECTORS, FaceBox, crop_face, detect_faces
-from .images import ImageSource, load_image
+from .images import ImageSource, PixelBudget, load_image
 from .inference import DECODE_SIDE, STORE_SIZE, probabilities, to_grey_48
 from .models import load_checkpoint, model_from_checkpoint
 FACE_MARGIN = 0.0
@@ -131,13 +131,14 @@ class Predictor:
 
     def predict(self, source: ImageSource, *, top_k: int = 3, min_face_size: int = 24,
                 uncertain_below: float = 0.4, allow_private_urls: bool = False,
-                detector: str = "auto") -> PredictionResult:
-        """Find the faces in `source` and classify each; the whole image when none is found."""
+                detector: str = "auto", pixel_budget: PixelBudget | None = None) -> PredictionResult:
+        """Find the faces in `source` and classify each; the whole image when none is found.
+        `pixel_budget`: the decoded pixels left to the request this image belongs to."""
         _check_options(top_k, uncertain_below)
         timings: dict[str, float] = {}
         with _timed(timings, "load"):
             image = load_image(source, allow_private_urls=allow_private_urls,
-                               reduce_to=DECODE_SIDE)
+                               reduce_to=DECODE_SIDE, budget=pixel_budget)
         original = image.info.get("original_size", image.size)
         scale = image.width / original[0]  # < 1 when the JPEG was decoded at reduced scale
         with _timed(timings, "detect"):
@@ -154,8 +155,11 @@ class Predictor:
                                 image_size=original, timings_ms=timings)
 
     def predict_many(self, sources: Sequence[ImageSource], **options: Any) -> list[PredictionResult]:
-        """`predict` for each source; a source that fails gives a result with `error` set."""
+        """`predict` for each source; a source that fails gives a result with `error` set.
+        The sources share one `PixelBudget` (a new one per call unless `pixel_budget` is given):
+        once it is spent, further images are refused without being decoded."""
         results = []
+        options.setdefault("pixel_budget", PixelBudget())
         for source in sources:
             try:
                 results.append(self.predict(source, **options))
@@ -343,7 +347,12 @@ def predict_command(args: argparse.Namespace) -> int:
     if args.json:
         document = {"checkpoint": str(args.checkpoint), "classes": predictor.class_names,
                     "results": [result.to_dict() for result in results]}
-        print(json.dumps(document, indent=2))
+        try:  # strict JSON: NaN or Infinity would make the document unreadable to most parsers
+            print(json.dumps(document, indent=2, allow_nan=False))
+        except ValueError:
+            print("error: the model produced probabilities that are not numbers (NaN or inf)",
+                  file=sys.stderr)
+            return 1
     else:
         for result in results:
             if result.ok:

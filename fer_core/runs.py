@@ -755,8 +755,13 @@ def load_run(run_dir: Path | RunLayout) -> RunInfo:
         info.problems.append(problem)
     elif environment:
         info.problems += _check_kinds(environment, _CONFIG_KINDS, ENVIRONMENT_FILE)
+        classes = environment.get("classes")
+        classes_ok = classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes))
+        if not classes_ok:
+            info.problems.append(f"{ENVIRONMENT_FILE}: classes has a value of the wrong type ({classes!r:.40})")
         info.config.update({k: v for k, v in environment.items()
-                            if k not in _CONFIG_KINDS or _valid(_CONFIG_KINDS[k], v)})
+                            if (k not in _CONFIG_KINDS or _valid(_CONFIG_KINDS[k], v))
+                            and (k != "classes" or classes_ok)})
     info.status, problems = run_status(layout)
     info.problems += problems
     info.metrics, bad_lines = read_metrics(layout.path)
