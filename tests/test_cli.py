@@ -85,3 +85,26 @@ def test_download_without_credentials_is_a_clear_message_not_a_hang(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "KAGGLE_API_TOKEN" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "zero-byte"])
+def test_resume_from_a_corrupt_or_empty_last_pt_is_a_clear_error(trained_run, tmp_path, damage):
+    """Issue #12 item 12: torch's own message advised `weights_only=False` (never to be done
+    with an untrusted file), and a zero-byte file said only "error: EOFError: "."""
+    import shutil
+
+    run_dir = tmp_path / "runs" / "2030-01-01_00-00-00" / "copy" / runs.MODEL_NAME / "finetune"
+    shutil.copytree(trained_run, run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    last.unlink()  # best.pt is a hard link to the same bytes: leave it alone
+    last.write_bytes(b"" if damage == "zero-byte" else b"PK\x03\x04 not really a zip" + os.urandom(512))
+    before = (run_dir / runs.STATUS_FILE).read_bytes()
+    result = cli("train", "--resume", str(run_dir), "--epochs", "3", timeout=300)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "last.pt is not a safe fer_core checkpoint" in lines[0] and "corrupt" in lines[0]
+    assert "weights_only=False" not in result.stderr + result.stdout
+    assert lines[0] != "error: EOFError: "
+    assert (run_dir / runs.STATUS_FILE).read_bytes() == before  # the run's record is untouched
+    assert runs.load_run(run_dir).state == "completed"

@@ -381,3 +381,22 @@ def test_threads_launching_at_once_start_exactly_one_job(make_config, runs_dir):
     wait_for(state_is(running, "cancelled"), 30, "the running job to be cancelled")
     wait_for(lambda: not runs.pid_alive(job_record(running).runner_pid), 10, "the runner to exit")
     assert all(status_of(r).state == "cancelled" and status_of(r).started_at is None for r in queued)
+
+
+def test_a_killed_runner_does_not_stall_the_queue(make_config, runs_dir):
+    """Issue #12 item 12: kill -9 of the first job's runner (not its trainer). The trainer
+    finishes on its own and hands the slot on: the queued job starts with no app open and no
+    pump_queue call from here."""
+    first = jobs.launch(make_config(epochs=2))
+    second = jobs.launch(make_config(epochs=1, experiment="second"))
+    wait_for(lambda: trainer_record(first) is not None, START_TIMEOUT_S, "the first trainer's record")
+    runner_pid = job_record(first).runner_pid
+    trainer_pid = trainer_record(first).pid
+    assert runner_pid and trainer_pid and runner_pid != trainer_pid
+    os.kill(runner_pid, signal.SIGKILL)
+    wait_for(lambda: not runs.pid_alive(runner_pid), 10, "the runner to die")
+    assert runs.pid_alive(trainer_pid) and status_of(second).state == "queued"
+    wait_for(state_is(first, "completed"), FINISH_TIMEOUT_S, "the orphaned trainer to complete")
+    wait_for(state_is(second, "running", "completed"), 60, "the queued job to start by itself")
+    wait_for(state_is(second, "completed"), FINISH_TIMEOUT_S, "the second job to complete")
+    assert runs.load_run(first).status.epoch == 2 and runs.load_run(second).status.epoch == 1

@@ -184,3 +184,23 @@ def test_a_name_too_long_for_the_file_system_leaves_no_empty_folder(tmp_path):
     with pytest.raises(FerError, match="cannot create a run directory"):
         runs.RunLayout.create(tmp_path, "x" * 300, "finetune")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_delete_and_archive_refuse_a_folder_above_a_run(tmp_path):
+    """Issue #12 item 12: the library's delete_run took a timestamp folder (with a running run
+    in it) and removed it whole. Only a run folder itself can be deleted or archived."""
+    from fer_core import run_admin
+
+    running = fake_run(tmp_path, {"state": "running", "pid": os.getpid()}, name="live")
+    finished = fake_run(tmp_path, {"state": "completed", "pid": 1}, name="done")
+    stamp_folder = running.path.parents[2]
+    for folder in (stamp_folder, running.path.parent, running.path.parents[1],
+                   finished.path.parents[2], finished.path.parents[1], tmp_path):
+        for action in (run_admin.delete_run, run_admin.archive_run):
+            with pytest.raises(FerError, match="not a run|not inside"):
+                action(folder, tmp_path)
+    assert (running.path / runs.CONFIG_FILE).is_file() and (finished.path / runs.CONFIG_FILE).is_file()
+    with pytest.raises(FerError, match="running"):
+        run_admin.delete_run(running.path, tmp_path)
+    run_admin.delete_run(finished.path, tmp_path)  # the run folder itself: removed
+    assert not finished.path.exists() and running.path.is_dir()
