@@ -733,8 +733,8 @@ def evaluation_problem(evaluation: Any) -> str | None:
             return f"{key} has a value of the wrong type ({evaluation.get(key)!r:.40})"
     report = evaluation.get("report", {})
     if not isinstance(report, dict) or not all(
-            isinstance(scores, dict) and all(_valid("float", scores.get(name)) for name in
-                                             ("precision", "recall", "f1-score", "support"))
+            isinstance(scores, dict) and all(_valid("float", scores.get(name)) and scores.get(name) is not None
+                                             for name in ("precision", "recall", "f1-score", "support"))
             for name, scores in report.items() if name in classes):
         return "report must hold precision, recall, f1-score and support numbers per class"
     return None

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fer_core import runs, ui_data
@@ -157,10 +157,32 @@ FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthChe
                                                                        HealthCheck.too_slow])
 
 
+def _report_with(**scores) -> dict:
+    good = GOOD_CONTENT[runs.EVALUATION_FILE]
+    return {**good, "report": {**good["report"], "angry": {**good["report"]["angry"], **scores}}}
+
+
+# shapes that once escaped as exceptions: always tried, whatever hypothesis draws
+KNOWN = [{"queued_at": None}, {"queued_at": 10**400}, {"requested_at": 10**400}, {"started_at": 10**400},
+         {**GOOD_CONTENT[runs.EVALUATION_FILE], "num_images": "lots"},
+         {**GOOD_CONTENT[runs.EVALUATION_FILE], "report": [1]},
+         {**GOOD_CONTENT[runs.EVALUATION_FILE], "confusion_matrix": [[10**30, 0, 0], [0, 1, 0], [0, 0, 1]]},
+         _report_with(precision=None, support=None), _report_with(support="x")]
+
+
 @pytest.mark.parametrize("file_name", sorted(RUN_FILE_KEYS))
 def test_any_json_in_any_run_file_gives_a_run_info_and_never_raises(tmp_path_factory, file_name):
     @FUZZ
     @given(value=any_content(file_name))
+    @example(value=KNOWN[0])
+    @example(value=KNOWN[1])
+    @example(value=KNOWN[2])
+    @example(value=KNOWN[3])
+    @example(value=KNOWN[4])
+    @example(value=KNOWN[5])
+    @example(value=KNOWN[6])
+    @example(value=KNOWN[7])
+    @example(value=KNOWN[8])
     def check(value):
         runs_dir = tmp_path_factory.mktemp("fuzz")
         layout = good_run(runs_dir, "fuzzed", "2030-01-01_00-00-00")
