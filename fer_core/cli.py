@@ -56,7 +56,9 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fer_core", description="Facial emotion recognition: "
+    # the console script says `fer`; `python -m fer_core` runs __main__.py
+    prog = "fer" if Path(sys.argv[0]).name == "fer" else "python -m fer_core"
+    parser = argparse.ArgumentParser(prog=prog, description="Facial emotion recognition: "
                                      "train, evaluate and serve ResNet18 models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -11,8 +11,10 @@ values exceed it); convert to grey; crop the centre square; resize to 48 px bili
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,11 +111,33 @@ def to_grey_48(image: Image.Image) -> np.ndarray:
 
 # ---- the model --------------------------------------------------------------------------
 
-def autocast_context(device: torch.device, amp: bool) -> AbstractContextManager:
-    """float16 autocast on CUDA, bfloat16 on CPU, or nothing when `amp` is off."""
+@functools.cache
+def cpu_has_fast_bfloat16() -> bool:
+    """True where the CPU computes bfloat16 natively (AVX-512 BF16 or AMX). Elsewhere (e.g.
+    AVX2-only CPUs) torch emulates it and bfloat16 autocast is several times SLOWER than
+    float32, so mixed precision must not be used there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:  # not Linux: trust torch's view of the vector unit
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype mixed precision uses on this device, or None when it is off or
+    would be slower than float32 (bfloat16 on a CPU without native support)."""
     if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_fast_bfloat16() else None
+
+
+def autocast_context(device: torch.device, amp: bool) -> AbstractContextManager:
+    """float16 autocast on CUDA, bfloat16 on a CPU that computes it natively, else nothing."""
+    dtype = amp_dtype(device, amp)
+    if dtype is None:
         return torch.autocast(device.type, enabled=False)
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
 
 

@@ -32,7 +32,7 @@ from .data import (Dataset, assign_splits, cap_training_images, display_path, lo
 from .errors import FerError
 from .runs import RunLayout, TrainerStatusWriter
 from .evaluate import confusion_figure, evaluate_model
-from .inference import autocast_context
+from .inference import amp_dtype, autocast_context
 from .models import (CHECKPOINT_FORMAT, build_model, freeze_batchnorm_if_head_only, load_checkpoint,
                      parameter_groups, save_checkpoint_file, weights_are_finite)
 from .transforms import denormalise, eval_transform, train_transform
@@ -617,7 +617,8 @@ def write_environment(layout: RunLayout, config: TrainConfig, device: torch.devi
         "num_train": len(data.train_x), "num_val": len(data.val_x) if data.selection_split == "val" else 0,
         "num_test": len(data.test_x),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "amp_dtype": ("float16" if device.type == "cuda" else "bfloat16") if config.amp else None,
+        "amp_dtype": str(amp_dtype(device, config.amp)).removeprefix("torch.") if amp_dtype(device, config.amp)
+        else None,
         "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
         "python_version": platform.python_version(), "git_commit": _git_commit(),
     })

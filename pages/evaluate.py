@@ -39,7 +39,7 @@ def load_evaluation(path: str, mtime_ns: int) -> dict | None:
         evaluation = runs.read_json(Path(path))
     except (OSError, ValueError):
         return None
-    return evaluation if isinstance(evaluation, dict) and evaluation.get("confusion_matrix") else None
+    return evaluation if runs.evaluation_problem(evaluation) is None else None  # a damaged file is skipped
 
 
 def other_evaluations(run: runs.RunInfo) -> dict[str, dict]:

@@ -50,7 +50,7 @@ if quick:
     try:
         st.session_state[SELECTED_RUN_KEY] = launch_quick_demo()
     except (FerError, OSError) as exc:
-        st.error(f"Could not start training: {exc}")
+        st.error(f"Could not start training: {literal(exc)}")
     else:
         st.switch_page("pages/train.py")
 
@@ -69,7 +69,7 @@ with left:
     for spec, label in datasets.items():
         icon = ":material/science:" if spec == "demo" or "SYNTHETIC" in label else (
             ":material/description:" if spec.lower().endswith(".csv") else ":material/folder:")
-        st.markdown(f"{icon} {literal(label)}" + ("" if spec == "demo" else f"  \n`{literal(spec)}`"))
+        st.markdown(f"{icon} {literal(label)}" + ("" if spec == "demo" else f"  \n{literal(spec)}"))
     if len(datasets) == 1:
         st.caption("Only the demo so far. Get FER2013 on the **Data** page (Kaggle download) or put "
                    f"a folder of class folders under `{data_home()}`.")
@@ -79,7 +79,7 @@ with right:
     st.subheader("Models")
     if best is not None:
         with st.container(border=True):
-            st.markdown(f"**Best so far:** `{literal(best.id)}`")
+            st.markdown(f"**Best so far:** {literal(best.id)}")
             st.markdown(f"Test accuracy **{ui_data.format_percent(best.test_accuracy)}**, "
                         f"macro-F1 **{ui_data.format_percent(best.macro_f1)}** on "
                         f"{literal(ui_data.dataset_label(best.config.get('data'), best.config.get('synthetic_data')))}")
@@ -91,7 +91,7 @@ with right:
     for run in active:
         with st.container(border=True):
             cols = st.columns([4, 1], vertical_alignment="center")
-            cols[0].markdown(f"`{literal(run.id)}`")
+            cols[0].markdown(f"{literal(run.id)}")
             with cols[1]:
                 state_badge(run.state)
             st.progress(ui_data.job_progress(run.status))

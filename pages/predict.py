@@ -21,7 +21,7 @@ from fer_core.annotate import annotate
 from fer_core.data import default_cache_dir
 from fer_core.errors import FerError
 from fer_core.faces import DETECTORS
-from fer_core.images import fetch_image_bytes, load_image
+from fer_core.images import PixelBudget, fetch_image_bytes, load_image
 from fer_core.model_catalog import ModelEntry, list_models
 from fer_core.predict import PredictionResult, Predictor
 from pages._shared import checkpoints_dir, literal, require_router, runs_dir, synthetic_badge
@@ -180,9 +180,12 @@ def probability_figure(face) -> go.Figure:
 # ---- predicting ----------------------------------------------------------------------------
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def analyse(_predictor: Predictor, model_key: str, data: bytes, options: tuple) -> PredictionResult:
-    """The library's prediction for one image; a bad image gives a result with `error` set."""
-    return _predictor.predict_many([data], **dict(options))[0]
+def analyse(_predictor: Predictor, model_key: str, data: bytes, options: tuple,
+            _budget: PixelBudget | None = None) -> PredictionResult:
+    """The library's prediction for one image; a bad image gives a result with `error` set.
+    `_budget` (not part of the cache key) is the submission's decoded-pixel allowance: only an
+    image that is really decoded (not a cached result) spends from it."""
+    return _predictor.predict_many([data], pixel_budget=_budget or PixelBudget(), **dict(options))[0]
 
 
 @st.cache_data(max_entries=24, show_spinner=False)
@@ -199,6 +202,7 @@ def display_image(data: bytes) -> Image.Image | None:
 def predict_items(predictor: Predictor, model_key: str, items: list[tuple[str, bytes]],
                   options: tuple) -> list[tuple[str, bytes, PredictionResult]]:
     progress = st.progress(0.0) if len(items) > 1 else None
+    budget = PixelBudget()  # one allowance for the whole submission, not one per image
     done = []
     for index, (name, data) in enumerate(items):
         if progress is not None:
@@ -206,7 +210,7 @@ def predict_items(predictor: Predictor, model_key: str, items: list[tuple[str, b
                               text=f"Analysing {literal(name)} ({index + 1}/{len(items)})…")
         try:
             with st.spinner(f"Analysing {literal(name)}…") if progress is None else nullcontext():
-                result = analyse(predictor, model_key, data, options)
+                result = analyse(predictor, model_key, data, options, budget)
         except Exception as exc:  # one strange image must not take the others down
             result = PredictionResult(source=name, faces=[], face_found=False, message=str(exc),
                                       error=f"could not analyse this image ({type(exc).__name__}: {exc})")

@@ -15,7 +15,7 @@ require_router()
 st.title("Runs")
 folder = runs_dir()
 all_runs = runs.list_runs(folder)
-st.caption(f"Every run folder under `{literal(folder)}`, newest first.")
+st.caption(f"Every run folder under {literal(folder)}, newest first.")
 
 if not all_runs:
     st.info("No runs yet. Start one on the **Train** page, or with one click on **Home**.",
@@ -46,7 +46,7 @@ damaged = [r for r in all_runs if r.damaged]
 if damaged:
     with st.expander(f"{len(damaged)} damaged run folder(s)", icon=":material/report:"):
         for run in damaged:
-            st.markdown(f"- `{literal(run.id)}`: " + literal("; ".join(run.problems)))
+            st.markdown(f"- {literal(run.id)}: " + literal("; ".join(run.problems)))
 
 # ---- compare ---------------------------------------------------------------------------
 st.subheader("Compare runs")
@@ -117,7 +117,7 @@ if pending and pending[1] == target:
     action, path = pending
     with st.container(border=True):
         verb = "Archive" if action == "archive" else "Permanently delete"
-        st.warning(f"{verb} `{literal(run.id)}`?" + (
+        st.warning(f"{verb} {literal(run.id)}?" + (
             " Its checkpoints, including the published best model, are deleted too; this cannot be undone."
             if action == "delete" else " Its published best model is withdrawn from Predict; the archived "
             "folder keeps its checkpoints."), icon=":material/warning:")
@@ -127,12 +127,12 @@ if pending and pending[1] == target:
             try:
                 if action == "archive":
                     moved = run_admin.archive_run(Path(path), folder)
-                    st.toast(f"Archived to {moved}", icon=":material/archive:")
+                    st.toast(f"Archived to {literal(moved)}", icon=":material/archive:")
                 else:
                     run_admin.delete_run(Path(path), folder)
-                    st.toast(f"Deleted {run.id}", icon=":material/delete:")
+                    st.toast(f"Deleted {literal(run.id)}", icon=":material/delete:")
             except FerError as exc:
-                st.error(str(exc))
+                st.error(literal(exc))
             else:
                 st.rerun()
         if no.button("Keep it", key="runs_cancel_action", width="stretch"):

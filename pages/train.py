@@ -196,7 +196,7 @@ def resume_controls(run_dir: Path, run: runs.RunInfo, state: str) -> None:
             try:
                 jobs.resume_job(run_dir, epochs=int(total), max_concurrent=1)
             except (FerError, OSError) as exc:
-                st.error(f"Cannot resume: {exc}")
+                st.error(f"Cannot resume: {literal(exc)}")
             else:
                 st.session_state[SELECTED_RUN_KEY] = str(run_dir)
                 st.rerun(scope="app")
@@ -212,7 +212,7 @@ def monitor(run_dir: Path, was_active: bool) -> None:
     head, badges = st.columns([3, 2], vertical_alignment="center")
     with head:
         st.subheader(f"{literal(run.experiment)} · {literal(run.mode)}")
-        facts = [f"`{literal(run.id)}`",
+        facts = [f"{literal(run.id)}",
                  f"data: {literal(ui_data.dataset_label(config.get('data'), config.get('synthetic_data')))}",
                  f"preset: {literal(config.get('preset') or '—')}", literal(config.get("device") or "")]
         st.caption(" · ".join(f for f in facts if f))
@@ -263,7 +263,7 @@ def monitor(run_dir: Path, was_active: bool) -> None:
             try:
                 jobs.cancel(run_dir)
             except (FerError, OSError) as exc:
-                st.error(f"Cannot cancel: {exc}")
+                st.error(f"Cannot cancel: {literal(exc)}")
             else:
                 st.rerun(scope="app")
     elif run.last_checkpoint.is_file():

@@ -84,10 +84,17 @@ MARKS_BY_TEST: dict[str, dict[str, tuple[str, ...]]] = {
         "test_queued_jobs_run_one_at_a_time_in_order_and_continue_without_the_app",
         "test_cancel_stops_a_running_job_keeps_last_pt_and_resume_finishes_it",
         "test_a_killed_trainer_shows_failed_with_its_log_and_the_queue_moves_on",
-        "test_threads_launching_at_once_start_exactly_one_job")},
+        "test_threads_launching_at_once_start_exactly_one_job",
+        "test_a_killed_runner_does_not_stall_the_queue")},
     "test_reliability": {name: ("subprocess",) for name in (
         "test_kill_9_mid_epoch_loses_nothing_and_resume_logs_every_epoch_once",
-        "test_repeated_kill_9_at_many_points_never_loses_or_repeats_an_epoch")},
+        "test_repeated_kill_9_at_many_points_never_loses_or_repeats_an_epoch",
+        "test_a_real_full_disk_fails_the_run_in_words_and_keeps_the_earlier_checkpoint",
+        "test_a_kill_right_after_the_checkpoint_rename_loses_no_tensorboard_epoch")},
+    "test_divergence": {"test_a_checkpoint_with_nan_weights_is_refused_by_the_predictor_and_the_cli":
+                        ("subprocess",)},
+    "test_run_files_fuzz": {"test_the_runs_command_as_a_process_lists_a_damaged_run_beside_a_good_one":
+                            ("subprocess",)},
     "test_train": {"test_training_allocator_reuses_freed_activations_instead_of_faulting_them_in_again":
                    ("subprocess",)},
 }

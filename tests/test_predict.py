@@ -19,6 +19,7 @@ from skimage import data
 
 import fer_core
 from fer_core.errors import CheckpointError, ImageInputError
+from fer_core.inference import autocast_context
 from fer_core.models import build_model
 from fer_core.predict import (NO_FACE_MESSAGE, STORE_SIZE, Predictor, add_predict_arguments,
                               describe_checkpoint, newest_checkpoint, predict_command)
@@ -117,7 +118,7 @@ def test_probabilities_are_the_averaged_softmax_of_the_evaluation_views(checkpoi
     try:
         x = eval_transform(batch, 48)
         views = tta_views(x) if tta else [x]
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.inference_mode(), autocast_context(torch.device("cpu"), amp):
             expected = torch.stack([predictor.model(v).float().softmax(1) for v in views]).mean(0)
     finally:
         torch.set_num_threads(threads)

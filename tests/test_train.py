@@ -32,6 +32,8 @@ def test_a_run_directory_has_everything_a_user_expects(trained_run):
                  "checkpoints/last.pt"):
         assert (trained_run / name).is_file(), name
     assert list(trained_run.glob("events.out.tfevents.*"))
+    # one TensorBoard run per run folder: no extra writers in sub-folders (add_scalars made two)
+    assert {p.parent for p in trained_run.rglob("events.out.tfevents.*")} == {trained_run}
     assert not (trained_run / "job.json").exists()  # trained from a terminal: no job record
     environment = runs.read_json(trained_run / "environment.json")
     assert environment["weights_source"] == "random" and environment["torch_version"] == torch.__version__

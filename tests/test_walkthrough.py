@@ -58,10 +58,12 @@ def test_after_launch_the_monitor_follows_the_new_run_with_a_relative_runs_folde
 
 def with_published_checkpoint(run_dir: Path, checkpoints: Path) -> Path:
     """Give a copied run its own published model (a copy shares the template's otherwise)."""
+    from types import SimpleNamespace
+
+    from fer_core.train import publish_best
     layout = runs.RunLayout(run_dir)
-    published = layout.published_checkpoint(checkpoints)
-    published.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(layout.best_checkpoint, published)
+    published = publish_best(run_dir, SimpleNamespace(checkpoints_dir=str(checkpoints)))
+    assert published == layout.published_checkpoint(checkpoints)
     status = runs.read_json(layout.status_file)
     status["published_checkpoint"] = str(published)
     runs.atomic_write_json(layout.status_file, status)
@@ -159,3 +161,30 @@ def test_the_cli_and_the_app_list_the_same_runs_with_the_same_states(env, app_da
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_runs_page_offers_the_slim_model_first_and_the_full_checkpoint_for_resuming(env, app_data):
+    run_dir = add_finished(app_data, env)
+    with_published_checkpoint(run_dir, env.ckpt)
+    at = open_page("runs")
+    labels = [element.proto.label for element in at.get("download_button")]
+    assert labels == ["Download model", "Full checkpoint (for resuming elsewhere)"]
+    published = runs.RunLayout(run_dir).published_checkpoint(env.ckpt)
+    assert published.stat().st_size < (run_dir / "checkpoints" / "best.pt").stat().st_size
+
+
+def test_the_demo_recipe_needs_no_imagenet_weights_and_missing_weights_are_said_calmly(env, app_data):
+    from fer_core.config import config_from_preset
+    assert config_from_preset("demo-quick", data="demo").pretrained is False
+
+    run_dir = add_finished(app_data, env)
+    config = runs.read_json(run_dir / runs.CONFIG_FILE)
+    runs.atomic_write_json(run_dir / runs.CONFIG_FILE, {**config, "pretrained": True})
+    environment = runs.read_json(run_dir / runs.ENVIRONMENT_FILE)
+    runs.atomic_write_json(run_dir / runs.ENVIRONMENT_FILE, {
+        **environment, "weights_source": "random",
+        "weights_warning": "URLError: <urlopen error [Errno -2] Name or service not known>"})
+    at = open_page("train")
+    said = [e.value for e in at.info if "ImageNet weights were requested" in e.value]
+    assert len(said) == 1 and not [e for e in at.warning if "ImageNet" in e.value]
+    assert "URLError" not in page_text(at) and "Name or service" not in page_text(at)
