@@ -430,7 +430,7 @@ def test_runs_page_compares_and_archives(env, app_data):
     at.selectbox(key="runs_manage").set_value(str(first)).run(timeout=TIMEOUT)
     assert at.get("download_button")
     at.button(key="runs_archive").click().run(timeout=TIMEOUT)
-    assert "Archive `" in page_text(at)  # asks first
+    assert "Archive " in page_text(at) and "withdrawn from Predict" in page_text(at)  # asks first
     assert first.is_dir()
     at.button(key="runs_confirm").click().run(timeout=TIMEOUT)
     assert not first.exists()
