@@ -204,3 +204,17 @@ def test_delete_and_archive_refuse_a_folder_above_a_run(tmp_path):
         run_admin.delete_run(running.path, tmp_path)
     run_admin.delete_run(finished.path, tmp_path)  # the run folder itself: removed
     assert not finished.path.exists() and running.path.is_dir()
+
+
+def test_the_duration_counts_from_the_trainers_first_start_and_never_jumps_back(tmp_path):
+    """Issue #11: the Duration counter fell from 10 s to 1 s when a queued job started (the runner
+    and then the trainer each wrote their own start). Only the trainer's record says when."""
+    layout = fake_run(tmp_path, job={"queued_at": time.time() - 20, "runner_pid": os.getpid(),
+                                     "runner_started_at": time.time() - 10})
+    starting = runs.load_run(layout.path)
+    assert starting.state == "running" and starting.duration_s is None  # not from the queue or runner
+    writer = runs.TrainerStatusWriter.start(layout, epochs=2)
+    first = runs.load_run(layout.path).duration_s
+    time.sleep(0.05)
+    writer.update(epoch=1)
+    assert 0 <= first <= runs.load_run(layout.path).duration_s < 5

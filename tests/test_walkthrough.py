@@ -188,3 +188,17 @@ def test_the_demo_recipe_needs_no_imagenet_weights_and_missing_weights_are_said_
     said = [e.value for e in at.info if "ImageNet weights were requested" in e.value]
     assert len(said) == 1 and not [e for e in at.warning if "ImageNet" in e.value]
     assert "URLError" not in page_text(at) and "Name or service" not in page_text(at)
+
+
+@pytest.mark.parametrize("page", ["home", "train", "runs"])
+def test_experiment_and_class_names_show_literally_on_home_train_and_runs(env, app_data, page):
+    """Issue #12 item 5 on the pages that list runs: names from files never become Markdown."""
+    from markdown_safety import MALICIOUS_IMAGE, active_markdown
+
+    run_dir = add_finished(app_data, env)
+    config = runs.read_json(run_dir / runs.CONFIG_FILE)
+    runs.atomic_write_json(run_dir / runs.CONFIG_FILE, {**config, "experiment": MALICIOUS_IMAGE,
+                                                        "data": f"/data/{MALICIOUS_IMAGE}"})
+    (run_dir / runs.LOG_FILE).write_text(f"epoch 1 {MALICIOUS_IMAGE}\n")
+    at = open_page(page)
+    assert not active_markdown(at), active_markdown(at)
