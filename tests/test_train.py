@@ -218,5 +218,8 @@ def test_training_allocator_reuses_freed_activations_instead_of_faulting_them_in
         return int(result.stdout.strip())
 
     activation_pages = 16 * 64 * 128 * 128 * 4 // 4096
-    assert page_faults_in_three_steps("default") > 3 * activation_pages  # fresh mmaps every step
-    assert page_faults_in_three_steps("tuned") < activation_pages  # the heap's freed blocks are reused
+    default = page_faults_in_three_steps("default")
+    assert default > 3 * activation_pages  # fresh mmaps every step
+    # the heap's freed blocks are reused: typically 0-5k faults against ~450k; a loaded machine
+    # has been seen at 18k (other threads' arenas), so the bound is relative, not one step's pages
+    assert page_faults_in_three_steps("tuned") < default / 10
