@@ -110,7 +110,7 @@ def cancel(run_dir: Path, *, grace_s: float = DEFAULT_GRACE_S) -> None:
     """Cancel a queued job at once, or ask a running one to stop (signals after grace_s)."""
     layout = RunLayout.of(Path(run_dir).resolve())
     with _queue_lock(layout.runs_dir):
-        status, problems = runs.run_status(layout)
+        status, _ = runs.run_status(layout)
         if status.state == "queued":
             _update_job(layout, outcome="cancelled", ended_at=time.time())
             return
@@ -162,13 +162,6 @@ def _update_job(layout: RunLayout, **changes: object) -> JobRecord:
     record = dataclasses.replace(record, **changes)
     _write_job(layout, record)
     return record
-
-
-def update_job_record(run_dir: Path, **changes: object) -> None:
-    """Change fields of a job's record under the queue lock (for tools and tests)."""
-    layout = RunLayout.of(run_dir)
-    with _queue_lock(layout.runs_dir):
-        _update_job(layout, **changes)
 
 
 def _trainer_pid(layout: RunLayout) -> int | None:
