@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRESET_DESCRIPTIONS: dict[str, str] = {
-    "demo-quick": "Fine-tune at 48 px for 8 epochs: learns the synthetic demo in about a minute.",
+    "demo-quick": "Fine-tune at 48 px for 8 epochs: learns the synthetic demo in a few minutes on a CPU.",
     "cpu-fast": "Recommended on a CPU: ResNet18 without max-pool at native 48 px, SGD + one-cycle, "
                 "label smoothing, strong batch augmentation, flip TTA.",
     "gpu-imagenet": "For a CUDA GPU with ImageNet weights: fine-tune at 160 px with AMP.",

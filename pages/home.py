@@ -39,7 +39,7 @@ with st.container(border=True):
         st.subheader(":material/rocket_launch: Start here")
         st.markdown("No dataset needed: the built-in **demo** draws :orange-badge[SYNTHETIC] cartoon "
                     "faces for each emotion. The *demo-quick* recipe fine-tunes ResNet18 on them "
-                    "at 48 px in about a minute on a CPU. You will land on the **Train** page to "
+                    "at 48 px in a few minutes on a CPU. You will land on the **Train** page to "
                     "watch the loss fall, then **Evaluate** shows which faces it confuses.")
     with right:
         quick = st.button("Train a quick model on the demo dataset", type="primary",

@@ -97,7 +97,7 @@ def model_section() -> Predictor:
                 st.caption(catalog.reason)
         else:
             st.info("**No trained model yet.** Train one on the **Train** page (the quick demo "
-                    "takes about a minute), or upload a checkpoint file below.",
+                    "takes a few minutes), or upload a checkpoint file below.",
                     icon=":material/model_training:")
             st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
             chosen = UPLOAD_OPTION
