@@ -161,3 +161,17 @@ def sleeper():
     yield process
     process.kill()
     process.wait()
+
+
+def copy_run_dir(source: Path, target: Path) -> Path:
+    """Copy a run folder for a test, hard-linking its checkpoints (read-only here, 100+ MB each):
+    page tests make dozens of copies, and full copies once filled the disk."""
+    import shutil
+
+    def link_checkpoints(src: str, dst: str) -> None:
+        if src.endswith(".pt"):
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+    shutil.copytree(source, target, copy_function=link_checkpoints)
+    return target

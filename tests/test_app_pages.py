@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from conftest import copy_run_dir  # noqa: E402
 from fer_core import runs, ui_data  # noqa: E402
 
 APP = "../streamlit_app.py"  # AppTest resolves relative paths against this file
@@ -39,7 +40,7 @@ def keep_torch_threads():
 def add_finished(app_data, env, stamp: str = "2030-01-01_00-00-00", **config_changes) -> Path:
     """Copy the trained run into the test's runs folder under a new timestamp."""
     target = env.runs / stamp / "tinyexp" / runs.MODEL_NAME / "finetune"
-    shutil.copytree(app_data.run, target)
+    copy_run_dir(app_data.run, target)
     if config_changes:
         config = runs.read_json(target / runs.CONFIG_FILE)
         config.update(config_changes)
@@ -50,7 +51,7 @@ def add_finished(app_data, env, stamp: str = "2030-01-01_00-00-00", **config_cha
 def add_running(app_data, env, pid: int, stamp: str = "2031-01-01_00-00-00") -> Path:
     """A run in the middle of epoch 2: one epoch of metrics, no evaluation, a live pid."""
     target = env.runs / stamp / "livexp" / runs.MODEL_NAME / "finetune"
-    shutil.copytree(app_data.run, target)
+    copy_run_dir(app_data.run, target)
     for name in (runs.EVALUATION_FILE, runs.PREDICTIONS_FILE):
         (target / name).unlink()
     rows, _ = runs.read_metrics(target)

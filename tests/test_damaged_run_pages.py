@@ -5,12 +5,12 @@ is still shown. Driven headless with AppTest over a really trained tiny run (tes
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 pytest.importorskip("streamlit")
 
+from conftest import copy_run_dir  # noqa: E402
 from fer_core import runs, ui_data  # noqa: E402
 
 from test_app_pages import frame_with_columns, metric, open_page, page_text  # noqa: E402
@@ -58,11 +58,11 @@ def good_and_damaged(app_data, env):
     """The trained run as the good one (newest, so pages pick it first), and one copy per
     kind of damage (older)."""
     good = env.runs / "2030-06-01_00-00-00" / "tinyexp" / runs.MODEL_NAME / "finetune"
-    shutil.copytree(app_data.run, good)
+    copy_run_dir(app_data.run, good)
     damaged = []
     for index, (file_name, content) in enumerate(DAMAGE):
         target = env.runs / f"2030-01-01_00-00-{index:02d}" / f"bad{index:02d}" / runs.MODEL_NAME / "finetune"
-        shutil.copytree(app_data.run, target)
+        copy_run_dir(app_data.run, target)
         damage(target, file_name, content)
         damaged.append(target)
     return good, damaged
