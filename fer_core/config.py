@@ -300,9 +300,9 @@ class TrainConfig:
     img_size: int = setting(
         48, group="basics", label="Image size (px)", noun="image size", unit="px",
         min_value=MIN_IMG_SIZE, max_value=MAX_IMG_SIZE, step=16, metavar="PX",
-        help="Faces are stored at 48 px and resized to this. 48-64 px is fast on a CPU (hundreds of "
-             "images/s); 224 px is the reference setting, about 10-30x slower on a CPU, and rarely "
-             "better for 48 px source images.")
+        help="Faces are stored at 48 px and resized to this. 48-64 px is fast on a CPU; 224 px is "
+             "the reference setting, many times slower on a CPU, and rarely better for 48 px source "
+             "images.")
     val_fraction: float = setting(
         0.1, group="data", label="Validation fraction", min_value=0.0, max_value=0.5, max_open=True,
         step=0.05, metavar="F",

@@ -471,11 +471,11 @@ class _PinnedConnectionMixin:
 
 
 class _PinnedHTTPConnection(_PinnedConnectionMixin, urllib3.connection.HTTPConnection):
-    pass
+    """Plain HTTP to the checked address."""
 
 
 class _PinnedHTTPSConnection(_PinnedConnectionMixin, urllib3.connection.HTTPSConnection):
-    pass
+    """HTTPS to the checked address; the certificate and SNI are still the URL's host name."""
 
 
 class _PinnedHTTPPool(urllib3.HTTPConnectionPool):

@@ -516,9 +516,7 @@ def resolve_status(trainer: TrainerStatus | None, job: JobRecord | None, cancel_
         if state == "running" and not pid_alive(current.pid):
             if job is not None and job.outcome:
                 state, error = job.outcome, job.outcome_error
-            elif job is not None and pid_alive(job.runner_pid):
-                pass  # the runner records how its trainer ended in a moment
-            else:
+            elif job is None or not pid_alive(job.runner_pid):  # a live runner records the end soon
                 state, error = ("cancelled", None) if cancel_requested else ("failed", DEAD_PROCESS_ERROR)
     elif job is not None:
         if job.outcome:
