@@ -1,9 +1,14 @@
-"""End-to-end prediction latency, per-stage costs, batch throughput and hard detection cases.
+"""End-to-end prediction latency, per-stage costs, batch throughput and hard detection cases,
+and PyTorch vs ONNX Runtime side by side.
 
     .venv/bin/python bench/predict_latency.py [--runs 50] [--threads 1 2] [--sizes 48 64 96]
+        [--backends torch onnx] [--reps 40]
 
 Uses a randomly initialised checkpoint (latency does not depend on the weights) and synthetic
-photos built from skimage's astronaut. Prints tables, then one line `RESULT {json}`.
+photos built from skimage's astronaut. The ONNX model is exported from that same checkpoint into
+a temporary folder; each backend comparison alternates the backends call by call (their order
+flipping every round) so that the machine's noise falls on both alike. Prints tables, then one
+line `RESULT {json}`.
 """
 
 from __future__ import annotations
@@ -24,11 +29,15 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 from fer_core import CLASS_NAMES
+from fer_core.backends import BACKENDS
+from fer_core.export import export_model
 from fer_core.faces import detect_faces
 from fer_core.models import build_model
 from fer_core.predict import Predictor
 
 FACE_IN_ASTRONAUT = (177, 66, 95, 95)  # Haar's box on skimage.data.astronaut()
+AIM_CLASSIFIER_MS = 2.0  # issue #13: the model per face at batch 1
+AIM_PHOTO_P50_MS = 18.0  # issue #13: a 640x480 one-face photo end to end
 
 
 # --------------------------------------------------------------------------- synthetic photos
@@ -233,6 +242,87 @@ def detector_study(fer_dir: Path, per_class: int = 40) -> list[dict[str, object]
     return rows
 
 
+# --------------------------------------------------------------------------- backends side by side
+
+def alternate(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 3
+              ) -> dict[str, list[float]]:
+    """Wall ms of each call, `rounds` times, the calls alternating (order flipped every round)."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def compare_backends(checkpoint: Path, onnx_model: Path, backends: list[str], threads: list[int],
+                     crops: list[Image.Image], photos: dict[str, bytes], reps: int, runs: int
+                     ) -> list[dict[str, object]]:
+    """Rows (measurement, threads, {backend: ms}) for the classifier per face at batch 1 and 64
+    and for whole photos end to end, the backends alternating call by call."""
+    rows: list[dict[str, object]] = []
+    for count in threads:
+        predictors = {backend: Predictor.load(onnx_model if backend == "onnx" else checkpoint,
+                                              backend=backend, num_threads=count)
+                      for backend in backends}
+        for batch_size, rounds in ((1, reps), (64, max(5, reps // 4))):
+            batch = Predictor.preprocess(crops[:batch_size])
+            times = alternate({b: (lambda p=p, x=batch: p.probabilities(x))
+                               for b, p in predictors.items()}, rounds)
+            rows.append({"measure": f"classifier ms/face, batch {batch_size} (p50)", "threads": count,
+                         "key": f"classifier_b{batch_size}", "rounds": rounds,
+                         **{b: percentile(t, 50) / batch_size for b, t in times.items()}})
+        for label, data in photos.items():
+            rounds = runs if label == "640x480" else max(10, runs // 3)
+            results: dict[str, list] = {b: [] for b in predictors}
+            times = alternate({b: (lambda p=p, out=results[b], image=data: out.append(p.predict(image)))
+                               for b, p in predictors.items()}, rounds)
+            for q in (50, 95):
+                rows.append({"measure": f"{label} photo p{q} ms", "threads": count,
+                             "key": f"photo_{label}_p{q}", "rounds": rounds,
+                             **{b: percentile(t, q) for b, t in times.items()}})
+            for stage in ("detect", "classify"):
+                rows.append({"measure": f"  of which {stage} p50 ms", "threads": count,
+                             "key": f"photo_{label}_{stage}_p50", "rounds": rounds,
+                             **{b: statistics.median(r.timings_ms[stage] for r in rs[-rounds:])
+                                for b, rs in results.items()}})
+    return rows
+
+
+def backend_table(rows: list[dict[str, object]], backends: list[str]) -> str:
+    """Markdown: one row per measurement and thread count, a column per backend, onnx/torch."""
+    both = "torch" in backends and "onnx" in backends
+    header = ["measurement", "threads", *backends] + (["onnx/torch"] if both else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in rows:
+        cells = [str(row["measure"]).strip(), str(row["threads"])]
+        cells += [f"{row[b]:.2f}" for b in backends]
+        if both:
+            cells.append(f"{row['onnx'] / row['torch']:.2f}" if row["torch"] else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def aims(rows: list[dict[str, object]], backends: list[str]) -> list[str]:
+    """The issue's aims against the best thread count of each backend."""
+    lines = []
+    for key, aim, what in (("classifier_b1", AIM_CLASSIFIER_MS, "classifier per face, batch 1"),
+                           ("photo_640x480_p50", AIM_PHOTO_P50_MS, "640x480 photo p50")):
+        for backend in backends:
+            best = min((row for row in rows if row["key"] == key), key=lambda row: row[backend],
+                       default=None)
+            if best is not None:
+                verdict = "met" if best[backend] <= aim else "NOT met"
+                lines.append(f"  {what} <= {aim:g} ms: {backend} {best[backend]:.2f} ms "
+                             f"({best['threads']} threads) - {verdict}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
@@ -242,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="cv2.setNumThreads for this run (default: OpenCV's choice)")
     parser.add_argument("--detector-study", type=Path, metavar="FER2013_TEST_DIR",
                         help="also measure cascade recall/false alarms on these class folders")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="backends measured side by side (default: both)")
+    parser.add_argument("--reps", type=int, default=40,
+                        help="repetitions of the classifier at batch 1 per backend (batch 64: a "
+                             "quarter, at least 5)")
     args = parser.parse_args(argv)
+    backends = list(dict.fromkeys(args.backends))
     import cv2
     if args.cv_threads is not None:
         cv2.setNumThreads(args.cv_threads)
@@ -282,6 +378,22 @@ def main(argv: list[str] | None = None) -> int:
                     top = max(stage_ms, key=stage_ms.get)
                     print(f"  {label}: {top} dominates ({stage_ms[top] / sum(stage_ms.values()):.0%} "
                           "of the stage time)")
+
+            onnx_model = export_model(path, "onnx", Path(tmp) / f"random_{img_size}.onnx").path
+            rows = compare_backends(path, onnx_model, backends, args.threads, crops,
+                                    {"640x480": portrait, "4000x3000": photo}, args.reps, args.runs)
+            print(f"\nimg_size {img_size}: backends side by side (same checkpoint, same images, "
+                  f"alternating calls; load avg {os.getloadavg()[0]:.2f})\n")
+            print(backend_table(rows, backends))
+            print("\naims (issue #13), best thread count:")
+            print("\n".join(aims(rows, backends)))
+            summary[f"backends_img{img_size}"] = {
+                f"{row['key']}_t{row['threads']}": {
+                    **{b: round(float(row[b]), 3) for b in backends},
+                    **({"onnx_over_torch": round(float(row["onnx"]) / float(row["torch"]), 3)}
+                       if "onnx" in backends and "torch" in backends and row["torch"] else {}),
+                    "rounds": row["rounds"]}
+                for row in rows}
 
     print("\nhard detection cases (detector 'auto', default settings)")
     rows = hard_case_table()

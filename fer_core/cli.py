@@ -7,6 +7,8 @@ python -m fer_core train --run-dir RUN_DIR                         train a queue
 python -m fer_core evaluate RUN_DIR [--data DIR]                   re-score a run's best model
 python -m fer_core download [--dataset SLUG] [--dest DIR]          fetch a dataset from Kaggle
 python -m fer_core predict CHECKPOINT IMAGE_OR_URL... [--top-k K] [--json]
+python -m fer_core export RUN_DIR_OR_CHECKPOINT [--format onnx|torchscript] [--out FILE]
+python -m fer_core serve MODEL [--host 127.0.0.1 --port 8000 --workers N]    a REST service
 python -m fer_core runs [--runs-dir DIR]                           list runs
 python -m fer_core demo-data                                       build the synthetic demo set
 """
@@ -79,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="one JSON object per run")
 
     commands.add_parser("demo-data", help="generate the built-in synthetic demo dataset if missing")
+
+    exporting = commands.add_parser("export", help="export a run's best model as ONNX or TorchScript")
+    exporting.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
+                           help="a run folder (its best model) or a .pt checkpoint")
+    exporting.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
+                           help="onnx (ONNX Runtime and most runtimes) or torchscript (libtorch); default onnx")
+    exporting.add_argument("--out", metavar="FILE", default=None,
+                           help="default: RUN_DIR/exports/model.onnx, or beside the checkpoint")
+
+    serving = commands.add_parser("serve", help="serve a model over HTTP (REST; OpenAPI docs at /docs)")
+    from .serve import add_serve_arguments
+    add_serve_arguments(serving)
 
     predict = commands.add_parser("predict", help="classify the faces in images or URLs")
     try:
@@ -277,5 +291,24 @@ def predict_command(args: argparse.Namespace) -> int:
     return run_predict(args)
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    from .serve import serve_command as run_serve
+    return run_serve(args)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from .export import export_model
+    result = export_model(args.source, args.format, args.out)
+    card = result.card
+    accuracy = f"{card.test_accuracy:.1%}" if card.test_accuracy is not None else "not tested"
+    opset = f", opset {card.opset}" if card.opset else ""
+    print(f"exported {card.run_id or args.source} ({len(card.classes)} classes, input {card.input_size} px, "
+          f"test accuracy {accuracy}) as {args.format}{opset}")
+    print(f"model card: {result.card_path}")
+    print(result.path)  # last, alone on its line: scripts take the file from here
+    return 0
+
+
 COMMANDS = {"train": train_command, "evaluate": evaluate_command, "download": download_command,
-            "runs": runs_command, "demo-data": demo_data_command, "predict": predict_command}
+            "runs": runs_command, "demo-data": demo_data_command, "predict": predict_command,
+            "export": export_command, "serve": serve_command}

@@ -349,6 +349,18 @@ class _Target:
     addresses: tuple[str, ...]
 
 
+def check_url(url: str, *, allow_private: bool = False,
+              timeout: float = DEFAULT_TOTAL_TIMEOUT) -> None:
+    """Raise ImageInputError for a URL that `fetch_image_bytes` would refuse before fetching a
+    byte: not http(s), malformed, an unknown host, or (unless `allow_private`) a private,
+    loopback or link-local address. The same check the fetch makes on every hop."""
+    deadline = _Deadline(timeout)
+    try:
+        _check_url(url, allow_private, deadline)
+    finally:
+        deadline.close()
+
+
 def _check_url(url: str, allow_private: bool, deadline: _Deadline) -> _Target:
     """Validate scheme and host; resolve the host once and refuse non-public addresses."""
     if not is_url(url):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -151,16 +152,40 @@ def probabilities(model: nn.Module, images: torch.Tensor, img_size: int, *,
     probabilities of `transforms.tta_views` (the face and its mirror, centred and shifted).
     """
     device = device or next(model.parameters()).device
+    return averaged_probabilities(softmax_classifier(model, device, amp), images, img_size,
+                                  device=device, tta=tta, batch_size=batch_size,
+                                  num_classes=_num_outputs(model))
+
+
+def softmax_classifier(model: nn.Module, device: torch.device, amp: bool
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model as a classifier of preprocessed batches: eval mode, channels_last, autocast
+    where it pays, float32 softmax out."""
     model.eval()
+
+    def classify(batch: torch.Tensor) -> torch.Tensor:
+        with autocast_context(device, amp):
+            return model(batch.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+
+    return classify
+
+
+@torch.inference_mode()
+def averaged_probabilities(classify: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                           img_size: int, *, device: torch.device | None = None,
+                           tta: bool = False, batch_size: int = BATCH_SIZE,
+                           num_classes: int = 0) -> torch.Tensor:
+    """`probabilities` for any classifier: `classify` maps a preprocessed batch (N, 3, S, S) to
+    softmax probabilities; this function does the preprocessing, the test-time views and their
+    average, so every backend (PyTorch, ONNX Runtime) gets exactly the same input."""
     if len(images) == 0:
-        return torch.empty((0, _num_outputs(model)))
+        return torch.empty((0, num_classes))
+    device = device or torch.device("cpu")
     chunks = []
     for start in range(0, len(images), batch_size):
         x = eval_transform(images[start:start + batch_size], img_size).to(device)
         views = tta_views(x) if tta else [x]
-        with autocast_context(device, amp):
-            chunk = torch.stack([model(view.contiguous(memory_format=torch.channels_last))
-                                 .float().softmax(1) for view in views]).mean(0)
+        chunk = torch.stack([classify(view).float() for view in views]).mean(0)
         chunks.append(chunk.cpu())
     return torch.cat(chunks)
 

@@ -149,18 +149,22 @@ def weights_are_finite(state: dict[str, Any]) -> bool:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    """Rebuild the trained network from a loaded checkpoint, in eval mode on the CPU."""
+def model_from_checkpoint(ckpt: dict[str, Any], name: str = "the checkpoint") -> nn.Module:
+    """Rebuild the trained network from a loaded checkpoint, in eval mode on the CPU; anything
+    that does not fit (unknown stem, odd weights, a class list of another length) is a
+    CheckpointError that says so, naming the file as `name`."""
     config = ckpt["config"]
     classes = ckpt["class_names"]
-    model, _, _ = build_model(len(classes), mode="finetune", stem=config.get("stem", "imagenet"),
-                              pretrained=False)
     if isinstance(ckpt["model_state"], dict) and not weights_are_finite(ckpt["model_state"]):
         raise CheckpointError("this model's weights contain NaN or inf (its training diverged): "
                               "it cannot make predictions")
     try:
+        model, _, _ = build_model(len(classes), mode="finetune", stem=config.get("stem", "imagenet"),
+                                  pretrained=False)
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
-        raise CheckpointError("checkpoint weights do not fit a ResNet18 with "
+        raise CheckpointError(f"{name}: its weights do not fit a ResNet18 with "
                               f"{len(classes)} classes: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # unknown stem, non-tensor weights, ...: all "not our checkpoint"
+        raise CheckpointError(f"{name} cannot be turned into a model: {type(exc).__name__}: {exc}") from exc
     return model.eval()

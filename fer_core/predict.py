@@ -22,11 +22,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .argtypes import positive_int
+from .backends import BACKENDS, Classifier, OnnxClassifier, TorchClassifier
 from .errors import CheckpointError, FerError
 from .faces import DETECTORS, FaceBox, crop_face, detect_faces
 from .images import ImageSource, PixelBudget, load_image
-from .inference import DECODE_SIDE, STORE_SIZE, probabilities, to_grey_48
+from .inference import DECODE_SIDE, STORE_SIZE, averaged_probabilities, to_grey_48
 from .models import load_checkpoint, model_from_checkpoint
+from .runs import RunLayout
+
 FACE_MARGIN = 0.0
 """Margin around the detector's box for the model's crop. FER2013's framing *is* the Haar box:
 on FER2013 test images pasted into larger canvases the box covers a median 0.98 of the stored
@@ -86,18 +90,59 @@ class PredictionResult:
 
 
 class Predictor:
-    """A trained model plus the exact preprocessing it was evaluated with."""
+    """A trained model plus the exact preprocessing it was evaluated with, on PyTorch or ONNX
+    Runtime (`backend`): detection, crops, preprocessing and test-time views are the same."""
 
-    def __init__(self, model: nn.Module, class_names: Sequence[str], img_size: int, *,
+    def __init__(self, model: nn.Module | Classifier, class_names: Sequence[str], img_size: int, *,
                  amp: bool = False, tta: bool = False, info: dict[str, Any] | None = None,
                  num_threads: int | None = None) -> None:
-        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.classifier: Classifier = TorchClassifier(model, amp=amp) if isinstance(model, nn.Module) else model
+        self.model: nn.Module | None = self.classifier.model if isinstance(self.classifier, TorchClassifier) else None
         self.class_names = list(class_names)
         self.img_size = int(img_size)
         self.amp = amp
         self.tta = tta
         self.info = dict(info or {})
         self.num_threads = num_threads
+
+    @property
+    def backend(self) -> str:
+        return self.classifier.backend
+
+    @classmethod
+    def load(cls, path: str | Path, *, backend: str | None = None, num_threads: int | None = None,
+             amp: bool | None = None, tta: bool | None = None) -> Predictor:
+        """Open a model for prediction: a .pt checkpoint (PyTorch, or ONNX Runtime when `backend`
+        is "onnx": exported once and cached) or a .onnx file exported by `fer_core.export`.
+        `backend` None picks by the file: .onnx runs on ONNX Runtime, anything else on PyTorch."""
+        path = Path(path)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if path.suffix.lower() == ".onnx":
+            if backend == "torch":
+                raise CheckpointError(f"{path.name} is an ONNX model: it runs on ONNX Runtime "
+                                      "(backend onnx), not on PyTorch")
+            return cls.from_onnx(path, num_threads=num_threads, tta=tta)
+        if backend == "onnx":
+            from .export import cached_onnx_export
+            predictor = cls.from_onnx(cached_onnx_export(path), num_threads=num_threads, tta=tta)
+            predictor.info["path"] = str(path)  # what the user opened, not the cache file
+            return predictor
+        return cls.from_checkpoint(path, num_threads=num_threads, amp=amp, tta=tta)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, *, num_threads: int | None = None,
+                  tta: bool | None = None) -> Predictor:
+        """An exported .onnx model on ONNX Runtime; its model card says the classes, input
+        size and whether its run was evaluated with test-time augmentation."""
+        from .export import read_card
+        card = read_card(path)
+        classifier = OnnxClassifier(path, num_threads=num_threads)
+        info = {"classes": list(card.classes), "num_classes": len(card.classes), "img_size": card.input_size,
+                "stem": card.stem, "amp": False, "tta": card.tta, "accuracy": card.test_accuracy,
+                "macro_f1": card.macro_f1, "run_dir": None, "run_id": card.run_id, "path": str(path)}
+        return cls(classifier, card.classes, card.input_size, tta=card.tta if tta is None else tta,
+                   info=info, num_threads=num_threads)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, num_threads: int | None = None,
@@ -109,23 +154,20 @@ class Predictor:
         """
         ckpt = load_checkpoint(path)
         info = describe_checkpoint(ckpt)
-        try:
-            model = model_from_checkpoint(ckpt)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # unknown stem, non-tensor weights, ...: all "not our checkpoint"
-            raise CheckpointError(f"{Path(path).name} cannot be turned into a model: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-        outputs = model.fc.out_features
-        if outputs != len(info["classes"]):
-            raise CheckpointError(f"{Path(path).name} has {outputs} outputs but names "
-                                  f"{len(info['classes'])} classes")
+        model = model_from_checkpoint(ckpt, Path(path).name)
         info["path"] = str(path)
         config = ckpt["config"]
         return cls(model, info["classes"], info["img_size"],
                    amp=bool(config.get("amp", False)) if amp is None else amp,
                    tta=bool(config.get("tta", False)) if tta is None else tta,
                    info=info, num_threads=num_threads)
+
+    def describe(self) -> dict[str, Any]:
+        """What a client of this model needs to know (the REST service's GET /model)."""
+        return {"classes": list(self.class_names), "input_size": self.img_size, "backend": self.backend,
+                "tta": self.tta, "test_accuracy": self.info.get("accuracy"),
+                "macro_f1": self.info.get("macro_f1"), "run_id": self.info.get("run_id"),
+                "source": Path(self.info["path"]).name if self.info.get("path") else None}
 
     # ------------------------------------------------------------------ whole images
 
@@ -186,14 +228,12 @@ class Predictor:
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 48, 48) -> softmax probabilities (N, classes), in checkpoint class order.
 
-        `inference.probabilities`, the computation training's evaluation uses, on this
-        predictor's thread budget.
+        `inference.averaged_probabilities`, the computation training's evaluation uses, on this
+        predictor's backend and thread budget.
         """
-        if batch.shape[0] == 0:
-            return torch.empty((0, len(self.class_names)))
         with self._threads():
-            return probabilities(self.model, batch, self.img_size, amp=self.amp, tta=self.tta,
-                                 batch_size=MAX_BATCH)
+            return averaged_probabilities(self.classifier, batch, self.img_size, tta=self.tta,
+                                          batch_size=MAX_BATCH, num_classes=len(self.class_names))
 
     def _face_predictions(self, boxes: Sequence[FaceBox | None], crops: Sequence[Image.Image],
                           probs: torch.Tensor, top_k: int, uncertain_below: float
@@ -298,12 +338,22 @@ def describe_checkpoint(ckpt: dict[str, Any] | str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint config img_size must be an int in [16, 1024], "
                               f"got {img_size!r}")
     evaluation = ckpt.get("evaluation") if isinstance(ckpt.get("evaluation"), dict) else {}
+    run_dir = ckpt.get("run_dir") if isinstance(ckpt.get("run_dir"), str) else None
     return {"classes": list(classes), "num_classes": len(classes), "img_size": img_size,
             "stem": config.get("stem", "imagenet"), "amp": bool(config.get("amp", False)),
             "tta": bool(config.get("tta", False)),
             "accuracy": _number(evaluation.get("accuracy")),
             "macro_f1": _number(evaluation.get("macro_f1")),
-            "run_dir": ckpt.get("run_dir") if isinstance(ckpt.get("run_dir"), str) else None}
+            "run_dir": run_dir, "run_id": _run_id(run_dir)}
+
+
+def _run_id(run_dir: str | None) -> str | None:
+    if run_dir is None:
+        return None
+    try:
+        return RunLayout.of(run_dir).id
+    except FerError:
+        return None
 
 
 def _number(value: Any) -> float | None:
@@ -314,26 +364,31 @@ def _number(value: Any) -> float | None:
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `python -m fer_core predict CHECKPOINT IMAGE_OR_URL...`."""
-    parser.add_argument("checkpoint", type=Path, help="a .pt checkpoint written by training")
+    parser.add_argument("checkpoint", type=Path, metavar="MODEL",
+                        help="a .pt checkpoint written by training, or a .onnx file from `export`")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_URL",
                         help="image files or http(s) URLs")
-    parser.add_argument("--top-k", type=_positive_int, default=3,
+    parser.add_argument("--top-k", type=positive_int, default=3,
                         help="emotions to show per face (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--allow-private-urls", action="store_true",
                         help="allow URLs on private, loopback or link-local addresses")
-    parser.add_argument("--min-face-size", type=_positive_int, default=24,
+    parser.add_argument("--min-face-size", type=positive_int, default=24,
                         help="ignore faces smaller than this many pixels (default 24)")
     parser.add_argument("--detector", choices=DETECTORS, default="auto",
                         help="face detector (default auto)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads for the model (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for the model (default: torch's or ONNX Runtime's choice)")
+    parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                        help="run the model on PyTorch or ONNX Runtime (default auto: ONNX Runtime "
+                             "for a .onnx file, PyTorch for a .pt checkpoint)")
 
 
 def predict_command(args: argparse.Namespace) -> int:
     """Run `predict` for the CLI: 0 when every image worked, 1 when any failed, 2 bad checkpoint."""
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, num_threads=args.threads)
+        predictor = Predictor.load(args.checkpoint, num_threads=args.threads,
+                                   backend=None if args.backend == "auto" else args.backend)
     except FerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -345,7 +400,8 @@ def predict_command(args: argparse.Namespace) -> int:
         if not result.ok:
             print(f"error: {result.source}: {result.error}", file=sys.stderr)
     if args.json:
-        document = {"checkpoint": str(args.checkpoint), "classes": predictor.class_names,
+        document = {"checkpoint": str(args.checkpoint), "backend": predictor.backend,
+                    "classes": predictor.class_names,
                     "results": [result.to_dict() for result in results]}
         try:  # strict JSON: NaN or Infinity would make the document unreadable to most parsers
             print(json.dumps(document, indent=2, allow_nan=False))
@@ -370,13 +426,3 @@ def format_result(result: PredictionResult) -> str:
         flag = " (uncertain)" if face.uncertain else ""
         lines.append(f"  {where}: {emotions}{flag}")
     return "\n".join(lines)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value

@@ -128,6 +128,7 @@ def read_json(path: Path) -> Any:
 
 # ---- the layout -----------------------------------------------------------------------
 
+EXPORTS_DIR = "exports"  # models exported for use elsewhere (fer_core.export writes them)
 EVALUATIONS_DIR = "evaluations"
 ENVIRONMENT_FILE = "environment.json"
 JOB_FILE = "job.json"
@@ -253,6 +254,10 @@ class RunLayout:
         """Results of scoring this run's model on other datasets, by name."""
         folder = self.path / EVALUATIONS_DIR
         return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+    def export_file(self, suffix: str) -> Path:
+        """Where this run's best model is exported to: exports/model<suffix> (.onnx, ...)."""
+        return self.path / EXPORTS_DIR / f"model{suffix}"
 
     def published_checkpoint(self, checkpoints_dir: Path) -> Path:
         """Where this run's best model is published for prediction."""

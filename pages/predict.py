@@ -53,10 +53,13 @@ st.caption("Give a trained model a photo: it finds each face, crops it to the 48
 UPLOAD_LABEL = "Upload a checkpoint file…"
 
 
+BACKEND_LABELS = {"torch": "PyTorch", "onnx": "ONNX Runtime"}
+
+
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
-def load_predictor(path: str, mtime_ns: int) -> Predictor:
-    """One model per checkpoint file version, shared by every rerun and session."""
-    return Predictor.from_checkpoint(path, num_threads=1)
+def load_predictor(path: str, mtime_ns: int, backend: str = "torch") -> Predictor:
+    """One model per checkpoint file version and backend, shared by every rerun and session."""
+    return Predictor.load(path, backend=backend, num_threads=1)
 
 
 def store_uploaded_checkpoint(uploaded) -> Path:
@@ -120,8 +123,16 @@ def model_section() -> Predictor:
         else:
             path, shown_name = entry.path, entry.path.name
 
+        backend = st.segmented_control(
+            "Run the model on", list(BACKEND_LABELS), format_func=BACKEND_LABELS.get, default="torch",
+            key="predict_backend", required=True,
+            help="The same model, preprocessing and answers either way. ONNX Runtime is the engine "
+                 "an exported model (`fer export`) runs on elsewhere; the first use exports this "
+                 "checkpoint once, which takes a few seconds.")
         try:
-            predictor = load_predictor(str(path), path.stat().st_mtime_ns)
+            exporting = st.spinner("Exporting the model to ONNX (once per checkpoint)…")
+            with exporting if backend == "onnx" else nullcontext():
+                predictor = load_predictor(str(path), path.stat().st_mtime_ns, backend)
         except FerError as exc:
             st.error(f"This checkpoint cannot be used: {literal(exc)}", icon=":material/error:")
             st.stop()
@@ -148,7 +159,8 @@ def model_section() -> Predictor:
         # names come from files (run folders, checkpoints): shown as plain text, never Markdown
         where = f"Run {run.id}" if run is not None else (
             f"Uploaded {shown_name}" if chosen == UPLOAD_OPTION else f"{shown_name} (no run record)")
-        extras = [f"{info['stem']} stem"] + (["ten-view TTA"] if info.get("tta") else [])
+        extras = ([f"{info['stem']} stem"] + (["ten-view TTA"] if info.get("tta") else [])
+                  + [f"on {BACKEND_LABELS[predictor.backend]}"])
         st.text(f"{where} · classes: {', '.join(info['classes'])} · {' · '.join(extras)}")
         if run is not None and run.config.get("synthetic_data"):
             synthetic_badge("This model learnt from the synthetic demo's cartoon faces: its "
@@ -370,7 +382,8 @@ def show_results(predictor: Predictor, model_key: str, items: list[tuple[str, by
 
 predictor = model_section()
 model_path = Path(predictor.info["path"])
-model_key = f"{model_path}:{model_path.stat().st_mtime_ns if model_path.exists() else 0}"
+model_key = (f"{model_path}:{model_path.stat().st_mtime_ns if model_path.exists() else 0}"
+             f":{predictor.backend}")
 classes = predictor.class_names
 
 with st.expander("Options", icon=":material/tune:"):

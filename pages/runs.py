@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from fer_core import run_admin, runs, ui_data
+from fer_core import export, run_admin, runs, ui_data
 from fer_core.errors import FerError
 from pages._shared import SELECTED_RUN_KEY, literal, require_router, run_label, runs_dir
 
@@ -96,6 +96,28 @@ with st.container(horizontal=True):
                            mime="application/octet-stream", icon=":material/save:",
                            key="runs_download_full", on_click="ignore",
                            help="best.pt with the optimizer and scheduler state: about three times larger.")
+    exported = runs.RunLayout(run.path).export_file(export.SUFFIXES["onnx"])
+    if published is None or not published.is_file():
+        st.button("Export to ONNX", disabled=True, key="runs_export_none", icon=":material/deployed_code:",
+                  help="Only a completed run's best model is exported.")
+    elif export.is_current(exported, run.best_checkpoint):
+        st.download_button("Download ONNX", data=exported.read_bytes, file_name=f"{run.id.replace('/', '_')}.onnx",
+                           mime="application/octet-stream", icon=":material/deployed_code:",
+                           key="runs_download_onnx", on_click="ignore",
+                           help=f"The best model as ONNX (opset {export.OPSET}, any batch size) for ONNX "
+                                "Runtime and other engines, with its model card in the file's metadata: "
+                                "classes, input size, preprocessing, test accuracy, run id. "
+                                "Serve it with `fer serve`.")
+    elif st.button("Export to ONNX", icon=":material/deployed_code:", key="runs_export",
+                   help="Write the best model as ONNX into the run's exports/ folder (a few seconds), "
+                        "then download it."):
+        with st.spinner("Exporting to ONNX…"):
+            try:
+                export.export_model(run.path, "onnx")
+            except FerError as exc:
+                st.error(f"Export failed: {literal(exc)}", icon=":material/error:")
+            else:
+                st.rerun()
     if st.button("Open in Train", icon=":material/monitoring:", key="runs_open_train"):
         st.session_state[SELECTED_RUN_KEY] = target
         st.switch_page("pages/train.py")

@@ -95,6 +95,7 @@ MARKS_BY_TEST: dict[str, dict[str, tuple[str, ...]]] = {
                         ("subprocess",)},
     "test_run_files_fuzz": {"test_the_runs_command_as_a_process_lists_a_damaged_run_beside_a_good_one":
                             ("subprocess",)},
+    "test_serve": {"test_a_real_server_process_answers_over_http": ("subprocess",)},
     "test_train": {"test_training_allocator_reuses_freed_activations_instead_of_faulting_them_in_again":
                    ("subprocess",)},
 }

@@ -8,6 +8,7 @@ Every test asserts what a user would read on the page, not just that nothing rai
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -442,6 +443,33 @@ def test_runs_page_compares_and_archives(env, app_data):
     at.button(key="runs_confirm").click().run(timeout=TIMEOUT)
     assert not second.exists()
     assert "No runs yet." in page_text(at)
+
+
+def test_runs_page_exports_a_finished_run_to_onnx_for_download(env, app_data):
+    import onnx
+
+    run_dir = add_finished(app_data, env)
+    at = open_page("runs")
+    assert not [b for b in at.get("download_button") if b.proto.label == "Download ONNX"]
+    at.button(key="runs_export").click().run(timeout=TIMEOUT)
+    assert not at.exception, [e.value for e in at.exception]
+    exported = runs.RunLayout(run_dir).export_file(".onnx")
+    card = json.loads(exported.with_name("model.onnx.json").read_text())
+    assert card["run_id"] == runs.run_id(run_dir) and card["classes"] == app_data_classes(run_dir)
+    onnx.checker.check_model(onnx.load(str(exported)))
+    assert [b for b in at.get("download_button") if b.proto.label == "Download ONNX"], "offered at once"
+
+    # a resumed run writes a newer best model: the old export is no longer offered as current
+    # (the export is made older, not best.pt newer: the copy's best.pt is a hard link)
+    earlier = runs.RunLayout(run_dir).best_checkpoint.stat().st_mtime_ns - 10**9
+    os.utime(exported, ns=(earlier, earlier))
+    at.run(timeout=TIMEOUT)
+    assert not [b for b in at.get("download_button") if b.proto.label == "Download ONNX"]
+    assert at.button(key="runs_export")
+
+
+def app_data_classes(run_dir: Path) -> list[str]:
+    return runs.read_json(run_dir / runs.ENVIRONMENT_FILE)["classes"]
 
 
 def test_a_damaged_run_is_listed_with_its_problem(env, app_data):

@@ -221,6 +221,21 @@ def screenshot(page, name: str, size: dict | None = None) -> None:
     page.screenshot(path=str(folder / name))
 
 
+def set_toggle(page, label: str, on: bool) -> None:
+    """Switch a toggle by clicking its label, as a user does: its input is visually hidden, and a
+    forced click on that input can land mid-animation and change nothing (seen in CI)."""
+    switch = page.get_by_label(label, exact=True)
+    for _ in range(3):
+        if switch.is_checked() == on:
+            return
+        page.locator("label").filter(has=switch).get_by_text(label, exact=True).click()
+        try:
+            sync_api.expect(switch).to_be_checked(checked=on, timeout=5_000)
+        except AssertionError:
+            continue
+    assert switch.is_checked() == on, f"the toggle {label!r} did not switch {'on' if on else 'off'}"
+
+
 def set_number(page, label: str | re.Pattern, value: int) -> None:
     field = page.get_by_role("spinbutton", name=label, exact=isinstance(label, str))
     field.fill(str(value))
@@ -255,9 +270,7 @@ def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
         page.get_by_text("Advanced", exact=True).click()
         set_number(page, re.compile(r"^Max (training )?images per class \(0 = all\)$"), MAX_PER_CLASS)
         set_number(page, "CPU threads (0 = all cores)", 1)  # the CPU is shared: do not oversubscribe
-        amp = page.get_by_label("Mixed precision (AMP)", exact=True)
-        if amp.is_checked():
-            amp.uncheck(force=True)  # see EPOCHS above
+        set_toggle(page, "Mixed precision (AMP)", False)  # see EPOCHS above
         page.get_by_role("button", name="Launch training").click()
 
         # the monitor takes over: queued/running, then finished with a test accuracy

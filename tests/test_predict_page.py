@@ -304,6 +304,22 @@ def test_a_face_photo_gets_boxes_charts_and_probabilities(env, published, face_j
     assert loads == [str(published)], "the model was loaded more than once"
 
 
+def test_onnx_runtime_reads_the_photo_as_pytorch_does(env, published, face_jpeg):
+    at = open_predict()
+    assert at.button_group(key="predict_backend").value == "torch"
+    uploader(at, "Drop one or more photos here").set_value(("astronaut.jpg", face_jpeg, "image/jpeg"))
+    on_torch = results_table(rerun(at))
+    assert "on PyTorch" in page_text(at)
+
+    at.button_group(key="predict_backend").set_value("onnx")
+    on_onnx = results_table(rerun(at))
+    assert "on ONNX Runtime" in page_text(at) and "1 face found" in page_text(at)
+    assert list(env.cache.glob("onnx/*.onnx")), "the checkpoint was exported once, into the cache"
+    assert on_onnx.loc[0, "box"] == on_torch.loc[0, "box"]
+    classes = list(fer_core.CLASS_NAMES)
+    assert (on_onnx.loc[0, classes] - on_torch.loc[0, classes]).abs().max() <= 1e-4
+
+
 def test_many_images_table_csv_and_a_bad_file_only_fails_itself(env, published, face_jpeg, plain_png):
     at = open_predict()
     uploader(at, "Drop one or more photos here").set_value([

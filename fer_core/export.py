@@ -1,0 +1,286 @@
+"""Models that leave the studio: a trained run as an ONNX or TorchScript file that carries what
+a consumer needs (classes, input size, preprocessing, accuracy, run id).
+
+The exported network is the classifier with its softmax: input "input", float32
+(batch, 3, S, S), the face already preprocessed (`PREPROCESSING`); output "probabilities"
+(batch, classes). The batch dimension is dynamic. Test-time augmentation is not part of the
+file: it averages several views of the input, which our `Predictor` does around any backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__, settings
+from .errors import CheckpointError, FerError
+from .inference import STORE_SIZE
+from .models import load_checkpoint, model_from_checkpoint
+from .runs import CHECKPOINT_DIR, RunLayout, atomic_write_bytes, atomic_write_json, read_json
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+OPSET = 18
+"""ONNX opset 18 (ONNX 1.13, 2022): the newest opset torch's exporter translates natively, and one
+every ONNX Runtime from 1.14 on runs."""
+INPUT_NAME, OUTPUT_NAME = "input", "probabilities"
+CARD_FORMAT = "fer_core.model_card/1"
+CARD_SUFFIX = ".json"
+METADATA_KEY = "fer_model_card"
+"""The ONNX metadata_props key (and TorchScript extra file name) holding the model card JSON;
+its fields are also stored one per key (`fer.<field>`) for tools that show metadata as a table."""
+
+PREPROCESSING: dict[str, Any] = {
+    "description": ("Crop the face, convert it to grey (ITU-R 601-2 luma), take the centre square "
+                    "and resize it to 48x48 (bilinear): that is how every training image was stored. "
+                    "Then resize to input_size x input_size (bilinear, antialiased when shrinking), "
+                    "scale to [0, 1], repeat the grey channel 3 times and normalise each channel "
+                    "with mean and std. Layout NCHW, float32."),
+    "face_size": STORE_SIZE, "colour": "grey", "resize": "bilinear", "scale": 1 / 255,
+    "channels": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "NCHW",
+    "dtype": "float32",
+}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a consumer of an exported model needs to use it correctly, and where it came from."""
+
+    classes: list[str]
+    input_size: int
+    run_id: str | None
+    test_accuracy: float | None
+    macro_f1: float | None
+    tta: bool
+    stem: str
+    format: str
+    opset: int | None
+    exported_at: str
+    source_checkpoint: str
+    preprocessing: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(PREPROCESSING))
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    fer_core_version: str = __version__
+    torch_version: str = torch.__version__
+    card_format: str = CARD_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelCard:
+        """A card read back from a file; CheckpointError when it is not one of ours."""
+        if not isinstance(data, dict) or data.get("card_format") != CARD_FORMAT:
+            raise CheckpointError("the model has no fer_core model card (it was not exported by fer_core)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            card = cls(**{key: value for key, value in data.items() if key in known})
+        except TypeError as exc:
+            raise CheckpointError(f"the model card is incomplete: {exc}") from exc
+        classes = card.classes
+        if (not isinstance(classes, list) or not classes or len(set(classes)) != len(classes)
+                or not all(isinstance(name, str) and name for name in classes)):
+            raise CheckpointError("the model card's classes must be a non-empty list of distinct names")
+        size = card.input_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 1024:
+            raise CheckpointError(f"the model card's input_size must be an int in [16, 1024], got {card.input_size!r}")
+        return card
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    card_path: Path
+    card: ModelCard
+
+
+def default_output(source: Path, fmt: str) -> Path:
+    """<run>/exports/model<suffix> for a run folder; beside the file for a checkpoint."""
+    if source.is_dir():
+        return RunLayout(source).export_file(SUFFIXES[fmt])
+    return source.with_name(source.name.removesuffix(".pt") + SUFFIXES[fmt])
+
+
+def is_current(exported: Path, checkpoint: Path) -> bool:
+    """True when `exported` exists and is no older than the checkpoint it was made from (a
+    resumed run writes a newer best model, and its old export must not be offered as current)."""
+    try:
+        return exported.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def card_path_for(model_path: Path) -> Path:
+    """The model card JSON beside an exported model: model.onnx -> model.onnx.json."""
+    return model_path.with_name(model_path.name + CARD_SUFFIX)
+
+
+def load_exportable(source: Path) -> tuple[dict[str, Any], str | None]:
+    """The checkpoint to export and its run id, from a run folder (its best model and test
+    result) or a .pt file (a published checkpoint carries both)."""
+    source = Path(source)
+    if source.is_dir():
+        layout = RunLayout.of(source)
+        if not layout.best_checkpoint.is_file():
+            raise FerError(f"{source} has no best model yet ({CHECKPOINT_DIR}/best.pt): "
+                           "export a run once it has finished an epoch")
+        checkpoint = load_checkpoint(layout.best_checkpoint)
+        evaluation = read_json(layout.evaluation_file())
+        if isinstance(evaluation, dict):
+            checkpoint["evaluation"] = evaluation
+        return checkpoint, layout.id
+    checkpoint = load_checkpoint(source)
+    run_dir = checkpoint.get("run_dir")
+    run_id = None
+    if isinstance(run_dir, str):
+        try:
+            run_id = RunLayout.of(run_dir).id
+        except FerError:
+            run_id = None
+    return checkpoint, run_id
+
+
+def export_model(source: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> ExportResult:
+    """Export a run's best model (or a checkpoint) as `fmt`, on the CPU, with its model card both
+    inside the file and beside it (`<name>.card.json`). Both writes are atomic."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    source = Path(source)
+    if not source.exists():
+        raise FerError(f"nothing to export at {source}: give a run folder or a .pt checkpoint")
+    checkpoint, run_id = load_exportable(source)
+    card = _card(checkpoint, run_id, fmt, source)
+    network = exportable_network(checkpoint)
+    target = Path(out) if out is not None else default_output(source, fmt)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = _onnx_bytes(network, card) if fmt == "onnx" else _torchscript_bytes(network, card)
+    atomic_write_bytes(target, payload)
+    card_file = card_path_for(target)
+    atomic_write_json(card_file, card.to_dict())
+    return ExportResult(path=target, card_path=card_file, card=card)
+
+
+def exportable_network(checkpoint: dict[str, Any]) -> nn.Module:
+    """The checkpoint's classifier followed by its softmax, in eval mode on the CPU."""
+    return nn.Sequential(model_from_checkpoint(checkpoint), nn.Softmax(dim=1)).eval()
+
+
+def cached_onnx_export(checkpoint: str | Path) -> Path:
+    """The ONNX export of a .pt checkpoint, made once per checkpoint content and kept in the
+    cache folder (FER_CACHE_DIR/onnx), so running a checkpoint on ONNX Runtime costs the export
+    (seconds) only the first time."""
+    checkpoint = Path(checkpoint)
+    try:
+        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:24]
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint not found or unreadable: {checkpoint} ({exc.strerror or exc})") from exc
+    target = settings.cache_dir() / "onnx" / f"{digest}.onnx"
+    if not target.is_file():
+        export_model(checkpoint, "onnx", target)
+    return target
+
+
+def example_input(card: ModelCard, batch: int = 2) -> torch.Tensor:
+    return torch.zeros(batch, 3, card.input_size, card.input_size)
+
+
+def _card(checkpoint: dict[str, Any], run_id: str | None, fmt: str, source: Path) -> ModelCard:
+    config = checkpoint["config"] if isinstance(checkpoint.get("config"), dict) else {}
+    evaluation = checkpoint.get("evaluation") if isinstance(checkpoint.get("evaluation"), dict) else {}
+    img_size = config.get("img_size")
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or not 16 <= img_size <= 1024:
+        raise CheckpointError(f"checkpoint config img_size must be an int in [16, 1024], got {img_size!r}")
+    return ModelCard(
+        classes=list(checkpoint["class_names"]), input_size=img_size, run_id=run_id,
+        test_accuracy=_number(evaluation.get("accuracy")), macro_f1=_number(evaluation.get("macro_f1")),
+        tta=bool(config.get("tta", False)), stem=str(config.get("stem", "imagenet")), format=fmt,
+        opset=OPSET if fmt == "onnx" else None,
+        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source_checkpoint=str(source))
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _onnx_bytes(network: nn.Module, card: ModelCard) -> bytes:
+    import onnx  # imported here: the app and training never need it
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # the exporter narrates each step on stdout and in warnings (a CLI's stdout is its own
+    # output); failures still raise
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(network, (example_input(card),), input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+                                    opset_version=OPSET, dynamo=True, verbose=False)
+    model = program.model_proto
+    model.doc_string = (f"Facial emotion classifier ({len(card.classes)} classes: "
+                        f"{', '.join(card.classes)}). Input {INPUT_NAME}: float32 (batch, 3, "
+                        f"{card.input_size}, {card.input_size}), preprocessed as the model card says. "
+                        f"Output {OUTPUT_NAME}: softmax probabilities in class order.")
+    model.producer_name, model.producer_version = "fer_core", __version__
+    metadata = {METADATA_KEY: json.dumps(card.to_dict())}
+    metadata.update({f"fer.{key}": value if isinstance(value, str) else json.dumps(value)
+                     for key, value in card.to_dict().items()})
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _torchscript_bytes(network: nn.Module, card: ModelCard) -> bytes:
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.export, yet TorchScript is still what C++
+        # (libtorch) and older serving stacks load
+        warnings.simplefilter("ignore")
+        with torch.inference_mode(False), torch.no_grad():
+            scripted = torch.jit.trace(network, example_input(card), check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer, _extra_files={METADATA_KEY + ".json": json.dumps(card.to_dict())})
+    return buffer.getvalue()
+
+
+def read_card(model_path: str | Path) -> ModelCard:
+    """The model card stored inside an exported .onnx or TorchScript file."""
+    path = Path(model_path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    if path.suffix == ".onnx":
+        import onnx
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise CheckpointError(f"{path.name} is not a readable ONNX model ({type(exc).__name__})") from exc
+        raw = {entry.key: entry.value for entry in model.metadata_props}.get(METADATA_KEY)
+    else:
+        extra = {METADATA_KEY + ".json": ""}
+        try:
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as exc:
+            raise CheckpointError(f"{path.name} is not a readable TorchScript model ({type(exc).__name__})") from exc
+        raw = extra[METADATA_KEY + ".json"] or None
+    if raw is None:
+        raise CheckpointError(f"{path.name} has no fer_core model card: it was not exported by fer_core")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{path.name}: its model card is not valid JSON") from exc
+    return ModelCard.from_dict(data)

@@ -1,0 +1,173 @@
+"""Exported models (ONNX, TorchScript) and the ONNX Runtime backend: what the files carry, and
+that they answer as PyTorch does."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+import fer_core
+from conftest import copy_run_dir
+from fer_core import cli, export
+from fer_core.errors import CheckpointError, FerError
+from fer_core.demo import render_face
+from fer_core.inference import to_grey_48
+from fer_core.models import load_checkpoint
+from fer_core.predict import Predictor
+from fer_core.runs import RunLayout, read_json
+from fer_core.transforms import eval_transform
+
+PARITY_TOLERANCE = 1e-4
+"""Max absolute difference allowed between exported and PyTorch probabilities: float32 kernels
+that add in another order differ by ~1e-6; a wrong preprocessing or layer differs by > 1e-2."""
+CLASSES = list(fer_core.CLASS_NAMES)
+
+
+@pytest.fixture(scope="module")
+def faces() -> torch.Tensor:
+    """200 synthetic face images, stored as the model sees them: uint8 (200, 48, 48)."""
+    return torch.from_numpy(np.stack([to_grey_48(render_face(CLASSES[i % 7], 1, i % 7, i))
+                                      for i in range(200)]))
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, export.ExportResult]:
+    folder = tmp_path_factory.mktemp("exports")
+    return {fmt: export.export_model(trained_run, fmt, folder / f"model{export.SUFFIXES[fmt]}")
+            for fmt in export.FORMATS}
+
+
+def torch_probabilities(run: Path, faces: torch.Tensor, img_size: int) -> torch.Tensor:
+    network = export.exportable_network(load_checkpoint(RunLayout(run).best_checkpoint))
+    with torch.inference_mode():
+        return network(eval_transform(faces, img_size))
+
+
+def test_the_onnx_file_passes_the_checker_and_carries_its_model_card(exported, trained_run: Path) -> None:
+    result = exported["onnx"]
+    model = onnx.load(str(result.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version == export.OPSET
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    card = json.loads(metadata[export.METADATA_KEY])
+    evaluation = read_json(RunLayout(trained_run).evaluation_file())
+    config = read_json(RunLayout(trained_run).config_file)
+    assert card["classes"] == CLASSES and card["input_size"] == config["img_size"] == 32
+    assert card["run_id"] == RunLayout(trained_run).id
+    assert card["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert card["preprocessing"]["mean"] == [0.485, 0.456, 0.406] and card["preprocessing"]["face_size"] == 48
+    assert json.loads(metadata["fer.classes"]) == CLASSES and metadata["fer.run_id"] == card["run_id"]
+    assert json.loads(result.card_path.read_text()) == card, "the card beside the file is the one inside"
+    assert result.card_path.name == "model.onnx.json"
+    assert export.read_card(result.path) == result.card
+
+
+def test_onnx_matches_pytorch_on_200_faces_at_any_batch_size(exported, trained_run: Path,
+                                                             faces: torch.Tensor) -> None:
+    expected = torch_probabilities(trained_run, faces, 32)
+    session = ort.InferenceSession(str(exported["onnx"].path), providers=["CPUExecutionProvider"])
+    (input_meta,) = session.get_inputs()
+    assert input_meta.name == "input" and not isinstance(input_meta.shape[0], int), "dynamic batch"
+    batch = eval_transform(faces, 32).contiguous().numpy()
+    for size in (1, 7, 200):
+        got = np.concatenate([session.run(["probabilities"], {"input": batch[i:i + size]})[0]
+                              for i in range(0, len(batch), size)])
+        assert got.shape == (200, 7)
+        assert np.abs(got - expected.numpy()).max() <= PARITY_TOLERANCE
+    assert np.allclose(got.sum(1), 1.0, atol=1e-5), "the file outputs probabilities"
+    assert expected.std(0).max() > 0.05, "answers that do not depend on the face would prove little"
+
+
+def test_torchscript_matches_pytorch_on_200_faces_and_carries_the_card(exported, trained_run: Path,
+                                                                       faces: torch.Tensor) -> None:
+    result = exported["torchscript"]
+    extra = {export.METADATA_KEY + ".json": ""}
+    scripted = torch.jit.load(str(result.path), map_location="cpu", _extra_files=extra)
+    assert json.loads(extra[export.METADATA_KEY + ".json"])["classes"] == CLASSES
+    with torch.inference_mode():
+        got = scripted(eval_transform(faces, 32))
+    difference = (got - torch_probabilities(trained_run, faces, 32)).abs().max().item()
+    assert difference <= PARITY_TOLERANCE
+    assert export.read_card(result.path).format == "torchscript"
+
+
+def test_a_run_exports_into_its_own_exports_folder_by_default(trained_run: Path, tmp_path: Path) -> None:
+    run = copy_run_dir(trained_run, tmp_path / "runs" / RunLayout(trained_run).path.relative_to(
+        RunLayout(trained_run).runs_dir))
+    result = export.export_model(run, "onnx")
+    assert result.path == RunLayout(run).export_file(".onnx") and result.path.is_file()
+    assert result.path.parent == run / "exports"
+
+
+def test_the_onnx_backend_predicts_what_the_torch_backend_does(exported, trained_run: Path) -> None:
+    photo = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(photo, "JPEG", quality=92)
+    checkpoint = RunLayout(trained_run).best_checkpoint
+    for tta in (False, True):
+        on_torch = Predictor.load(checkpoint, tta=tta, num_threads=1)
+        on_onnx = Predictor.load(exported["onnx"].path, tta=tta, num_threads=1)
+        assert (on_torch.backend, on_onnx.backend) == ("torch", "onnx")
+        first, second = on_torch.predict(photo.getvalue()), on_onnx.predict(photo.getvalue())
+        assert first.face_found and second.face_found
+        assert [f.box for f in first.faces] == [f.box for f in second.faces]
+        for a, b in zip(first.faces, second.faces, strict=True):
+            assert a.label == b.label
+            assert max(abs(a.probabilities[c] - b.probabilities[c]) for c in CLASSES) <= PARITY_TOLERANCE
+    described = on_onnx.describe()
+    assert described["classes"] == CLASSES and described["input_size"] == 32
+    assert described["run_id"] == RunLayout(trained_run).id and described["backend"] == "onnx"
+
+
+def test_a_checkpoint_runs_on_onnx_runtime_when_asked(trained_run: Path, faces: torch.Tensor) -> None:
+    checkpoint = RunLayout(trained_run).best_checkpoint
+    on_onnx = Predictor.load(checkpoint, backend="onnx", num_threads=1)
+    assert on_onnx.backend == "onnx"
+    difference = (on_onnx.probabilities(faces[:20]) - Predictor.load(checkpoint).probabilities(faces[:20]))
+    assert difference.abs().max().item() <= PARITY_TOLERANCE
+
+
+def test_exporting_something_else_says_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(FerError, match="nothing to export"):
+        export.export_model(tmp_path / "missing")
+    with pytest.raises(FerError, match="not a run directory"):
+        export.export_model(tmp_path)
+    (tmp_path / "notes.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a safe fer_core checkpoint"):
+        export.export_model(tmp_path / "notes.pt")
+    with pytest.raises(ValueError, match="format"):
+        export.export_model(tmp_path / "notes.pt", "tflite")
+
+
+def test_an_onnx_file_from_elsewhere_is_refused_in_words(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph), str(foreign))
+    with pytest.raises(CheckpointError, match="no fer_core model card"):
+        Predictor.load(foreign)
+    (tmp_path / "junk.onnx").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="not a readable ONNX model"):
+        Predictor.load(tmp_path / "junk.onnx")
+    with pytest.raises(CheckpointError, match="ONNX Runtime"):
+        Predictor.load(tmp_path / "foreign.onnx", backend="torch")
+
+
+def test_the_export_command_writes_the_file_and_says_where(trained_run: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "out" / "emotions.onnx"
+    assert cli.main(["export", str(trained_run), "--format", "onnx", "--out", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert str(target) in printed and target.is_file() and (tmp_path / "out" / "emotions.onnx.json").is_file()
+    assert cli.main(["export", str(tmp_path / "nothing-here")]) == 2
+    assert "nothing to export" in capsys.readouterr().err
