@@ -26,6 +26,7 @@ pages = [
     st.Page("pages/data.py", title="Data", icon=":material/photo_library:"),
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/runs.py", title="Runs", icon=":material/table_rows:"),
+    st.Page("pages/sweeps.py", title="Sweeps", icon=":material/tune:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/grid_on:"),
 ]
 if (PAGES_DIR / "predict.py").is_file():

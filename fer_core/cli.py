@@ -9,6 +9,8 @@ python -m fer_core download [--dataset SLUG] [--dest DIR]          fetch a datas
 python -m fer_core predict CHECKPOINT IMAGE_OR_URL... [--top-k K] [--json]
 python -m fer_core export RUN_DIR_OR_CHECKPOINT [--format onnx|torchscript] [--out FILE]
 python -m fer_core serve MODEL [--host 127.0.0.1 --port 8000 --workers N]    a REST service
+python -m fer_core sweep --space SPACE --trials N [--study NAME] [--storage URL] [--pruner P] [train options]
+                                                                   a hyper-parameter sweep with Optuna
 python -m fer_core runs [--runs-dir DIR]                           list runs
 python -m fer_core demo-data                                       build the synthetic demo set
 """
@@ -44,17 +46,42 @@ def _train_flag_options(item: ConfigField) -> dict[str, Any]:
     return options
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """How to get a config: a preset, a file, and one flag per config field (they override both)."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a recommended recipe; flags override it")
+    parser.add_argument("--config", metavar="FILE.json",
+                        help="start from this config file (a run's config.json works); flags override it")
+    for item in CONFIG_FIELDS:
+        if item.setting.cli:
+            parser.add_argument(item.flag, **_train_flag_options(item))
+
+
 def add_train_arguments(train: argparse.ArgumentParser) -> None:
     """The `train` options: how to get a config (preset, file, run folder) and one flag per field."""
-    train.add_argument("--preset", choices=sorted(PRESETS), help="a recommended recipe; flags override it")
-    train.add_argument("--config", metavar="FILE.json",
-                       help="start from this config file (a run's config.json works); flags override it")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last.pt (with --epochs N)")
     train.add_argument("--run-dir", metavar="RUN_DIR",
                        help="train the queued run in RUN_DIR from its config.json (what the job runner starts)")
-    for item in CONFIG_FIELDS:
-        if item.setting.cli:
-            train.add_argument(item.flag, **_train_flag_options(item))
+    add_config_arguments(train)
+
+
+def add_sweep_arguments(sweep: argparse.ArgumentParser) -> None:
+    """`sweep`: the space, the study and its storage; the training options fix everything else."""
+    from .sweep import PRUNERS, example_space
+    sweep.add_argument("--space", metavar="SPACE",
+                       help=f"what to tune, e.g. {example_space()},batch_size=choice:64|128 "
+                            "(LOW..HIGH uniform, log:LOW..HIGH, choice:A|B); leave out to join an existing study")
+    sweep.add_argument("--trials", type=int, required=True, metavar="N",
+                       help="the study's total of complete or pruned trials, shared by all its workers")
+    sweep.add_argument("--study", metavar="NAME", help="the study to create or join (default: sweep-<time>)")
+    sweep.add_argument("--storage", metavar="URL",
+                       help="Optuna storage, e.g. postgresql://user:pass@host/db (default: sqlite in "
+                            "SWEEPS_DIR/NAME/study.db); workers sharing it share the study")
+    sweep.add_argument("--pruner", choices=PRUNERS, default="median",
+                       help="stop weak trials early: median (default), halving (successive halving), none")
+    sweep.add_argument("--sweeps-dir", metavar="DIR",
+                       help="where studies live (default: $FER_SWEEPS_DIR, else sweeps/ beside the runs folder)")
+    add_config_arguments(sweep)
+    sweep.set_defaults(run_dir=None, resume=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model (or --resume one)")
     add_train_arguments(train)
+
+    sweep = commands.add_parser("sweep", help="search hyper-parameters with Optuna (one run per trial)")
+    add_sweep_arguments(sweep)
 
     evaluate = commands.add_parser("evaluate", help="score a run's best model on its test split")
     evaluate.add_argument("run_dir")
@@ -202,6 +232,32 @@ def train_command(args: argparse.Namespace) -> int:
     return 0 if run.status.state in ("completed", "cancelled") else 1
 
 
+def sweep_command(args: argparse.Namespace) -> int:
+    """Create or join a study and run trials until it holds --trials of them."""
+    from .sweep import LOCAL_FIELDS, new_study_name, run_sweep, shown_storage
+    if args.experiment is not None:
+        raise ConfigError("--experiment: a sweep names its trial runs <study>-t<number>; name it with --study")
+    local_flags = {"--" + name.replace("_", "-") for name in LOCAL_FIELDS}
+    shared = [flag for flag in given_config_flags(args) if flag not in local_flags]
+    creating = bool(args.space or args.preset or args.config or shared)
+    local = {name: getattr(args, name) for name in LOCAL_FIELDS if getattr(args, name, None) is not None}
+    result = run_sweep(args.study or new_study_name(), trials=args.trials, space=args.space,
+                       base=config_from_args(args) if creating else None, local=local,
+                       storage=args.storage, pruner=args.pruner,
+                       sweeps_dir=Path(args.sweeps_dir) if args.sweeps_dir else None)
+    print(f"study {result.study} in {shown_storage(result.storage)}: {result.trials_run} trial(s) run by this worker")
+    if result.stopped:
+        print(result.stopped)
+    if result.best_trial is None:
+        print("no completed trial yet")
+        return 0
+    params = ", ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                       for name, value in result.best_params.items())
+    print(f"best trial {result.best_trial}: validation accuracy {result.best_value:.4f} with {params}")
+    print(result.best_run)  # last, alone on its line: scripts take the run folder from here
+    return 0
+
+
 def _start_next_job(run_dir: Path) -> None:
     """A trainer started as a background job hands its slot on when it ends, so the queue
     moves even if its runner was killed (and with no browser open)."""
@@ -311,4 +367,4 @@ def export_command(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": train_command, "evaluate": evaluate_command, "download": download_command,
             "runs": runs_command, "demo-data": demo_data_command, "predict": predict_command,
-            "export": export_command, "serve": serve_command}
+            "export": export_command, "serve": serve_command, "sweep": sweep_command}

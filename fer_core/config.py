@@ -230,6 +230,13 @@ def _text_problem(noun: str, value: str, rule: str | None) -> str | None:
     return None
 
 
+def folder_name_problem(noun: str, value: str, max_length: int = MAX_NAME_LENGTH) -> str | None:
+    """Why `value` cannot be a plain folder name (as an experiment name must be), or None."""
+    if isinstance(value, str) and len(value) > max_length:
+        return f"{noun} must be a plain folder name: at most {max_length} characters (got {_shown(value)})"
+    return _text_problem(noun, value, "folder name")
+
+
 def _describe(cls: type) -> tuple[ConfigField, ...]:
     hints = typing.get_type_hints(cls)
     described = []

@@ -30,6 +30,7 @@ class FormField:
     help: str
     group: str
     widget: str                       # text, radio, select, toggle or number
+    kind: type = str                  # the field's type: a number widget's value is cast to it
     options: tuple[str, ...] = ()
     option_labels: dict[str, str] | None = None
     min_value: int | float | None = None
@@ -62,7 +63,7 @@ def _form_field(item: ConfigField) -> FormField:
         step = cast(s.step) if s.step is not None else None
     return FormField(
         name=item.name, key=widget_key(item.name), label=item.label, help=s.help, group=s.group or "",
-        widget=item.widget, options=s.choices, option_labels=s.choice_labels, min_value=low,
+        widget=item.widget, kind=item.kind, options=s.choices, option_labels=s.choice_labels, min_value=low,
         max_value=high, step=step, format=s.format,
         max_chars=MAX_NAME_LENGTH if s.text == "folder name" else None)
 

@@ -79,7 +79,7 @@ def launch(config: "TrainConfig", *, max_concurrent: int = 1) -> Path:
     trainer runs from the project root). Raises ConfigError before anything is written.
     """
     _check_max_concurrent(max_concurrent)
-    config = _with_absolute_paths(config)
+    config = with_absolute_paths(config)
     config.validate()
     runs_dir = Path(config.runs_dir)
     with _queue_lock(runs_dir):
@@ -192,14 +192,21 @@ def _pump_locked(runs_dir: Path, max_concurrent: int | None) -> list[Path]:
 
 def _start_runner(layout: RunLayout) -> None:
     """Spawn the runner for a queued job and record it (the caller holds the lock)."""
-    with open(layout.log_file, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fer_core.jobs", "run", str(layout.path.resolve())],
-            cwd=PROJECT_ROOT, env=_child_env(), stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-    _update_job(layout, runner_pid=process.pid, runner_started_at=time.time())
-    # reap the runner when it ends so it does not linger as a zombie of the app
+    pid = spawn_detached(["-m", "fer_core.jobs", "run", str(layout.path.resolve())], layout.log_file)
+    _update_job(layout, runner_pid=pid, runner_started_at=time.time())
+
+
+def spawn_detached(python_args: list[str], log_file: Path) -> int:
+    """Start `python <python_args>` from the project root in a session of its own, stdout and
+    stderr appended to `log_file`; return its pid. It survives the app (a page reload, a
+    restart); a thread reaps it when it ends, so it never lingers as a zombie of the caller."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen([sys.executable, *python_args], cwd=PROJECT_ROOT, env=_child_env(),
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     threading.Thread(target=process.wait, name=f"fer-reap-{process.pid}", daemon=True).start()
+    return process.pid
 
 
 def _check_resumable(layout: RunLayout, epochs: int | None) -> runs.RunStatus:
@@ -342,7 +349,7 @@ def _queue_position(status: runs.RunStatus) -> float:
     return status.queued_at or 0.0
 
 
-def _with_absolute_paths(config: "TrainConfig") -> "TrainConfig":
+def with_absolute_paths(config: "TrainConfig") -> "TrainConfig":
     """A copy whose paths mean what they meant to the caller, wherever the trainer runs."""
     def absolute(value: str | None) -> str | None:
         return str(Path(value).expanduser().resolve()) if value else value

@@ -10,6 +10,7 @@
     evaluation.json  predictions.csv                 the trainer (`fer evaluate RUN` re-scores)
     evaluations/<dataset>.json (+ .predictions.csv)  `fer evaluate RUN --data DATASET`
     train.log          the job's processes (runner and trainer share one stdout)
+    trial.json         fer_core.sweep, for a run that is one trial of a hyper-parameter sweep
 
 `RunLayout` is the one place that knows these names and the folder shape; `run_status()` is the
 one answer to "what state is this run in"; `load_run()` reads everything the UI shows. Readers
@@ -49,6 +50,7 @@ EVALUATION_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
 LOG_FILE = "train.log"
 CANCEL_FILE = "cancel"
+TRIAL_FILE = "trial.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
@@ -235,6 +237,7 @@ class RunLayout:
     split_file = property(lambda self: self.path / SPLIT_FILE)
     data_report_file = property(lambda self: self.path / DATA_REPORT_FILE)
     log_file = property(lambda self: self.path / LOG_FILE)
+    trial_file = property(lambda self: self.path / TRIAL_FILE)
     checkpoint_dir = property(lambda self: self.path / CHECKPOINT_DIR)
     best_checkpoint = property(lambda self: self.path / CHECKPOINT_DIR / BEST_CHECKPOINT)
     last_checkpoint = property(lambda self: self.path / CHECKPOINT_DIR / LAST_CHECKPOINT)
@@ -349,6 +352,7 @@ class TrainerStatus(_Record):
     best_val_acc: float | None = _kind("float")
     best_epoch: int | None = _kind("int")
     early_stopped_at: int | None = _kind("int")
+    stop_reason: str | None = _kind("str")     # why training stopped before its last epoch
     published_checkpoint: str | None = _kind("str")
 
 
@@ -452,6 +456,7 @@ class RunStatus:
     best_val_acc: float | None = None
     best_epoch: int | None = None
     early_stopped_at: int | None = None
+    stop_reason: str | None = None
     published_checkpoint: str | None = None
     max_concurrent: int = 1
 
@@ -558,6 +563,7 @@ def resolve_status(trainer: TrainerStatus | None, job: JobRecord | None, cancel_
         best_val_acc=trainer.best_val_acc if trainer else None,
         best_epoch=trainer.best_epoch if trainer else None,
         early_stopped_at=current.early_stopped_at if current is not None else None,
+        stop_reason=current.stop_reason if current is not None else None,
         published_checkpoint=trainer.published_checkpoint if trainer else None,
         max_concurrent=job.max_concurrent if job is not None else 1)
 
@@ -568,8 +574,13 @@ _LOG_TAIL_BYTES = 64 * 1024
 
 def read_log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
     """The last `lines` lines of train.log ('' if there is none); reads at most 64 KiB."""
+    return read_text_tail(Path(run_dir) / LOG_FILE, lines)
+
+
+def read_text_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a log file ('' if there is none); reads at most 64 KiB."""
     try:
-        with open(Path(run_dir) / LOG_FILE, "rb") as handle:
+        with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
             handle.seek(max(0, handle.tell() - _LOG_TAIL_BYTES))
             data = handle.read()

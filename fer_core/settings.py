@@ -7,6 +7,7 @@
 | datasets         | FER_DATA_HOME          | <project>/data                  |
 | demo dataset     | FER_DEMO_DIR           | <project>/data/demo             |
 | decoded cache    | FER_CACHE_DIR          | ~/.cache/fer_core               |
+| sweeps           | FER_SWEEPS_DIR         | sweeps/ beside the runs folder  |
 
 Each function reads the environment when called, so a test (or the app's folder settings)
 that changes a variable is seen at once.
@@ -24,6 +25,7 @@ CHECKPOINTS_DIR_ENV = "FER_CHECKPOINTS_DIR"
 DATA_HOME_ENV = "FER_DATA_HOME"
 DEMO_DIR_ENV = "FER_DEMO_DIR"
 CACHE_DIR_ENV = "FER_CACHE_DIR"
+SWEEPS_DIR_ENV = "FER_SWEEPS_DIR"
 
 
 def _from_env(name: str, default: Path) -> Path:
@@ -54,3 +56,9 @@ def demo_dir() -> Path:
 def cache_dir() -> Path:
     """Where decoded datasets are cached as uint8 tensors."""
     return _from_env(CACHE_DIR_ENV, Path.home() / ".cache" / "fer_core")
+
+
+def sweeps_dir(runs_folder: Path | None = None) -> Path:
+    """Where hyper-parameter sweeps keep their studies: a sweeps/ folder beside the runs folder
+    (`runs_folder`, default runs_dir()), so a sweep's trials and its study travel together."""
+    return _from_env(SWEEPS_DIR_ENV, Path(runs_folder or runs_dir()).expanduser().absolute().parent / "sweeps")

@@ -81,12 +81,15 @@ class TrainState:
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+# Called with each epoch's metrics row (after its checkpoint is saved): None to go on, or the
+# reason to stop now (a sweep's pruner). The run then ends like a patience early stop.
+EpochEndCallback = Callable[[dict[str, Any]], "str | None"]
 
 
 # ---- entry points ---------------------------------------------------------------------
 
 def fit(config: TrainConfig, *, run_dir: Path | None = None,
-        on_progress: ProgressCallback | None = None) -> Path:
+        on_progress: ProgressCallback | None = None, on_epoch_end: EpochEndCallback | None = None) -> Path:
     """Train a new run and return its directory. `run_dir` may be pre-created (queued, with its
     config.json) by the job manager; otherwise a new one is made under config.runs_dir."""
     config.validate()
@@ -96,7 +99,7 @@ def fit(config: TrainConfig, *, run_dir: Path | None = None,
     else:
         layout = RunLayout(Path(run_dir))
     status = TrainerStatusWriter.start(layout, epochs=config.epochs)
-    return _guarded(layout, status, lambda: _train(config, layout, status, None, on_progress))
+    return _guarded(layout, status, lambda: _train(config, layout, status, None, on_progress, on_epoch_end))
 
 
 def resume(run_dir: Path, *, epochs: int | None = None, on_progress: ProgressCallback | None = None) -> Path:
@@ -158,7 +161,8 @@ def _raise_cancel_on_sigterm(signum: int, frame: Any) -> None:
 # ---- the run --------------------------------------------------------------------------
 
 def _train(config: TrainConfig, layout: RunLayout, status: TrainerStatusWriter,
-           checkpoint: dict[str, Any] | None, on_progress: ProgressCallback | None) -> None:
+           checkpoint: dict[str, Any] | None, on_progress: ProgressCallback | None,
+           on_epoch_end: EpochEndCallback | None = None) -> None:
     run_dir = layout.path
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -226,9 +230,12 @@ def _train(config: TrainConfig, layout: RunLayout, status: TrainerStatusWriter,
         log.info("epoch %d/%d  train loss %.4f acc %.3f | %s loss %.4f acc %.3f | %.0f img/s",
                  epoch, config.epochs, row["train_loss"], row["train_acc"], data.selection_split,
                  val_loss, val_acc, row["images_per_second"])
-        if config.patience and state.epochs_without_improvement >= config.patience:
-            log.info("early stop: no %s improvement for %d epochs", data.selection_split, config.patience)
-            status.update(early_stopped_at=epoch)
+        stop_reason = on_epoch_end(row) if on_epoch_end is not None else None
+        if stop_reason is None and config.patience and state.epochs_without_improvement >= config.patience:
+            stop_reason = f"no {data.selection_split} improvement for {config.patience} epochs"
+        if stop_reason:
+            log.info("early stop: %s", stop_reason)
+            status.update(early_stopped_at=epoch, stop_reason=stop_reason)
             break
 
     status.update(phase="evaluating the best model on the test split")

@@ -59,6 +59,15 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def image_count(evaluation: dict[str, Any]) -> int:
+    """The images an evaluation scored: its `num_images`, else (an older or hand-edited file
+    without it) the sum of its confusion matrix, which counts each image once."""
+    count = evaluation.get("num_images")
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count
+    return int(sum(sum(row) for row in evaluation.get("confusion_matrix") or []))
+
+
 def format_percent(value: float | None, digits: int = 1) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return "—"
@@ -405,7 +414,7 @@ def test_set_difference(a: RunInfo, b: RunInfo) -> str | None:
         data = evaluation.get("data") or config.get("data")
         synthetic = bool(evaluation.get("synthetic", config.get("synthetic_data")) or data == "demo")
         return {"data": data, "synthetic": synthetic, "label": dataset_label(data, synthetic),
-                "images": evaluation.get("num_images"),
+                "images": image_count(evaluation),
                 "split": (config.get("seed"), config.get("test_fraction"), config.get("max_per_class"))}
 
     x, y = facts(a), facts(b)

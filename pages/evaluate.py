@@ -57,7 +57,7 @@ def describe_scoring(evaluation: dict) -> str:
     """'other-faces: all 21 images' for a picker option (shown as plain text)."""
     part = "its test split" if evaluation.get("split") == "test" else "all"
     label = ui_data.dataset_label(evaluation.get("data"), evaluation.get("synthetic"))
-    return f"{label}: {part} ({evaluation.get('num_images', 0):,} images)"
+    return f"{label}: {part} ({ui_data.image_count(evaluation):,} images)"
 
 
 def predictions_of(run: runs.RunInfo, data: str | None = None) -> list[dict]:
@@ -110,7 +110,7 @@ m1.metric("Test accuracy" if own else "Accuracy", ui_data.format_percent(evaluat
           border=True, help="Share of the images whose top prediction is the true class.")
 m2.metric("Macro-F1", ui_data.format_percent(evaluation.get("macro_f1")), border=True,
           help="F1 averaged over classes with equal weight: rare classes count as much as common ones.")
-m3.metric("Test images" if own else "Images", f"{evaluation.get('num_images', 0):,}", border=True)
+m3.metric("Test images" if own else "Images", f"{ui_data.image_count(evaluation):,}", border=True)
 m4.metric("Best epoch", evaluation.get("best_epoch", "—"), border=True,
           help="The checkpoint with the best validation accuracy; it is the one evaluated."
                + (" Predictions average the face and its mirror image (TTA)." if evaluation.get("tta") else ""))

@@ -20,10 +20,12 @@ REFRESH_S = 1.5
 LOG_LINES_SHOWN = 12
 FINAL_STATES = ("completed", "failed", "cancelled")
 
-# The form's values live here, not only in the widgets' keys: Streamlit drops a widget's state
-# when a run does not draw it (a run cut short, a collapsed lazy expander), and a widget drawn
-# again without a value comes back at its minimum (issue #11: a form of zeros). The widgets
-# are re-seeded from this dict whenever they disagree with it.
+# The form's values live here, and every widget is drawn with its value from here as its
+# default. A value given only through a widget's session-state key reaches the browser once,
+# as a "set value" instruction: a widget inside the folded expander is not mounted then, and
+# when it mounts later it shows its own default, the minimum (issue #11: a form of zeros when
+# the form was opened while the page was still loading). A default is part of the widget
+# itself, so the browser always has it.
 FORM_VALUES_KEY = "train_form_values"
 FORM_SOURCE_KEY = "train_form_for"  # the (preset, data) the values were filled for
 
@@ -45,6 +47,9 @@ def fill_form_from_preset() -> None:
     preset = st.session_state["train_preset"]
     st.session_state[FORM_VALUES_KEY] = config_form.preset_form_values(preset)
     st.session_state[FORM_SOURCE_KEY] = (preset, st.session_state.get("train_data"))
+    # and into the mounted widgets at once: they keep their own state, whatever their default
+    for field in config_form.form_fields():
+        st.session_state[field.key] = st.session_state[FORM_VALUES_KEY][field.name]
 
 
 def on_data_change() -> None:
@@ -60,31 +65,20 @@ def keep_submitted_values() -> None:
             values[field.name] = st.session_state[field.key]
 
 
-def seed_widgets(values: dict[str, Any]) -> None:
-    """Give every widget of the form its value from `values` before it is drawn.
-
-    A form's widgets change state only on submit, and keep_submitted_values has copied them
-    by then; so a widget whose state is missing or disagrees has lost it: restore it. Widgets
-    that agree are left alone, so a rerun does not overwrite what is being typed."""
-    for field in config_form.form_fields():
-        if field.key not in st.session_state or st.session_state[field.key] != values[field.name]:
-            st.session_state[field.key] = values[field.name]
-
-
-def draw_field(field: config_form.FormField) -> None:
-    """One widget, entirely as the field's setting describes it."""
+def draw_field(field: config_form.FormField, value: Any) -> None:
+    """One widget, entirely as the field's setting describes it, starting at `value`."""
     if field.widget == "toggle":
-        st.toggle(field.label, key=field.key, help=field.help)
-    elif field.widget == "radio":
-        st.radio(field.label, field.options, format_func=field.option_label, key=field.key, help=field.help)
-    elif field.widget == "select":
-        st.selectbox(field.label, field.options, format_func=field.option_label, key=field.key,
-                     help=field.help)
+        st.toggle(field.label, value=bool(value), key=field.key, help=field.help)
+    elif field.widget in ("radio", "select"):
+        draw = st.radio if field.widget == "radio" else st.selectbox
+        index = field.options.index(value) if value in field.options else 0
+        draw(field.label, field.options, index=index, format_func=field.option_label, key=field.key,
+             help=field.help)
     elif field.widget == "number":
-        st.number_input(field.label, min_value=field.min_value, max_value=field.max_value, step=field.step,
-                        format=field.format, key=field.key, help=field.help)
+        st.number_input(field.label, value=field.kind(value), min_value=field.min_value, max_value=field.max_value,
+                        step=field.step, format=field.format, key=field.key, help=field.help)
     else:
-        st.text_input(field.label, max_chars=field.max_chars, key=field.key, help=field.help)
+        st.text_input(field.label, value=value, max_chars=field.max_chars, key=field.key, help=field.help)
 
 
 all_runs = runs.list_runs(folder)
@@ -117,7 +111,7 @@ with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:"
                                  help="A tested starting point; every value below can be changed.")
     if st.session_state.get(FORM_SOURCE_KEY) != (preset, data) or FORM_VALUES_KEY not in st.session_state:
         fill_form_from_preset()
-    seed_widgets(st.session_state[FORM_VALUES_KEY])
+    form_values = st.session_state[FORM_VALUES_KEY]
     st.info(f"**{preset}**: {PRESET_DESCRIPTIONS.get(preset, '')}", icon=":material/tune:")
     if data == "demo":
         synthetic_badge()
@@ -127,12 +121,12 @@ with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:"
             with column:
                 st.markdown(f"**{config_form.GROUP_TITLES[group]}**")
                 for field in config_form.form_fields(group):
-                    draw_field(field)
+                    draw_field(field, form_values[field.name])
         with st.expander(config_form.GROUP_TITLES[config_form.FOLDED_GROUP], icon=":material/settings:"):
             columns = st.columns(3)
             for index, field in enumerate(config_form.form_fields(config_form.FOLDED_GROUP)):
                 with columns[index % len(columns)]:
-                    draw_field(field)
+                    draw_field(field, form_values[field.name])
         submitted = st.form_submit_button("Launch training", type="primary", icon=":material/play_arrow:",
                                           on_click=keep_submitted_values)
 
@@ -246,6 +240,15 @@ def monitor(run_dir: Path, was_active: bool) -> None:
     elif state == "cancelled":
         st.info("Cancelled before its first epoch finished, so there is no checkpoint to resume from. "
                 "Start it again below with the same settings.", icon=":material/cancel:")
+
+    if status.early_stopped_at:
+        st.info(f"Stopped early after epoch {status.early_stopped_at}: "
+                f"{literal(status.stop_reason or 'no improvement within the patience')}.",
+                icon=":material/content_cut:")
+    trial, _ = runs.read_json_object(run.layout.trial_file)
+    if trial is not None:
+        st.caption(f"Trial {literal(trial.get('trial', '?'))} of the sweep {literal(trial.get('study', '?'))} "
+                   f"({literal(trial.get('state', '?'))}); see the Sweeps page.")
 
     epoch, epochs = status.epoch, run.planned_epochs or 0
     batch, batches = status.batch, status.batches or 0

@@ -98,6 +98,7 @@ MARKS_BY_TEST: dict[str, dict[str, tuple[str, ...]]] = {
     "test_serve": {"test_a_real_server_process_answers_over_http": ("subprocess",)},
     "test_train": {"test_training_allocator_reuses_freed_activations_instead_of_faulting_them_in_again":
                    ("subprocess",)},
+    "test_sweep": {"test_a_second_worker_process_joins_the_study_without_duplicates": ("subprocess",)},
 }
 
 

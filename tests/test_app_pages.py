@@ -104,12 +104,15 @@ def heatmaps(at: AppTest) -> list[dict]:
     return [trace for figure in plotly_figures(at) for trace in figure["data"] if trace["type"] == "heatmap"]
 
 
-def frame_with_columns(at: AppTest, *columns: str):
+def table_with_columns(at: AppTest, *columns: str):
     for element in at.dataframe:
-        frame = element.value
-        if all(c in frame.columns for c in columns):
-            return frame
+        if all(c in element.value.columns for c in columns):
+            return element
     raise AssertionError(f"no table with columns {columns}")
+
+
+def frame_with_columns(at: AppTest, *columns: str):
+    return table_with_columns(at, *columns).value
 
 
 # ---- no runs at all --------------------------------------------------------------------
@@ -262,6 +265,15 @@ def test_train_form_is_generated_from_the_config_settings(env):
     assert widgets["val_fraction"].max < 0.5
 
 
+def browser_defaults(at: AppTest) -> dict:
+    """Each Train form widget's default as its proto carries it to the browser: field -> value."""
+    from fer_core import config_form
+
+    options = {field.name: field.options for field in config_form.form_fields()}
+    return {name: options[name][widget.proto.default] if widget.type in ("radio", "selectbox")
+            else widget.proto.default for name, widget in train_form(at).items()}
+
+
 def rerun_after_losing_widget_state(at: AppTest, names) -> None:
     """Rerun as Streamlit does when the browser asks before it has drawn these form widgets
     (the expander clicked while the page loads): no widget state comes for them, and their
@@ -300,14 +312,9 @@ def test_train_form_refills_itself_when_streamlit_drops_widget_state(env, app_da
     # 1. the state of every widget but one is gone (a run cut short keeps the ones it drew)
     rerun_after_losing_widget_state(at, [n for n in names if n != "epochs"])
     assert {n: w.value for n, w in train_form(at).items()} == expected
-    # 2. the widgets were re-created at their minimums
-    minimums = {"number_input": lambda w: w.min, "text_input": lambda w: "", "toggle": lambda w: False}
-    for name, widget in train_form(at).items():
-        if widget.type in minimums:
-            at.session_state[f"tf_{name}"] = minimums[widget.type](widget)
-    at.run(timeout=TIMEOUT)
-    assert not at.exception, [e.value for e in at.exception]
-    assert {n: w.value for n, w in train_form(at).items()} == expected
+    # 2. what the browser shows for a widget it mounts later without a state of its own (one in
+    # the folded expander, opened while the page loads) is the widget's default: the preset's
+    assert browser_defaults(at) == expected
     assert "demo-quick" in page_text(at)
 
     # what is launched is the preset, not zeros
@@ -323,7 +330,7 @@ def test_train_form_refills_itself_when_streamlit_drops_widget_state(env, app_da
     at.button(key="FormSubmitter:train_form-Launch training").click().run(timeout=TIMEOUT)
     assert launched[-1].epochs == 3
     rerun_after_losing_widget_state(at, names)
-    assert train_form(at)["epochs"].value == 3
+    assert train_form(at)["epochs"].value == 3 and browser_defaults(at)["epochs"] == 3
     assert train_form(at)["batch_size"].value == expected["batch_size"]
 
 
@@ -504,9 +511,15 @@ def test_pages_with_a_running_run(env, app_data, sleeper):
     assert "Now: evaluating the best model on the test split" in text
     assert list(frame_with_columns(at, "epoch", "val_acc")["epoch"]) == [1]
 
+    metrics_table = table_with_columns(at, "epoch", "val_acc")
+    assert metrics_table.proto.placeholder == "—"  # a score not measured yet reads as a dash
+
     at = open_page("runs", at)
     table = frame_with_columns(at, "run", "state")
     assert dict(zip(table["run"], table["state"])) == {live_id: "running", runs.run_id(done): "completed"}
+    live_scores = table.loc[table["run"] == live_id, ["test acc", "macro-F1"]]
+    assert live_scores.isna().all(axis=None), "a running run has no test scores yet"
+    assert table_with_columns(at, "run", "state").proto.placeholder == "—", "shown as a dash, not None"
     at.selectbox(key="runs_manage").set_value(str(live)).run(timeout=TIMEOUT)
     assert at.button(key="runs_delete").disabled and at.button(key="runs_archive").disabled
 

@@ -436,6 +436,44 @@ def test_a_page_url_opened_first_on_a_fresh_server_still_gets_the_apps_navigatio
         sidebar.get_by_text("Training job").wait_for()  # drawn by the router, not the page
         wait_until_idle(page)
         links = sidebar.locator("[data-testid='stSidebarNavLink']").all_inner_texts()
-        assert [link.split()[-1] for link in links] == ["Home", "Data", "Train", "Runs", "Evaluate", "Predict",
-                                                   "TensorBoard"]
+        assert [link.split()[-1] for link in links] == ["Home", "Data", "Train", "Runs", "Sweeps", "Evaluate",
+                                                   "Predict", "TensorBoard"]
         assert page.title() == "FER Studio"  # the router's page config, not the file name
+
+
+def test_the_train_form_opened_while_the_page_loads_holds_the_preset(app_server, trained_run):
+    """Issue #11, item 1: with a run on disk, expanding the form the moment it appears (before
+    the script run ends) once opened it with every field zeroed. It must hold the preset."""
+    from conftest import copy_run_dir
+    from fer_core import config_form, runs
+
+    url, runs_dir = app_server
+    copy_run_dir(trained_run, runs_dir / runs.RunLayout(trained_run).path.relative_to(
+        runs.RunLayout(trained_run).runs_dir))
+    with browser_page() as page:
+        for attempt in range(5):
+            page.goto(f"{url}/train")
+            page.get_by_text("New training run").first.click()  # as soon as it is on screen
+            experiment = page.get_by_role("textbox", name="Experiment name")
+            experiment.wait_for()
+            wait_until_idle(page)
+            preset = page.get_by_role("combobox", name="Recipe (preset)").input_value()
+            expected = config_form.preset_form_values(preset)
+            seen = {"experiment": experiment.input_value(),
+                    **{name: float(page.get_by_role("spinbutton", name=label, exact=True).input_value())
+                       for name, label in (("epochs", "Epochs"), ("batch_size", "Batch size"),
+                                           ("img_size", "Image size (px)"))}}
+            assert seen == {"experiment": expected["experiment"], "epochs": expected["epochs"],
+                            "batch_size": expected["batch_size"], "img_size": expected["img_size"]}, \
+                f"try {attempt + 1}: the form does not hold the {preset} preset"
+
+        # another recipe refills the form, a field the user typed in included
+        set_number(page, "Epochs", 2)
+        page.get_by_role("combobox", name="Recipe (preset)").click()
+        page.get_by_role("option", name="reference", exact=True).click()
+        wait_until_idle(page)
+        reference = config_form.preset_form_values("reference")
+        assert page.get_by_role("textbox", name="Experiment name").input_value() == "reference"
+        assert float(page.get_by_role("spinbutton", name="Epochs", exact=True).input_value()) == reference["epochs"]
+        assert float(page.get_by_role("spinbutton", name="Image size (px)", exact=True).input_value()) \
+            == reference["img_size"]

@@ -143,7 +143,7 @@ def everything_shown(run: runs.RunInfo) -> None:
         ui_data.confusion_figure(run.evaluation, normalise=True)
         ui_data.confusion_cells(run.evaluation)
         ui_data.per_class_frame(run.evaluation)
-        f"{run.evaluation.get('num_images', 0):,}"  # as the Evaluate page formats it
+        f"{ui_data.image_count(run.evaluation):,}"  # as the Evaluate page shows it
     json.dumps({"state": run.state, "test_accuracy": run.test_accuracy, "problems": run.problems})
 
 
@@ -165,6 +165,7 @@ def _report_with(**scores) -> dict:
 # shapes that once escaped as exceptions: always tried, whatever hypothesis draws
 KNOWN = [{"queued_at": None}, {"queued_at": 10**400}, {"requested_at": 10**400}, {"started_at": 10**400},
          {**GOOD_CONTENT[runs.EVALUATION_FILE], "num_images": "lots"},
+         {**GOOD_CONTENT[runs.EVALUATION_FILE], "num_images": None},
          {**GOOD_CONTENT[runs.EVALUATION_FILE], "report": [1]},
          {**GOOD_CONTENT[runs.EVALUATION_FILE], "confusion_matrix": [[10**30, 0, 0], [0, 1, 0], [0, 0, 1]]},
          _report_with(precision=None, support=None), _report_with(support="x")]
@@ -183,6 +184,7 @@ def test_any_json_in_any_run_file_gives_a_run_info_and_never_raises(tmp_path_fac
     @example(value=KNOWN[6])
     @example(value=KNOWN[7])
     @example(value=KNOWN[8])
+    @example(value=KNOWN[9])
     def check(value):
         runs_dir = tmp_path_factory.mktemp("fuzz")
         layout = good_run(runs_dir, "fuzzed", "2030-01-01_00-00-00")
