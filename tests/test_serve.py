@@ -434,3 +434,27 @@ def test_a_real_server_process_answers_over_http(checkpoint: Path, grey_png: byt
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert f"at http://127.0.0.1:{port}" in output
+
+
+def test_a_trained_run_exported_to_onnx_is_served_with_the_predict_pages_answer(
+        trained_run: Path, tmp_path: Path, astronaut_jpeg: bytes) -> None:
+    """Issue #13's path end to end: a trained run, exported to ONNX as the Runs page does,
+    served, and asked about a photo: the same faces and emotions as the Predict page reads
+    with the run's PyTorch checkpoint."""
+    from fer_core.export import export_model
+    from fer_core.runs import RunLayout
+
+    exported = export_model(trained_run, "onnx", tmp_path / "model.onnx")
+    served = Predictor.load(exported.path, num_threads=1)
+    with TestClient(create_app(served, ServeSettings())) as client:
+        answer = client.post("/predict", files={"files": ("photo.jpg", astronaut_jpeg, "image/jpeg")})
+        model = client.get("/model").json()
+    assert answer.status_code == 200
+    assert model["backend"] == "onnx" and model["run_id"] == RunLayout(trained_run).id
+    (result,) = answer.json()["results"]
+    page = Predictor.load(RunLayout(trained_run).best_checkpoint, backend="torch", num_threads=1)
+    expected = page.predict(astronaut_jpeg).to_dict()
+    assert result["face_found"] and [f["box"] for f in result["faces"]] == [f["box"] for f in expected["faces"]]
+    for got, want in zip(result["faces"], expected["faces"], strict=True):
+        assert got["label"] == want["label"]
+        assert max(abs(got["probabilities"][c] - p) for c, p in want["probabilities"].items()) <= 1e-4
