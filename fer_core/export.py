@@ -41,6 +41,7 @@ every ONNX Runtime from 1.14 on runs."""
 INPUT_NAME, OUTPUT_NAME = "input", "probabilities"
 CARD_FORMAT = "fer_core.model_card/1"
 CARD_SUFFIX = ".json"
+CACHED_EXPORTS = 8  # ONNX exports of checkpoints kept in the cache folder
 METADATA_KEY = "fer_model_card"
 """The ONNX metadata_props key (and TorchScript extra file name) holding the model card JSON;
 its fields are also stored one per key (`fer.<field>`) for tools that show metadata as a table."""
@@ -192,7 +193,17 @@ def cached_onnx_export(checkpoint: str | Path) -> Path:
     target = settings.cache_dir() / "onnx" / f"{digest}.onnx"
     if not target.is_file():
         export_model(checkpoint, "onnx", target)
+        _prune_cache(target.parent, keep=CACHED_EXPORTS)
     return target
+
+
+def _prune_cache(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` newest cached exports (and their cards): each is as large as
+    its checkpoint."""
+    exports = sorted(folder.glob("*.onnx"), key=lambda path: path.stat().st_mtime_ns, reverse=True)
+    for stale in exports[keep:]:
+        for path in (stale, card_path_for(stale)):
+            path.unlink(missing_ok=True)
 
 
 def example_input(card: ModelCard, batch: int = 2) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,17 @@ def test_the_export_command_writes_the_file_and_says_where(trained_run: Path, tm
     assert str(target) in printed and target.is_file() and (tmp_path / "out" / "emotions.onnx.json").is_file()
     assert cli.main(["export", str(tmp_path / "nothing-here")]) == 2
     assert "nothing to export" in capsys.readouterr().err
+
+
+def test_the_export_cache_keeps_only_the_newest_few(tmp_path: Path) -> None:
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    for age in range(export.CACHED_EXPORTS + 3):
+        model = folder / f"{age:02d}.onnx"
+        model.write_bytes(b"x")
+        export.card_path_for(model).write_text("{}")
+        os.utime(model, ns=(10**18 - age * 10**9, 10**18 - age * 10**9))  # 00 is the newest
+    export._prune_cache(folder, keep=export.CACHED_EXPORTS)
+    kept = sorted(path.name for path in folder.glob("*.onnx"))
+    assert kept == [f"{age:02d}.onnx" for age in range(export.CACHED_EXPORTS)]
+    assert len(list(folder.glob("*.json"))) == export.CACHED_EXPORTS, "cards go with their models"
