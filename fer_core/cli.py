@@ -4,6 +4,8 @@ python -m fer_core train --data {demo|DIR|FILE.csv} [options]     train a new ru
 python -m fer_core train --config FILE.json [options]              train from a config file (flags override it)
 python -m fer_core train --resume RUN_DIR [--epochs N]             continue a run
 python -m fer_core train --run-dir RUN_DIR                         train a queued run from its config.json
+python -m fer_core train ... --nproc-per-node N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
+                                                                   several processes (DDP under torchrun)
 python -m fer_core evaluate RUN_DIR [--data DIR]                   re-score a run's best model
 python -m fer_core download [--dataset SLUG] [--dest DIR]          fetch a dataset from Kaggle
 python -m fer_core predict CHECKPOINT IMAGE_OR_URL... [--top-k K] [--json]
@@ -20,11 +22,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .config import CONFIG_FIELDS, PRESETS, ConfigField
+from .config import CONFIG_FIELDS, LAUNCH_FIELDS, PRESETS, ConfigField
 from .errors import ConfigError, FerError
 
 if TYPE_CHECKING:
@@ -135,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # other machines' ranks get them as given
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         stream=sys.stdout)
     try:
@@ -201,35 +205,89 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from . import distributed
     from .train import fit, resume
 
+    launch = {name: getattr(args, name) for name in LAUNCH_FIELDS if getattr(args, name, None) is not None}
     if args.resume:
-        others = [flag for flag in given_config_flags(args) if flag != "--epochs"]
+        launch_flags = {"--" + name.replace("_", "-") for name in LAUNCH_FIELDS}
+        others = [flag for flag in given_config_flags(args) if flag != "--epochs" and flag not in launch_flags]
         others += [f"--{name.replace('_', '-')}" for name in ("preset", "config", "run_dir") if getattr(args, name)]
         if others:
-            raise ConfigError(f"--resume continues a run with its own config; only --epochs may change it "
+            raise ConfigError(f"--resume continues a run with its own config; only --epochs and where it runs "
+                              f"(--nproc-per-node, --nnodes, --node-rank, --rdzv-endpoint) may change "
                               f"(got {', '.join(others)})")
+        config = resumed_config(Path(args.resume), launch)
     else:
         # before the progress bar, so a bad value is one line and nothing is created
         config = config_from_args(args)
-    progress = _terminal_progress()
+    if distributed.needs_launcher(config):
+        return launch_command(args, config)
+    worker_of_many = distributed.under_torchrun() and os.environ.get("RANK", "0") != "0"
+    progress = None if worker_of_many else _terminal_progress()
     try:
         if args.resume:
-            run_dir = resume(Path(args.resume), epochs=args.epochs, on_progress=progress)
+            run_dir = resume(Path(args.resume), epochs=args.epochs, on_progress=progress, launch=launch)
         else:
             run_dir = fit(config, run_dir=Path(args.run_dir) if args.run_dir else None, on_progress=progress)
     finally:
         if progress is not None:
             progress.close()
-        _start_next_job(Path(args.run_dir or args.resume or "."))
+        if not distributed.under_torchrun():  # the launcher moves the queue on for its ranks
+            _start_next_job(Path(args.run_dir or args.resume or "."))
+    return 0 if worker_of_many else _report_run(run_dir)
+
+
+def _report_run(run_dir: Path) -> int:
     from . import runs
     run = runs.load_run(run_dir)
     if run.status.state == "completed" and run.evaluation is not None:
         print(f"test accuracy {run.test_accuracy:.4f}, macro-F1 {run.macro_f1:.4f}")
     else:
-        print(f"run {run.status.state}")
+        print(f"run {run.status.state}" + (f": {run.status.error}" if run.status.error else ""))
     print(run_dir)
     return 0 if run.status.state in ("completed", "cancelled") else 1
+
+
+def resumed_config(run_dir: Path, launch: dict[str, Any]) -> "TrainConfig":
+    """The config a resume of `run_dir` trains with: its own, placed where `launch` says."""
+    from . import runs
+    from .config import TrainConfig
+    values = read_config_file(run_dir / runs.CONFIG_FILE) if (run_dir / runs.CONFIG_FILE).is_file() else {}
+    return dataclasses.replace(TrainConfig.from_dict(values), **launch).validate()
+
+
+def launch_command(args: argparse.Namespace, config: "TrainConfig") -> int:
+    """`train` asking for several processes: create the run folder once (on machine 0), then run
+    this machine's ranks under torchrun with arguments that point them at it."""
+    from .train import create_run, run_processes
+    run_dir = Path(args.resume or args.run_dir) if (args.resume or args.run_dir) else None
+    if run_dir is None and config.node_rank == 0:
+        run_dir = create_run(config).path
+    failure = None
+    try:
+        failure = run_processes(config, worker_arguments(args, run_dir, config), run_dir)
+    finally:
+        _start_next_job(Path(args.run_dir or args.resume or "."))
+    if run_dir is None or config.node_rank != 0:  # another machine: machine 0 has the run folder
+        print(failure or "this machine's training processes finished")
+        return 1 if failure else 0
+    if failure is None:  # rank 0 has printed the result
+        return 0
+    return _report_run(run_dir)
+
+
+def worker_arguments(args: argparse.Namespace, run_dir: Path | None, config: "TrainConfig") -> list[str]:
+    """What each rank runs after `python -m fer_core`. On machine 0 the run folder says it all;
+    another machine's ranks get the command line as given (they write nothing)."""
+    verbose = ["-v"] if args.verbose else []
+    if args.resume:
+        placement = [f"--{name.replace('_', '-')}={getattr(config, name)}" for name in LAUNCH_FIELDS]
+        epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+        return [*verbose, "train", "--resume", str(run_dir), *epochs, *placement]
+    if run_dir is not None:
+        return [*verbose, "train", "--run-dir", str(run_dir)]
+    return list(args.argv)
 
 
 def sweep_command(args: argparse.Namespace) -> int:

@@ -187,6 +187,11 @@ class ConfigField:
         return value
 
 
+def _host_port(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
 def _number(value: float | None) -> str:
     if value is None:
         return "?"
@@ -365,6 +370,23 @@ class TrainConfig:
         min_value=0, max_value=256, zero_means="all cores", step=1, metavar="N",
         help="Threads the training process may use on the CPU. Fewer is faster when other programs "
              "keep the cores busy: oversubscribed cores slow training sharply.")
+    nproc_per_node: int = setting(
+        1, group="advanced", label="Processes per machine", noun="processes per machine",
+        min_value=1, max_value=64, step=1, metavar="N",
+        help="Training processes on this machine (DistributedDataParallel under torchrun): one per "
+             "GPU; on a CPU more than 1 only splits the cores.")
+    nnodes: int = setting(
+        1, group="advanced", label="Machines", noun="number of machines",
+        min_value=1, max_value=1024, step=1, metavar="M",
+        help="Machines taking part. This one is machine 0 and writes the run folder; the run's page "
+             "shows the command to start on each of the others (same dataset path there).")
+    node_rank: int = setting(
+        0, label="This machine's rank", noun="node rank", min_value=0, max_value=1023, step=1, metavar="R",
+        help="0 on the machine that writes the run folder, 1..M-1 on the others.")
+    rdzv_endpoint: str = setting(
+        "", group="advanced", label="Rendezvous endpoint (HOST:PORT)", noun="rendezvous endpoint", metavar="HOST:PORT",
+        help="Where the machines meet: HOST:PORT of machine 0, reachable from all; empty on one "
+             "machine (127.0.0.1 and a free port).")
     preset: str | None = setting(
         None, cli=False, choices=tuple(PRESETS),  # the CLI's --preset applies one; this records it
         help="The recipe this config started from (recorded; its values are already applied).")
@@ -385,9 +407,26 @@ class TrainConfig:
         if both_fine and self.warmup_epochs > self.epochs:
             problems.append(f"warm-up epochs must not exceed epochs ({_number(self.warmup_epochs)} > "
                             f"{self.epochs})")
+        problems += self._distributed_problems()
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+    def _distributed_problems(self) -> list[str]:
+        problems = []
+        if isinstance(self.nnodes, int) and isinstance(self.node_rank, int) and self.node_rank >= self.nnodes:
+            problems.append(f"node rank must be below the number of machines ({self.node_rank} >= {self.nnodes})")
+        if isinstance(self.nnodes, int) and self.nnodes > 1 and not self.rdzv_endpoint:
+            problems.append("several machines need a rendezvous endpoint (HOST:PORT of machine 0)")
+        if self.rdzv_endpoint and not _host_port(self.rdzv_endpoint):
+            problems.append(f"rendezvous endpoint must be HOST:PORT (got {_shown(self.rdzv_endpoint)})")
+        several = (isinstance(self.nproc_per_node, int) and self.nproc_per_node > 1) or \
+            (isinstance(self.nnodes, int) and self.nnodes > 1)
+        if several and self.mode == "head_only" and not self.augment:
+            # that path trains a linear head on features cached once: nothing worth distributing
+            problems.append("head-only training without augmentation (cached features) runs in one "
+                            "process: set processes per machine and machines to 1, or turn augmentation on")
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -400,7 +439,25 @@ class TrainConfig:
 
 
 CONFIG_FIELDS: tuple[ConfigField, ...] = _describe(TrainConfig)
+# Where a run's processes run, not what it learns: a resume may change them (a 2-process run
+# continues in 1 process and vice versa), and the worker processes ignore them (torchrun's
+# environment says who they are).
+LAUNCH_FIELDS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
 FIELDS_BY_NAME: dict[str, ConfigField] = {item.name: item for item in CONFIG_FIELDS}
+
+
+def command_line_flags(config: TrainConfig, *, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The `fer train` flags that give `config`: one per field whose value is not the default."""
+    flags = []
+    for item in CONFIG_FIELDS:
+        value = getattr(config, item.name)
+        if not item.setting.cli or item.name in leave_out or value == item.default() or value is None:
+            continue
+        if item.kind is bool:
+            flags.append(item.flag if value else "--no-" + item.flag.removeprefix("--"))
+        else:
+            flags += [item.flag, str(value)]
+    return flags
 
 
 def config_field(name: str) -> ConfigField:

@@ -354,6 +354,7 @@ class TrainerStatus(_Record):
     early_stopped_at: int | None = _kind("int")
     stop_reason: str | None = _kind("str")     # why training stopped before its last epoch
     published_checkpoint: str | None = _kind("str")
+    world_size: int | None = _kind("int")         # training processes (DDP ranks); None: one
 
 
 @dataclass
@@ -397,12 +398,15 @@ class TrainerStatusWriter:
         self.layout, self.record = layout, record
 
     @classmethod
-    def start(cls, layout: "RunLayout", *, epochs: int) -> "TrainerStatusWriter":
-        """Begin an attempt: keep what a previous attempt learnt (first start, epochs done, best)."""
+    def start(cls, layout: "RunLayout", *, epochs: int, pid: int | None = None,
+              world_size: int = 1) -> "TrainerStatusWriter":
+        """Begin an attempt: keep what a previous attempt learnt (first start, epochs done, best).
+        `pid`: the process that stands for the run (default this one; torchrun's agent for DDP)."""
         now = time.time()
         previous, _ = read_record(layout.status_file, TrainerStatus)
-        record = TrainerStatus(state="running", pid=os.getpid(), attempt_started_at=now, epochs=epochs,
-                               started_at=(previous.started_at if previous else None) or now)
+        record = TrainerStatus(state="running", pid=pid or os.getpid(), attempt_started_at=now, epochs=epochs,
+                               started_at=(previous.started_at if previous else None) or now,
+                               world_size=world_size if world_size > 1 else None)
         if previous is not None:
             record.epoch, record.best_val_acc, record.best_epoch = \
                 previous.epoch, previous.best_val_acc, previous.best_epoch

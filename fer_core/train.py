@@ -6,6 +6,7 @@ checkpoint -> evaluate the best model on the test split -> publish it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,10 +26,11 @@ import torchvision
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from . import runs
+from . import distributed, runs
 from .config import TrainConfig
 from .data import (Dataset, assign_splits, cap_training_images, display_path, load_dataset,
                    read_split_manifest, split_table, write_split_manifest)
+from .distributed import Processes
 from .errors import FerError
 from .runs import RunLayout, TrainerStatusWriter
 from .evaluate import confusion_figure, evaluate_model
@@ -93,17 +95,60 @@ def fit(config: TrainConfig, *, run_dir: Path | None = None,
     """Train a new run and return its directory. `run_dir` may be pre-created (queued, with its
     config.json) by the job manager; otherwise a new one is made under config.runs_dir."""
     config.validate()
-    if run_dir is None:
-        layout = RunLayout.create(Path(config.runs_dir), config.experiment, config.mode)
-        runs.atomic_write_json(layout.config_file, config.to_dict())  # the run's creator writes it, once
+    processes = distributed.join()
+    try:
+        if run_dir is None and processes.is_main:
+            layout: RunLayout | None = create_run(config)
+        else:  # a rank other than 0 on another machine has no run folder, and needs none
+            layout = RunLayout(Path(run_dir)) if run_dir is not None else None
+        status = start_status(layout, config, processes)
+        _guarded(layout, status, processes,
+                 lambda: _train(config, layout, status, processes, None, on_progress, on_epoch_end))
+    finally:
+        distributed.leave(processes)
+    return layout.path if layout is not None else Path(config.runs_dir)
+
+
+def create_run(config: TrainConfig) -> RunLayout:
+    """A new run folder with its config.json (the run's creator writes it, once)."""
+    layout = RunLayout.create(Path(config.runs_dir), config.experiment, config.mode)
+    runs.atomic_write_json(layout.config_file, config.to_dict())
+    return layout
+
+
+def run_processes(config: TrainConfig, worker_argv: list[str], run_dir: Path | None) -> str | None:
+    """Train with several processes: this machine's ranks run `python -m fer_core <worker_argv>`
+    under torchrun (this process is its agent). Returns why they failed, or None. Where the run
+    folder lives (machine 0) and rank 0 could not record an outcome (it died), this records it."""
+    launched_at = time.time()
+    log.info("starting %d training processes: %s", config.nproc_per_node,
+             distributed.shown_command(config, worker_argv))
+    failure = distributed.run_torchrun(config, worker_argv)
+    if run_dir is not None and config.node_rank == 0:
+        record_outcome_rank_0_could_not(RunLayout(run_dir), config, launched_at, failure)
+    return failure
+
+
+def record_outcome_rank_0_could_not(layout: RunLayout, config: TrainConfig, launched_at: float,
+                                    failure: str | None) -> None:
+    """After torchrun: a final state of this attempt in status.json was written by rank 0, which
+    owns the file while it lives; if there is none, rank 0 died and its launcher writes it."""
+    record, _ = runs.read_record(layout.status_file, runs.TrainerStatus)
+    this_attempt = record is not None and (record.attempt_started_at or 0.0) >= launched_at
+    if this_attempt and record.state in runs.FINAL_STATES:
+        return
+    status = TrainerStatusWriter(layout, record) if this_attempt else \
+        TrainerStatusWriter.start(layout, epochs=config.epochs, world_size=config.nproc_per_node * config.nnodes)
+    if runs.cancel_request(layout) is not None:
+        status.finish("cancelled")
     else:
-        layout = RunLayout(Path(run_dir))
-    status = TrainerStatusWriter.start(layout, epochs=config.epochs)
-    return _guarded(layout, status, lambda: _train(config, layout, status, None, on_progress, on_epoch_end))
+        _record_failure(status, f"{failure or 'rank 0 ended without recording an outcome'} (see train.log)")
 
 
-def resume(run_dir: Path, *, epochs: int | None = None, on_progress: ProgressCallback | None = None) -> Path:
-    """Continue a run from its last.pt with the same config and split; more epochs if asked."""
+def resume(run_dir: Path, *, epochs: int | None = None, on_progress: ProgressCallback | None = None,
+           launch: dict[str, Any] | None = None) -> Path:
+    """Continue a run from its last.pt with the same config and split; more epochs if asked.
+    `launch` may change where it runs (config.LAUNCH_FIELDS: e.g. 2 processes, then 1)."""
     layout = RunLayout(Path(run_dir))
     try:
         config = TrainConfig.from_dict(runs.read_json(layout.config_file))
@@ -112,33 +157,65 @@ def resume(run_dir: Path, *, epochs: int | None = None, on_progress: ProgressCal
     checkpoint = load_checkpoint(layout.last_checkpoint)
     if epochs is not None:
         config.epochs = epochs
-    config.validate()
-    layout.cancel_file.unlink(missing_ok=True)  # a resume consumes an old cancel request
-    status = TrainerStatusWriter.start(layout, epochs=config.epochs)
-    return _guarded(layout, status, lambda: _train(config, layout, status, checkpoint, on_progress))
+    config = dataclasses.replace(config, **(launch or {})).validate()
+    processes = distributed.join()
+    try:
+        if processes.is_main:
+            layout.cancel_file.unlink(missing_ok=True)  # a resume consumes an old cancel request
+        status = start_status(layout, config, processes)
+        _guarded(layout, status, processes,
+                 lambda: _train(config, layout, status, processes, checkpoint, on_progress))
+    finally:
+        distributed.leave(processes)
+    return layout.path
 
 
-def _guarded(layout: RunLayout, status: TrainerStatusWriter, body: Callable[[], None]) -> Path:
+class _RankStatus(TrainerStatusWriter):
+    """The status of a rank other than 0: rank 0 alone writes status.json, so this writes nothing."""
+
+    def __init__(self) -> None:
+        pass
+
+    def update(self, **changes: Any) -> None:
+        pass
+
+
+def start_status(layout: RunLayout | None, config: TrainConfig, processes: Processes) -> TrainerStatusWriter:
+    if not processes.is_main or layout is None:
+        return _RankStatus()
+    # under torchrun the agent's pid stands for the run: it lives until every rank has ended,
+    # and the job runner's SIGTERM to it reaches every rank (torchrun forwards it)
+    return TrainerStatusWriter.start(layout, epochs=config.epochs, pid=processes.agent_pid,
+                                     world_size=processes.world_size)
+
+
+def _guarded(layout: RunLayout | None, status: TrainerStatusWriter, processes: Processes,
+             body: Callable[[], None]) -> None:
     """Run the body; record completed / cancelled / failed in status.json whatever happens."""
-    previous_handler = signal.signal(signal.SIGTERM, _raise_cancel_on_sigterm) \
-        if _in_main_thread() else None
+    on_sigterm = distributed.note_termination if processes.several else _raise_cancel_on_sigterm
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
+    folder = str(layout.path) if layout is not None else "the run folder"
     try:
         body()
         status.finish("completed")
     except Cancelled:
         status.finish("cancelled")
-        log.info("cancelled; checkpoints kept in %s", layout.checkpoint_dir)
+        if processes.is_main:
+            log.info("cancelled; checkpoints kept in %s", Path(folder) / runs.CHECKPOINT_DIR)
     except OSError as exc:  # disk full, folder removed or read-only: say so in words
-        message = f"could not write to {layout.path}: {exc.strerror or exc}"
+        message = f"could not write to {folder}: {exc.strerror or exc}"
         _record_failure(status, message)
         raise FerError(message) from exc
     except BaseException as exc:
-        _record_failure(status, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if processes.several and distributed.is_peer_failure(exc):
+            message = distributed.peer_lost_message(processes, exc)
+        else:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _record_failure(status, message)
         raise
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-    return layout.path
 
 
 def _record_failure(status: TrainerStatusWriter, message: str) -> None:
@@ -160,29 +237,34 @@ def _raise_cancel_on_sigterm(signum: int, frame: Any) -> None:
 
 # ---- the run --------------------------------------------------------------------------
 
-def _train(config: TrainConfig, layout: RunLayout, status: TrainerStatusWriter,
+def _train(config: TrainConfig, layout: RunLayout | None, status: TrainerStatusWriter, processes: Processes,
            checkpoint: dict[str, Any] | None, on_progress: ProgressCallback | None,
            on_epoch_end: EpochEndCallback | None = None) -> None:
-    run_dir = layout.path
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    """One code path for one process and for each of N (DDP) processes. Rank 0 alone writes
+    `layout` (None: a rank on another machine, which has no run folder)."""
+    run_dir = layout.path if layout is not None else None
+    writer_rank = processes.is_main and layout is not None
+    threads = distributed.threads_per_process(config.num_threads, processes)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device_of(processes)
     if device.type == "cpu" and keep_freed_memory_for_reuse():
         log.info("glibc malloc: heap only, no trimming (freed activations are reused, not re-faulted)")
-    remove_unfinished_saves(layout)
+    if writer_rank:
+        remove_unfinished_saves(layout)
 
     status.update(phase="loading data")
-    data = prepare_data(config, run_dir, resuming=checkpoint is not None)
+    data = prepare_data(config, run_dir, resuming=checkpoint is not None, writes=writer_rank)
     model, weights_source, weights_warning = build_model(
         len(data.classes), config.mode, config.stem,
         pretrained=config.pretrained and checkpoint is None,
         weights_path=config.weights if checkpoint is None else None)
-    if checkpoint is None:
-        write_environment(layout, config, device, weights_source, weights_warning, data)
-    model = model.to(device, memory_format=torch.channels_last)
+    if checkpoint is None and writer_rank:
+        write_environment(layout, config, device, weights_source, weights_warning, data, processes)
+    model = prepare_batchnorm(model.to(device, memory_format=torch.channels_last), config, device, processes)
 
-    steps_per_epoch = math.ceil(len(data.train_x) / config.batch_size)
+    steps_per_epoch = distributed.steps_per_epoch(len(data.train_x), config.batch_size, processes.world_size)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
@@ -192,57 +274,77 @@ def _train(config: TrainConfig, layout: RunLayout, status: TrainerStatusWriter,
     state = TrainState()
     if checkpoint is not None:
         state = restore_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
-        runs.rewrite_metrics(run_dir, state.history)  # drop any epoch logged after last.pt
+        if writer_rank:
+            runs.rewrite_metrics(run_dir, state.history)  # drop any epoch logged after last.pt
 
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.epoch + 1 if checkpoint else None)
-    if checkpoint is None:
-        log_run_start(writer, model, data, config, device)
+    writer = None
+    if writer_rank:
+        writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.epoch + 1 if checkpoint else None)
+        if checkpoint is None:
+            log_run_start(writer, model, data, config, device)
 
     if uses_feature_cache(config):
         status.update(phase="computing the frozen backbone's features (once)")
-    source = batch_source(model, config, device, data)
+    source = batch_source(model, config, device, data, processes)
     status.update(phase="training")
     for epoch in range(state.epoch + 1, config.epochs + 1):
         progress = _ProgressReporter(status, epoch, config.epochs, steps_per_epoch, on_progress)
         train_result = train_one_epoch(source, data, config, epoch, optimizer, scheduler, scaler,
-                                       criterion, device, run_dir, progress)
-        val_loss, val_acc = validate(source, data, config, device)
-        row = {"epoch": epoch, "train_loss": train_result.loss, "train_acc": train_result.accuracy,
-               "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
-               "seconds": train_result.seconds,
-               "images_per_second": train_result.images / max(train_result.seconds, 1e-9),
-               "peak_rss_mb": peak_rss_mb()}
-        state.epoch = epoch
-        state.history.append(row)
-        improved = val_acc > state.best_val_acc
-        if improved:
-            state.best_val_acc, state.best_epoch, state.epochs_without_improvement = val_acc, epoch, 0
-        else:
-            state.epochs_without_improvement += 1
-        # Logs before the checkpoint: a kill between the two loses nothing, because a resume
-        # from the previous last.pt rewrites metrics.jsonl and purges TensorBoard from there.
-        runs.append_metrics(run_dir, row)
-        log_epoch(writer, row)
-        save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, data.classes,
-                         val_loss, improved)
-        status.update(epoch=epoch, batch=steps_per_epoch, best_val_acc=state.best_val_acc,
-                      best_epoch=state.best_epoch)
-        log.info("epoch %d/%d  train loss %.4f acc %.3f | %s loss %.4f acc %.3f | %.0f img/s",
-                 epoch, config.epochs, row["train_loss"], row["train_acc"], data.selection_split,
-                 val_loss, val_acc, row["images_per_second"])
-        stop_reason = on_epoch_end(row) if on_epoch_end is not None else None
-        if stop_reason is None and config.patience and state.epochs_without_improvement >= config.patience:
-            stop_reason = f"no {data.selection_split} improvement for {config.patience} epochs"
-        if stop_reason:
-            log.info("early stop: %s", stop_reason)
-            status.update(early_stopped_at=epoch, stop_reason=stop_reason)
+                                       criterion, device, run_dir, progress, processes)
+        stop_reason = None
+        if writer_rank:  # the model is replicated: rank 0 validates, logs and saves for all
+            stop_reason = _end_epoch_on_rank_0(source, data, config, device, epoch, steps_per_epoch, train_result,
+                                               optimizer, scheduler, scaler, state, run_dir, writer, status,
+                                               on_epoch_end)
+        # also where the other ranks wait for rank 0's validation and checkpoint
+        if distributed.any_process_stops(processes, bool(stop_reason)):
             break
+    if not writer_rank:
+        return  # rank 0 evaluates and publishes; the others' work is done
 
     status.update(phase="evaluating the best model on the test split")
     evaluation = evaluate_best(run_dir, model, data, config, device, source)
     log_run_end(writer, config, evaluation, state)
     writer.close()
     status.update(published_checkpoint=str(publish_best(run_dir, config)))
+
+
+def _end_epoch_on_rank_0(source: "BatchSource", data: SplitTensors, config: TrainConfig, device: torch.device,
+                         epoch: int, steps_per_epoch: int, train_result: EpochResult, optimizer: torch.optim.Optimizer,
+                         scheduler: Any, scaler: torch.amp.GradScaler, state: TrainState, run_dir: Path,
+                         writer: SummaryWriter, status: TrainerStatusWriter,
+                         on_epoch_end: EpochEndCallback | None) -> str | None:
+    """Validate, log, checkpoint; return why training stops early (None: go on)."""
+    val_loss, val_acc = validate(source, data, config, device)
+    row = {"epoch": epoch, "train_loss": train_result.loss, "train_acc": train_result.accuracy,
+           "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
+           "seconds": train_result.seconds,
+           "images_per_second": train_result.images / max(train_result.seconds, 1e-9),
+           "peak_rss_mb": peak_rss_mb()}
+    state.epoch = epoch
+    state.history.append(row)
+    improved = val_acc > state.best_val_acc
+    if improved:
+        state.best_val_acc, state.best_epoch, state.epochs_without_improvement = val_acc, epoch, 0
+    else:
+        state.epochs_without_improvement += 1
+    # Logs before the checkpoint: a kill between the two loses nothing, because a resume
+    # from the previous last.pt rewrites metrics.jsonl and purges TensorBoard from there.
+    runs.append_metrics(run_dir, row)
+    log_epoch(writer, row)
+    save_checkpoints(run_dir, source.model, optimizer, scheduler, scaler, state, config, data.classes,
+                     val_loss, improved)
+    status.update(epoch=epoch, batch=steps_per_epoch, best_val_acc=state.best_val_acc, best_epoch=state.best_epoch)
+    log.info("epoch %d/%d  train loss %.4f acc %.3f | %s loss %.4f acc %.3f | %.0f img/s",
+             epoch, config.epochs, row["train_loss"], row["train_acc"], data.selection_split,
+             val_loss, val_acc, row["images_per_second"])
+    stop_reason = on_epoch_end(row) if on_epoch_end is not None else None
+    if stop_reason is None and config.patience and state.epochs_without_improvement >= config.patience:
+        stop_reason = f"no {data.selection_split} improvement for {config.patience} epochs"
+    if stop_reason:
+        log.info("early stop: %s", stop_reason)
+        status.update(early_stopped_at=epoch, stop_reason=stop_reason)
+    return stop_reason
 
 
 def remove_unfinished_saves(layout: RunLayout) -> None:
@@ -282,11 +384,12 @@ def peak_rss_mb() -> float:
 
 # ---- data -----------------------------------------------------------------------------
 
-def prepare_data(config: TrainConfig, run_dir: Path, *, resuming: bool) -> SplitTensors:
-    """Load, split (or re-read the run's split on resume) and slice into split tensors."""
+def prepare_data(config: TrainConfig, run_dir: Path | None, *, resuming: bool, writes: bool = True) -> SplitTensors:
+    """Load, split (or re-read the run's split on resume) and slice into split tensors. Only
+    the writer (rank 0) records the split; the seeded split is the same in every process."""
     dataset = load_dataset(config.data)
-    manifest = run_dir / runs.SPLIT_FILE
-    if resuming and manifest.is_file():
+    manifest = run_dir / runs.SPLIT_FILE if run_dir is not None else None
+    if resuming and manifest is not None and manifest.is_file():
         by_path = {row["path"]: row["split"] for row in read_split_manifest(manifest)}
         splits = np.array([by_path.get(display_path(p), "unused") for p in dataset.paths])
     else:
@@ -294,11 +397,12 @@ def prepare_data(config: TrainConfig, run_dir: Path, *, resuming: bool) -> Split
                                val_fraction=config.val_fraction, seed=config.seed)
         if config.max_per_class:
             splits = cap_training_images(dataset, splits, config.max_per_class, config.seed)
-        write_split_manifest(manifest, dataset, splits)
-        runs.atomic_write_json(run_dir / runs.DATA_REPORT_FILE, {
-            "source": dataset.source, "synthetic": dataset.synthetic, "classes": dataset.classes,
-            "num_images": len(dataset), "split_table": split_table(dataset, splits),
-            "bad_files": dataset.bad_files, "num_bad_files": len(dataset.bad_files)})
+        if writes and manifest is not None:
+            write_split_manifest(manifest, dataset, splits)
+            runs.atomic_write_json(manifest.parent / runs.DATA_REPORT_FILE, {
+                "source": dataset.source, "synthetic": dataset.synthetic, "classes": dataset.classes,
+                "num_images": len(dataset), "split_table": split_table(dataset, splits),
+                "bad_files": dataset.bad_files, "num_bad_files": len(dataset.bad_files)})
     return split_tensors(dataset, splits, config.val_fraction > 0)
 
 
@@ -366,11 +470,45 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def augmentation_generator(order_generator: torch.Generator, seed: int, epoch: int,
+                           processes: Processes) -> torch.Generator:
+    """Rank 0 goes on drawing from the epoch's generator, exactly as one process does; every
+    other rank draws from its own, so that no two ranks augment their shares alike."""
+    if processes.rank == 0:
+        return order_generator
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000 + processes.rank)
+
+
+def prepare_batchnorm(model: nn.Module, config: TrainConfig, device: torch.device,
+                      processes: Processes) -> nn.Module:
+    """SyncBatchNorm on CUDA with several processes: each rank then normalises with the global
+    batch's statistics, as one process does, however small its share. On the CPU plain
+    BatchNorm (per-rank statistics): PyTorch's SyncBatchNorm refuses CPU tensors. Head-only runs
+    keep BatchNorm frozen, so there is nothing to synchronise. The parameters and state-dict keys
+    stay the same, so checkpoints load into the plain model."""
+    if processes.several and device.type == "cuda" and config.mode != "head_only":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def data_parallel(model: nn.Module, device: torch.device, processes: Processes) -> nn.Module:
+    """The module a training step calls: DDP around the model (gradients averaged over the
+    ranks in backward) when there are several processes, the model itself otherwise."""
+    if not processes.several:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 class ImageBatches:
     """Batches of images through the whole network, augmented on the fly when training."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors):
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors,
+                 processes: Processes = distributed.ONE_PROCESS):
+        # validation, evaluation and checkpoints use the plain model: no collective in them,
+        # so rank 0 can run them alone
         self.model, self.config, self.device, self.data = model, config, device, data
+        self.trainer = data_parallel(model, device, processes)
 
     def train_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         images = self.data.train_x[index]
@@ -383,6 +521,9 @@ class ImageBatches:
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs)
+
+    def train_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.trainer(inputs)
 
     def set_train_mode(self) -> None:
         self.model.train()
@@ -421,6 +562,9 @@ class FeatureBatches:
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model.fc(inputs)
 
+    def train_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.forward(inputs)  # one process only (TrainConfig.validate)
+
     @torch.inference_mode()
     def test_probabilities(self, data: SplitTensors) -> np.ndarray:
         """Test-split probabilities from the head alone; selecting on test reuses its features."""
@@ -441,30 +585,37 @@ def uses_feature_cache(config: TrainConfig) -> bool:
     return config.mode == "head_only" and not config.augment
 
 
-def batch_source(model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors) -> BatchSource:
-    return (FeatureBatches if uses_feature_cache(config) else ImageBatches)(model, config, device, data)
+def batch_source(model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors,
+                 processes: Processes = distributed.ONE_PROCESS) -> BatchSource:
+    if uses_feature_cache(config):
+        return FeatureBatches(model, config, device, data)
+    return ImageBatches(model, config, device, data, processes)
 
 
 def train_one_epoch(source: BatchSource, data: SplitTensors, config: TrainConfig, epoch: int,
                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-                    criterion: nn.Module, device: torch.device, run_dir: Path,
-                    progress: "_ProgressReporter") -> EpochResult:
+                    criterion: nn.Module, device: torch.device, run_dir: Path | None,
+                    progress: "_ProgressReporter", processes: Processes = distributed.ONE_PROCESS) -> EpochResult:
+    """One pass over the epoch's seeded permutation in global batches; each rank trains on its
+    share of every batch, so N processes take the steps one process takes."""
     source.set_train_mode()
     generator = epoch_generator(config.seed, epoch)
     order = torch.randperm(len(data.train_x), generator=generator)
-    cancel_file = run_dir / runs.CANCEL_FILE
+    augmentation = augmentation_generator(generator, config.seed, epoch, processes)
     total_loss, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
-    for batch_index, start in enumerate(range(0, len(order), config.batch_size), start=1):
-        if cancel_file.exists():
+    batches = distributed.global_batches(order, config.batch_size, processes.world_size)
+    for batch_index, batch in enumerate(batches, start=1):
+        if distributed.any_process_stops(processes, stop_requested(run_dir, processes)):
             raise Cancelled()
-        index = order[start:start + config.batch_size]
-        x = source.train_batch(index, generator)
+        index = distributed.rank_share(batch, processes)
+        x = source.train_batch(index, augmentation)
         y = data.train_y[index].to(device, non_blocking=True)
         with autocast_context(device, config.amp):
-            logits = source.forward(x)
-            loss = criterion(logits.float(), y)
-        loss_value = loss.item()
+            logits = source.train_forward(x)
+            loss = criterion(logits.float(), y) * distributed.share_weight(len(index), len(batch), processes)
+        # the global batch's mean loss, the same on every rank: all stop together if it is not finite
+        loss_value = distributed.global_sums(processes, [loss.item()])[0] / processes.world_size
         if not math.isfinite(loss_value):  # before the step: last.pt and the weights stay finite
             raise FerError(diverged_message(epoch, batch_index, loss_value, config))
         optimizer.zero_grad(set_to_none=True)
@@ -472,12 +623,20 @@ def train_one_epoch(source: BatchSource, data: SplitTensors, config: TrainConfig
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total_loss += loss_value * len(y)
+        total_loss += loss_value * len(batch)
         correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
+        seen += len(batch)
         progress.batch_done(batch_index, seen, time.perf_counter() - started, total_loss / seen)
     seconds = time.perf_counter() - started
+    correct = round(distributed.global_sums(processes, [float(correct)])[0])
     return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, seconds)
+
+
+def stop_requested(run_dir: Path | None, processes: Processes) -> bool:
+    """This process's reason to stop before the next batch: the run's cancel file (rank 0
+    reads it), a SIGTERM forwarded by torchrun, or torchrun's agent gone."""
+    cancelled = processes.is_main and run_dir is not None and (run_dir / runs.CANCEL_FILE).exists()
+    return cancelled or distributed.TERMINATION_REQUESTED.is_set() or processes.agent_gone()
 
 
 def diverged_message(epoch: int, batch: int, loss: float, config: TrainConfig) -> str:
@@ -615,7 +774,8 @@ def publish_best(run_dir: Path, config: TrainConfig) -> Path:
 # ---- records and TensorBoard ----------------------------------------------------------
 
 def write_environment(layout: RunLayout, config: TrainConfig, device: torch.device, weights_source: str,
-                      weights_warning: str | None, data: SplitTensors) -> None:
+                      weights_warning: str | None, data: SplitTensors,
+                      processes: Processes = distributed.ONE_PROCESS) -> None:
     """environment.json: what the trainer found and ran with, beside the config it was given."""
     runs.atomic_write_json(layout.environment_file, {
         "weights_source": weights_source, "weights_warning": weights_warning,
@@ -626,6 +786,8 @@ def write_environment(layout: RunLayout, config: TrainConfig, device: torch.devi
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "amp_dtype": str(amp_dtype(device, config.amp)).removeprefix("torch.") if amp_dtype(device, config.amp)
         else None,
+        "world_size": processes.world_size,
+        "per_rank_batch": math.ceil(config.batch_size / processes.world_size),
         "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
         "python_version": platform.python_version(), "git_commit": _git_commit(),
     })

@@ -7,7 +7,7 @@ from typing import Any
 
 import streamlit as st
 
-from fer_core import config_form, jobs, runs, ui_data
+from fer_core import config_form, distributed, jobs, runs, ui_data
 from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, TrainConfig, config_from_preset
 from fer_core.errors import FerError
 from pages._shared import (DATA_SOURCE_KEY, SELECTED_RUN_KEY, checkpoints_dir, known_datasets,
@@ -196,6 +196,17 @@ def resume_controls(run_dir: Path, run: runs.RunInfo, state: str) -> None:
                 st.rerun(scope="app")
 
 
+def other_machines(config: dict[str, Any]) -> None:
+    """A run on several machines waits for the others: what to start on each of them."""
+    commands = distributed.other_machine_commands(TrainConfig.from_dict(config))
+    with st.expander(f"Other machines: start this on each of the {len(commands)}", expanded=True,
+                     icon=":material/dns:"):
+        st.caption("This machine is machine 0 and writes the run folder. Each other machine needs fer "
+                   "installed and the dataset at the same path; the run starts when all have joined.")
+        for command in commands:
+            st.code(command, language="bash")
+
+
 def monitor(run_dir: Path, was_active: bool) -> None:
     run = runs.load_run(run_dir)
     status, state = run.status, run.status.state
@@ -208,7 +219,8 @@ def monitor(run_dir: Path, was_active: bool) -> None:
         st.subheader(f"{literal(run.experiment)} · {literal(run.mode)}")
         facts = [f"{literal(run.id)}",
                  f"data: {literal(ui_data.dataset_label(config.get('data'), config.get('synthetic_data')))}",
-                 f"preset: {literal(config.get('preset') or '—')}", literal(config.get("device") or "")]
+                 f"preset: {literal(config.get('preset') or '—')}", literal(config.get("device") or ""),
+                 f"world size {config['world_size']}" if (config.get("world_size") or 1) > 1 else ""]
         st.caption(" · ".join(f for f in facts if f))
     with badges:
         with st.container(horizontal=True, horizontal_alignment="right"):
@@ -245,6 +257,8 @@ def monitor(run_dir: Path, was_active: bool) -> None:
         st.info(f"Stopped early after epoch {status.early_stopped_at}: "
                 f"{literal(status.stop_reason or 'no improvement within the patience')}.",
                 icon=":material/content_cut:")
+    if (config.get("nnodes") or 1) > 1 and state in ("queued", "running"):
+        other_machines(config)
     trial, _ = runs.read_json_object(run.layout.trial_file)
     if trial is not None:
         st.caption(f"Trial {literal(trial.get('trial', '?'))} of the sweep {literal(trial.get('study', '?'))} "

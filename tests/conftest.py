@@ -99,6 +99,12 @@ MARKS_BY_TEST: dict[str, dict[str, tuple[str, ...]]] = {
     "test_train": {"test_training_allocator_reuses_freed_activations_instead_of_faulting_them_in_again":
                    ("subprocess",)},
     "test_sweep": {"test_a_second_worker_process_joins_the_study_without_duplicates": ("subprocess",)},
+    "test_ddp": {name: ("subprocess",) for name in (  # torchrun and its ranks (gloo, 2 processes)
+        "test_a_two_process_run_records_its_world_and_loads_and_resumes_in_one_process",
+        "test_one_and_two_processes_follow_the_same_losses",
+        "test_a_rank_killed_with_sigkill_fails_the_run_in_words_and_leaves_no_process",
+        "test_sigterm_to_the_launcher_cancels_every_rank_and_keeps_last_pt",
+        "test_a_queued_two_process_job_runs_under_torchrun_and_its_cancel_file_stops_it")},
 }
 
 

@@ -47,7 +47,10 @@ def test_unknown_preset_is_a_config_error():
 
 NUMBER_FIELDS = [f for f in CONFIG_FIELDS if f.kind in (int, float)]
 # A value that another field must allow, for the bounds of one field to be reachable.
-ROOM_FOR = {"warmup_epochs": {"epochs": 10_000}}
+ROOM_FOR = {"warmup_epochs": {"epochs": 10_000},
+            # several machines need an endpoint, and a node rank needs that many machines
+            "nnodes": {"rdzv_endpoint": "host:29500"},
+            "node_rank": {"nnodes": 1024, "rdzv_endpoint": "host:29500"}}
 
 
 def below(item, value):
