@@ -392,10 +392,18 @@ def read_record(path: Path, record: type, required: bool = False) -> tuple[Any, 
 
 class TrainerStatusWriter:
     """The trainer's handle on status.json: the record lives here and is always written whole,
-    so no update can be lost to another writer (there is none)."""
+    so no update can be lost to another writer (there is none). Without a layout (a training
+    process other than rank 0, which must not write the run folder) the record is kept in
+    memory only."""
 
-    def __init__(self, layout: "RunLayout", record: TrainerStatus) -> None:
+    def __init__(self, layout: "RunLayout | None", record: TrainerStatus) -> None:
         self.layout, self.record = layout, record
+
+    @classmethod
+    def in_memory(cls, *, epochs: int) -> "TrainerStatusWriter":
+        """A record for a process that does not own the run folder: the same updates, no file."""
+        return cls(None, TrainerStatus(state="running", pid=os.getpid(), attempt_started_at=time.time(),
+                                       epochs=epochs))
 
     @classmethod
     def start(cls, layout: "RunLayout", *, epochs: int, pid: int | None = None,
@@ -428,7 +436,8 @@ class TrainerStatusWriter:
         self.update(state=state, finished_at=time.time(), eta_s=None, phase=None, **changes)
 
     def write(self) -> None:
-        atomic_write_json(self.layout.status_file, {**self.record.to_dict(), "updated_at": time.time()})
+        if self.layout is not None:
+            atomic_write_json(self.layout.status_file, {**self.record.to_dict(), "updated_at": time.time()})
 
 
 # ---- the run's state --------------------------------------------------------------------

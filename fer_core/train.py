@@ -170,19 +170,9 @@ def resume(run_dir: Path, *, epochs: int | None = None, on_progress: ProgressCal
     return layout.path
 
 
-class _RankStatus(TrainerStatusWriter):
-    """The status of a rank other than 0: rank 0 alone writes status.json, so this writes nothing."""
-
-    def __init__(self) -> None:
-        pass
-
-    def update(self, **changes: Any) -> None:
-        pass
-
-
 def start_status(layout: RunLayout | None, config: TrainConfig, processes: Processes) -> TrainerStatusWriter:
     if not processes.is_main or layout is None:
-        return _RankStatus()
+        return TrainerStatusWriter.in_memory(epochs=config.epochs)  # rank 0 alone writes status.json
     # under torchrun the agent's pid stands for the run: it lives until every rank has ended,
     # and the job runner's SIGTERM to it reaches every rank (torchrun forwards it)
     return TrainerStatusWriter.start(layout, epochs=config.epochs, pid=processes.agent_pid,
