@@ -20,6 +20,13 @@ from . import settings
 from .errors import ConfigError
 from .models import MODES, STEMS
 
+
+def visible_gpu_count() -> int:
+    """One training process per visible GPU by default; 1 on a machine without CUDA."""
+    import torch  # already loaded through .models; named here for what it answers
+
+    return max(1, torch.cuda.device_count())
+
 SCHEDULERS = ("cosine", "onecycle", "none")
 OPTIMIZERS = ("adamw", "sgd")
 MIN_IMG_SIZE, MAX_IMG_SIZE = 32, 512
@@ -371,10 +378,12 @@ class TrainConfig:
         help="Threads the training process may use on the CPU. Fewer is faster when other programs "
              "keep the cores busy: oversubscribed cores slow training sharply.")
     nproc_per_node: int = setting(
-        1, group="advanced", label="Processes per machine", noun="processes per machine",
+        default_factory=visible_gpu_count, group="advanced", label="Processes per machine",
+        noun="processes per machine",
         min_value=1, max_value=64, step=1, metavar="N",
         help="Training processes on this machine (DistributedDataParallel under torchrun): one per "
-             "GPU; on a CPU more than 1 only splits the cores.")
+             "GPU (the default: one per visible GPU, 1 without one); on a CPU more than 1 only "
+             "splits the cores.")
     nnodes: int = setting(
         1, group="advanced", label="Machines", noun="number of machines",
         min_value=1, max_value=1024, step=1, metavar="M",

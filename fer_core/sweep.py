@@ -20,8 +20,10 @@ what is missing.
 A sweep's folder, `<sweeps_dir>/<study>/` (FER_SWEEPS_DIR, default sweeps/ beside the runs
 folder), holds the default SQLite storage `study.db`, and for a sweep launched from the app
 `sweep.json` (its process, command, log; written once by `launch_sweep`), `base_config.json`
-and `sweep.log`. `stop` is a request (from `stop_sweep`): workers that started before it end
-after their current trial.
+and `sweep.log`. A study kept elsewhere (another SQLite file, PostgreSQL) is listed through
+`storage.json`, which names its storage (`remember_storage`: a worker on this machine, or the
+Sweeps page adding a study started on another one). `stop` is a request (from `stop_sweep`):
+workers that started before it end after their current trial.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -69,6 +72,7 @@ NOT_TUNABLE = {"data": "the dataset is the sweep's, not a hyper-parameter",
 # What a worker may set for itself when it joins a study: where it keeps runs, its cores, where the data lies.
 LOCAL_FIELDS = ("data", "runs_dir", "checkpoints_dir", "num_threads")
 SQLITE_TIMEOUT_S = 60  # two workers on one SQLite file wait for each other's writes
+SLOT_POLL_S = 5.0  # how often a sweep waiting for the training slot looks again
 HEARTBEAT_S, GRACE_S = 60, 180  # a worker that died mid-trial: its trial turns FAIL, not RUNNING forever
 
 
@@ -237,6 +241,7 @@ class StudyLayout:
     base_config_file = property(lambda self: self.path / "base_config.json")  # launch_sweep, once
     log_file = property(lambda self: self.path / "sweep.log")               # the sweep process's output
     stop_file = property(lambda self: self.path / "stop")                   # stop_sweep: a request
+    storage_file = property(lambda self: self.path / "storage.json")        # remember_storage
 
     @property
     def default_storage(self) -> str:
@@ -349,6 +354,7 @@ def run_sweep(study: str, *, trials: int, base: TrainConfig | None = None, space
         optuna_study = _create_study(plan, store, pruner_object)
     else:
         optuna_study = optuna.load_study(study_name=study, storage=store, pruner=pruner_object)
+    remember_storage(folder, study, url)
     return _optimize(plan, optuna_study)
 
 
@@ -430,10 +436,35 @@ def _optimize(plan: _Plan, study: optuna.Study) -> SweepResult:
             ran += 1
             return _run_trial(plan, trial, stopped)
 
+        def wait_for_the_slot(study: optuna.Study, trial: object = None) -> None:
+            if stopped or ran >= remaining or \
+                    len(study.get_trials(deepcopy=False, states=COUNTED_STATES)) >= plan.trials:
+                return  # no trial follows
+            wait_for_training_slot(Path(plan.base.runs_dir), lambda: _requested_since(layout.stop_file, since))
+
+        wait_for_the_slot(study)
         study.optimize(objective, n_trials=remaining, catch=(FerError,),
                        callbacks=[optuna.study.MaxTrialsCallback(plan.trials, states=COUNTED_STATES),
-                                  stop_when_asked])
+                                  stop_when_asked, wait_for_the_slot])
     return _summary(plan, study, ran, stopped[0] if stopped else None)
+
+
+def wait_for_training_slot(runs_dir: Path, stop_asked: Callable[[], bool], *,
+                           poll_s: float = SLOT_POLL_S) -> None:
+    """Trials and the Train page's jobs share one training slot (two trainings at once halve
+    each other's speed on a CPU): a run queued or running in the runs folder goes first, and
+    the next trial starts when none is left, or at once when a stop is asked for."""
+    announced = False
+    while not stop_asked():
+        busy = [layout for layout in runs.find_runs(runs_dir)
+                if runs.run_status(layout)[0].state in ("queued", "running")]
+        if not busy:
+            return
+        if not announced:
+            log.info("waiting for %s to finish before the next trial", busy[0].id)
+            announced = True
+        _start_queued_jobs(runs_dir)
+        time.sleep(poll_s)
 
 
 def _started_at(folder: Path) -> float:
@@ -621,25 +652,54 @@ class StudyEntry:
     job: SweepJob | None
 
 
+def remember_storage(sweeps_dir: Path, study: str, url: str) -> None:
+    """Record where `study` lives when that is not its folder's own study.db, so the Sweeps page
+    of this machine lists it (a study in PostgreSQL, or one another machine started)."""
+    layout = StudyLayout.of(Path(sweeps_dir), study)
+    if url == layout.default_storage or _recorded_storage(layout) == url:
+        return
+    layout.path.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write_json(layout.storage_file, {"study": study, "storage": url})
+
+
+def _recorded_storage(layout: StudyLayout) -> str | None:
+    values, _ = runs.read_json_object(layout.storage_file)
+    storage = values.get("storage") if values else None
+    return storage if isinstance(storage, str) and storage else None
+
+
+def study_storage(folder: Path, job: SweepJob | None = None) -> str | None:
+    """Where the study of a sweep folder lives: its launch record's storage, else the one
+    `remember_storage` recorded, else its own study.db; None when the folder names none."""
+    layout = StudyLayout(Path(folder))
+    if job is not None:
+        return job.storage
+    return _recorded_storage(layout) or (layout.default_storage if layout.db_file.is_file() else None)
+
+
+def study_names(url: str) -> list[str]:
+    """The studies a storage holds, for adding one started on another machine."""
+    return sorted(optuna.study.get_all_study_names(storage=open_storage(url)))
+
+
 def list_studies(sweeps_dir: Path) -> list[StudyEntry]:
-    """Studies in the sweeps folder (a study.db, or a sweep.json naming its storage), newest first."""
+    """Studies in the sweeps folder (a study.db, or a record naming their storage), newest first."""
     root = Path(sweeps_dir)
     if not root.is_dir():
         return []
     found = []
     for folder in root.iterdir():
         job = read_sweep_job(folder)
-        if job is None and not StudyLayout(folder).db_file.is_file():
+        storage = study_storage(folder, job)
+        if storage is None:
             continue
-        storage = job.storage if job else StudyLayout(folder).default_storage
         found.append((folder.stat().st_mtime, StudyEntry(folder.name, folder, storage, job)))
     return [entry for _, entry in sorted(found, key=lambda item: item[0], reverse=True)]
 
 
 def load_study_at(folder: Path) -> optuna.Study | None:
     """The study kept in (or named by) a sweep folder; None when it is not there (yet)."""
-    job = read_sweep_job(folder)
-    storage = job.storage if job else StudyLayout(Path(folder)).default_storage
+    storage = study_storage(folder, read_sweep_job(folder)) or StudyLayout(Path(folder)).default_storage
     if _missing_sqlite(storage):
         return None  # not created yet: opening it would create an empty database (reading never writes)
     return load_study(Path(folder).name, storage)

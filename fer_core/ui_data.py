@@ -209,6 +209,7 @@ def run_row(run: RunInfo) -> dict[str, Any]:
         "lr": config.get("lr"),
         "weights": config.get("weights_source", "—"),
         "epochs": f"{done}/{planned}" if planned else str(done),
+        "stopped early": run.status.stop_reason,
         "best val acc": run.best_val_acc,
         "test acc": run.test_accuracy,
         "macro-F1": run.macro_f1,
@@ -219,7 +220,7 @@ def run_row(run: RunInfo) -> dict[str, Any]:
 
 
 def runs_frame(runs: Sequence[RunInfo]) -> pd.DataFrame:
-    columns = ["started", "experiment", "state", "dataset", "mode", "img px", "epochs",
+    columns = ["started", "experiment", "state", "dataset", "mode", "img px", "epochs", "stopped early",
                "best val acc", "test acc", "macro-F1", "duration", "batch", "lr", "stem", "weights",
                "problems", "run", "path"]
     return pd.DataFrame([run_row(r) for r in runs], columns=columns)

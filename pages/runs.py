@@ -30,7 +30,8 @@ st.markdown(" ".join(f":{ui_data.STATE_COLORS.get(s, 'gray')}-badge[{s}: {n}]" f
 frame = ui_data.runs_frame(all_runs)
 st.dataframe(
     frame, hide_index=True, key="runs_table", placeholder="—",
-    column_order=["started", "experiment", "state", "dataset", "mode", "img px", "epochs", "best val acc",
+    column_order=["started", "experiment", "state", "dataset", "mode", "img px", "epochs", "stopped early",
+                  "best val acc",
                   "test acc", "macro-F1", "duration", "batch", "lr", "stem", "weights", "problems", "run"],
     column_config={
         "started": st.column_config.TextColumn(pinned=True),
@@ -40,6 +41,8 @@ st.dataframe(
         "test acc": st.column_config.NumberColumn(format="percent"),
         "macro-F1": st.column_config.NumberColumn(format="percent"),
         "lr": st.column_config.NumberColumn(format="%g"),
+        "stopped early": st.column_config.TextColumn(
+            help="Why training ended before its last epoch: early stopping, or a sweep pruning the trial"),
         "problems": st.column_config.TextColumn(width="large"),
     })
 damaged = [r for r in all_runs if r.damaged]

@@ -205,12 +205,41 @@ def follow_up_controls(entry: sweep.StudyEntry) -> None:
             st.switch_page("pages/train.py")
 
 
+def add_study_form() -> None:
+    """List a study kept in another database (e.g. PostgreSQL, started on another machine)."""
+    with st.expander("Add a study from another database", icon=":material/database:"):
+        st.caption("Sweeps on several machines share one database: give its URL (e.g. "
+                   + literal("postgresql://user:password@host/db") + ") to follow a study started "
+                   "elsewhere. It is listed here from then on; nothing in it is changed.")
+        url = st.text_input("Database URL", key="sweeps_add_url", type="password")
+        if not url:
+            return
+        try:
+            names = sweep.study_names(url)
+        except FerError as exc:
+            st.error(literal(exc), icon=":material/error:")
+            return
+        if not names:
+            st.info("That database holds no study yet.", icon=":material/info:")
+            return
+        name = st.selectbox("Study", names, key="sweeps_add_name")
+        if st.button("Add this study", icon=":material/add:", key="sweeps_add"):
+            try:
+                sweep.remember_storage(sweeps_root, name, url)
+            except (FerError, OSError) as exc:
+                st.error(f"Not added: {literal(exc)}", icon=":material/error:")
+            else:
+                st.session_state[STUDY_KEY] = name
+                st.rerun()
+
+
 # ---- the page --------------------------------------------------------------------------
 
 studies = sweep.list_studies(sweeps_root)
 launch_form(first_sweep=not studies)
 st.divider()
 st.subheader("Studies")
+add_study_form()
 if not studies:
     st.info("No sweeps yet. Launch one above, or from a terminal: fer sweep --data demo --preset demo-quick "
             "--epochs 3 --trials 8 --space " + literal(sweep.example_space(2e-3)), icon=":material/info:")

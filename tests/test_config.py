@@ -240,3 +240,12 @@ def test_the_form_starts_from_the_preset_and_gives_back_a_valid_config():
 def test_fer_core_form_helpers_do_not_import_streamlit():
     code = "import sys, fer_core.config_form, fer_core.cli; sys.exit('streamlit' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+@pytest.mark.parametrize("gpus, processes", [(0, 1), (1, 1), (4, 4)])
+def test_processes_per_machine_default_to_one_per_visible_gpu(monkeypatch, gpus, processes):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert TrainConfig().nproc_per_node == processes
+    assert TrainConfig(nproc_per_node=2).nproc_per_node == 2

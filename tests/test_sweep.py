@@ -15,7 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from conftest import copy_run_dir, tiny_config
-from fer_core import cli, jobs, runs, sweep
+from fer_core import cli, jobs, runs, sweep, ui_data
 from fer_core.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -133,8 +133,11 @@ def test_a_three_trial_sweep_makes_three_tagged_runs_and_a_best_trial(tiny_demo,
 
 def test_a_pruned_trial_stops_early_and_its_run_folder_says_so(tiny_demo, tmp_path):
     always = optuna.pruners.ThresholdPruner(lower=1.1)  # no accuracy reaches 1.1: pruned after epoch 1
+    elsewhere = f"sqlite:///{tmp_path / 'server' / 'studies.db'}"  # as a PostgreSQL URL would be
     result = sweep.run_sweep("pruned", trials=1, base=sweep_config(tiny_demo, tmp_path, epochs=3), space=SPACE,
-                             pruner=always, sweeps_dir=tmp_path / "sweeps")
+                             pruner=always, sweeps_dir=tmp_path / "sweeps", storage=elsewhere)
+    (entry,) = sweep.list_studies(tmp_path / "sweeps")  # the Sweeps page of this machine lists it
+    assert (entry.name, entry.storage) == ("pruned", elsewhere)
     (trial,) = study_trials(result.storage, "pruned")
     assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [1]
     layout = runs.RunLayout(Path(trial.user_attrs["run_dir"]))
@@ -144,9 +147,28 @@ def test_a_pruned_trial_stops_early_and_its_run_folder_says_so(tiny_demo, tmp_pa
     run = runs.load_run(layout)
     assert run.status.stop_reason == reason and len(run.metrics) == 1
     assert run.state == "completed" and run.evaluation is not None  # the best model is still evaluated
+    assert ui_data.runs_frame([run])["stopped early"].tolist() == [reason]  # the Runs table says why
     record = json.loads(layout.trial_file.read_text())
     assert record["state"] == "pruned" and record["stop_reason"] == reason
     assert result.best_trial is None
+
+
+def test_the_next_trial_waits_while_a_train_page_job_runs_and_not_when_asked_to_stop(tmp_path):
+    import os
+    import threading
+    runs_dir = tmp_path / "runs"
+    job = runs.RunLayout.create(runs_dir, "from-the-train-page", "finetune")
+    status = runs.TrainerStatusWriter.start(job, epochs=1, pid=os.getpid())
+    finish = threading.Timer(1.0, status.finish, args=("completed",))
+    finish.start()
+    started = time.monotonic()
+    sweep.wait_for_training_slot(runs_dir, lambda: False, poll_s=0.05)
+    assert time.monotonic() - started >= 0.9 and runs.run_status(job)[0].state == "completed"
+
+    runs.TrainerStatusWriter.start(job, epochs=1, pid=os.getpid())  # running again: a stop does not wait
+    started = time.monotonic()
+    sweep.wait_for_training_slot(runs_dir, lambda: True, poll_s=0.05)
+    assert time.monotonic() - started < 0.5
 
 
 def test_a_second_worker_process_joins_the_study_without_duplicates(tiny_demo, tmp_path):
@@ -241,6 +263,31 @@ def test_the_sweeps_page_shows_a_finished_study_best_first_with_its_charts(env, 
     at.button(key="sweep_open_run").click().run()
     assert not at.exception and at.title[0].value == "Train"
     assert at.selectbox(key="train_run_picker").value.endswith("page-study-t1/resnet18/finetune")
+
+
+def test_a_study_in_another_database_is_added_on_the_page_and_listed_from_then_on(env, tmp_path):
+    from test_app_pages import page_text
+    # another database file stands in for the PostgreSQL server other machines share
+    elsewhere = f"sqlite:///{tmp_path / 'shared-server' / 'studies.db'}"
+    remote = optuna.create_study(study_name="remote", storage=sweep.open_storage(elsewhere), direction="maximize")
+    remote.set_user_attr("space", SPACE)
+    remote.add_trial(optuna.trial.create_trial(params={"lr": 0.003, "label_smoothing": 0.1},
+                                               distributions=sweep.parse_space(SPACE), value=0.6))
+    sweeps_root = env.runs.parent / "sweeps"
+    assert sweep.list_studies(sweeps_root) == []
+
+    at = sweeps_page()
+    at.text_input(key="sweeps_add_url").input(elsewhere).run()
+    assert at.selectbox(key="sweeps_add_name").options == ["remote"]
+    at.button(key="sweeps_add").click().run()
+    assert not at.exception
+    assert "Best: trial 0 with lr=0.003, label\\_smoothing=0.1" in page_text(at)
+    (entry,) = sweep.list_studies(sweeps_root)
+    assert (entry.name, entry.storage, entry.job) == ("remote", elsewhere, None)
+    assert sweep.load_study_at(entry.folder).trials[0].value == 0.6
+
+    at.text_input(key="sweeps_add_url").input("nonsense").run()  # not a URL: said in words
+    assert "storage must be a database URL" in page_text(at) and not at.exception
 
 
 def test_a_study_with_one_trial_explains_the_charts_it_cannot_draw_yet(env):
