@@ -31,5 +31,16 @@ def positive_number(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """A number from 0 to 1 (a probability)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
 positive_int = whole_number(1)
 non_negative_int = whole_number(0)

@@ -7,6 +7,8 @@ python -m fer_core train --run-dir RUN_DIR                         train a queue
 python -m fer_core train ... --nproc-per-node N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
                                                                    several processes (DDP under torchrun)
 python -m fer_core evaluate RUN_DIR [--data DIR]                   re-score a run's best model
+python -m fer_core calibrate RUN_DIR                               fit a finished run's temperature
+python -m fer_core ensemble RUN_DIR RUN_DIR... --name NAME         average runs into one model
 python -m fer_core download [--dataset SLUG] [--dest DIR]          fetch a dataset from Kaggle
 python -m fer_core predict CHECKPOINT IMAGE_OR_URL... [--top-k K] [--json]
 python -m fer_core export RUN_DIR_OR_CHECKPOINT [--format onnx|torchscript] [--out FILE]
@@ -15,6 +17,8 @@ python -m fer_core sweep --space SPACE --trials N [--study NAME] [--storage URL]
                                                                    a hyper-parameter sweep with Optuna
 python -m fer_core runs [--runs-dir DIR]                           list runs
 python -m fer_core demo-data                                       build the synthetic demo set
+python -m fer_core doctor DATA [--json] [--near-threshold N] [--write-exclusions]
+                                                                   find blank, duplicate, leaked, mislabelled images
 """
 
 from __future__ import annotations
@@ -87,6 +91,18 @@ def add_sweep_arguments(sweep: argparse.ArgumentParser) -> None:
     sweep.set_defaults(run_dir=None, resume=None)
 
 
+def add_doctor_arguments(doctor: argparse.ArgumentParser) -> None:
+    from .doctor import MAX_NEAR_THRESHOLD, NEAR_THRESHOLD
+    doctor.add_argument("data", metavar="DATA", help="demo, a folder of class folders, a folder with train/ and "
+                                                     "test/, or fer2013.csv")
+    doctor.add_argument("--json", action="store_true", help="the whole report as one JSON object")
+    doctor.add_argument("--near-threshold", type=int, default=NEAR_THRESHOLD, metavar="N",
+                        help=f"near duplicates: phash Hamming distance at most N bits of 64 "
+                             f"(default {NEAR_THRESHOLD}; 0 to {MAX_NEAR_THRESHOLD})")
+    doctor.add_argument("--write-exclusions", action="store_true",
+                        help="write the exclusion list (into the cache folder) that `train --exclude` reads")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # the console script says `fer`; `python -m fer_core` runs __main__.py
     prog = "fer" if Path(sys.argv[0]).name == "fer" else "python -m fer_core"
@@ -105,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--data", help="evaluate on another dataset with the same classes")
 
+    calibrate = commands.add_parser(
+        "calibrate", help="fit temperature scaling on a finished run's validation split (runs trained "
+                          "before calibration existed); training does it by itself")
+    calibrate.add_argument("run_dir")
+
+    combining = commands.add_parser("ensemble", help="average two or more completed runs into one model, "
+                                                     "scored on their common test split and published")
+    from .ensemble import add_ensemble_arguments
+    add_ensemble_arguments(combining)
+
     download = commands.add_parser("download", help="download a dataset with the Kaggle API")
     download.add_argument("--dataset", default=None, help="Kaggle slug (default msambare/fer2013)")
     download.add_argument("--dest", default=None, help="target folder (default data/<owner>__<name>)")
@@ -114,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="one JSON object per run")
 
     commands.add_parser("demo-data", help="generate the built-in synthetic demo dataset if missing")
+
+    doctor = commands.add_parser("doctor", help="find unreadable, blank, duplicate, leaked and conflicting "
+                                                "images and class imbalance in a dataset")
+    add_doctor_arguments(doctor)
 
     exporting = commands.add_parser("export", help="export a run's best model as ONNX or TorchScript")
     exporting.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
@@ -369,6 +399,21 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate_command(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_run
+    report = calibrate_run(Path(args.run_dir))
+    print(f"temperature {report['temperature']:.3f} (fitted on {report['images']} validation images); "
+          f"uncertain below {report['uncertain_below']:.0%}")
+    print(f"test ({report['scored_images']} images): ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}, "
+          f"NLL {report['nll_before']:.4f} -> {report['nll_after']:.4f}")
+    return 0
+
+
+def ensemble_command(args: argparse.Namespace) -> int:
+    from .ensemble import ensemble_command as run_ensemble
+    return run_ensemble(args)
+
+
 def download_command(args: argparse.Namespace) -> int:
     from .download import DEFAULT_DATASET, download_dataset
     folder = download_dataset(args.dataset or DEFAULT_DATASET, Path(args.dest) if args.dest else None)
@@ -400,6 +445,23 @@ def demo_data_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor_command(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+
+    from .doctor import examine_spec, write_exclusions
+    _, report = examine_spec(args.data, near_threshold=args.near_threshold)
+    written = write_exclusions(report) if args.write_exclusions else None
+    if args.json:
+        print(json.dumps({**report.to_dict(), "exclusion_list": str(written) if written else None}))
+        return 0
+    print("\n".join(report.summary_lines()))
+    if written:
+        print(f"exclusion list: {written}")
+        print(f"train with: fer train --data {shlex.quote(args.data)} --exclude {shlex.quote(str(written))}")
+    return 0
+
+
 def predict_command(args: argparse.Namespace) -> int:
     from .predict import predict_command as run_predict
     return run_predict(args)
@@ -423,6 +485,9 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": train_command, "evaluate": evaluate_command, "download": download_command,
+COMMANDS = {"train": train_command, "evaluate": evaluate_command, "calibrate": calibrate_command,
+            "ensemble": ensemble_command,
+            "download": download_command,
             "runs": runs_command, "demo-data": demo_data_command, "predict": predict_command,
-            "export": export_command, "serve": serve_command, "sweep": sweep_command}
+            "export": export_command, "serve": serve_command, "sweep": sweep_command,
+            "doctor": doctor_command}

@@ -365,6 +365,11 @@ class TrainConfig:
         False, group="advanced", label="Test-time augmentation (10 views)", noun="TTA",
         help="Test-time augmentation: average the prediction over ten views (the face and its mirror, "
              "centred and shifted); evaluation takes 10x as long.")
+    # not text="path": that rule refuses "", and "" is the usual value here (nothing left out)
+    exclude: str = setting(
+        "", group="advanced", label="Exclusion list (dataset doctor)", noun="exclusion list", metavar="FILE.json",
+        help="Leave out the images listed in this file, written by the dataset doctor (Data page, or "
+             "`fer doctor DATA --write-exclusions`); empty uses every image. The run keeps a copy.")
     runs_dir: str = setting(
         default_factory=lambda: str(settings.runs_dir()), text="path", noun="runs folder", metavar="DIR",
         help="Where run folders go (default runs/, or $FER_RUNS_DIR).")

@@ -319,22 +319,24 @@ def cap_training_images(dataset: Dataset, splits: np.ndarray, max_per_class: int
 # ---- split ----------------------------------------------------------------------------
 
 def assign_splits(dataset: Dataset, *, test_fraction: float = 0.25, val_fraction: float = 0.1,
-                  seed: int = 42) -> np.ndarray:
+                  seed: int = 42, excluded: np.ndarray | None = None) -> np.ndarray:
     """Return 'train' / 'val' / 'test' per image: stratified and seeded.
 
     A pooled dataset is split train/test by `test_fraction`; a given split is kept. A
-    validation set is then carved from train by `val_fraction` (0 means none).
+    validation set is then carved from train by `val_fraction` (0 means none). Images marked
+    in `excluded` (a boolean mask: the dataset doctor's exclusion list) are 'excluded', and
+    the split is made on the rest.
     """
     labels = dataset.labels.numpy()
-    indices = np.arange(len(labels))
-    splits = np.empty(len(labels), dtype=object)
+    indices = np.arange(len(labels)) if excluded is None else np.flatnonzero(~np.asarray(excluded, dtype=bool))
+    splits = np.full(len(labels), "excluded", dtype=object)
     if dataset.given_split is not None:
-        splits[:] = dataset.given_split
-        train_idx = indices[splits == "train"]
-        if len(train_idx) == 0 or not (splits == "test").any():
+        splits[indices] = np.asarray(dataset.given_split, dtype=object)[indices]
+        train_idx = indices[splits[indices] == "train"]
+        if len(train_idx) == 0 or not (splits[indices] == "test").any():
             raise DataError("the dataset's own split needs images in both train and test")
     else:
-        train_idx, test_idx = _stratified(indices, labels, test_fraction, seed, "train/test")
+        train_idx, test_idx = _stratified(indices, labels[indices], test_fraction, seed, "train/test")
         splits[train_idx] = "train"
         splits[test_idx] = "test"
     if val_fraction > 0:
@@ -372,7 +374,7 @@ def split_table(dataset: Dataset, splits: Iterable[str]) -> list[dict[str, Any]]
         mask = labels == index
         total = int(mask.sum())
         row: dict[str, Any] = {"class": name, "total": total}
-        parts = ("train", "val", "test", "unused") if (splits == "unused").any() else ("train", "val", "test")
+        parts = ("train", "val", "test") + tuple(p for p in ("unused", "excluded") if (splits == p).any())
         for part in parts:
             row[part] = int((mask & (splits == part)).sum())
         row["train %"] = round(100 * (row["train"] + row["val"]) / total, 1) if total else 0.0

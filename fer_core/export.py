@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__, settings
+from .calibration import Calibration
 from .errors import CheckpointError, FerError
 from .inference import STORE_SIZE
 from .models import load_checkpoint, model_from_checkpoint
@@ -73,6 +74,9 @@ class ModelCard:
     opset: int | None
     exported_at: str
     source_checkpoint: str
+    # temperature scaling fitted on the validation split (fer_core.calibration); None: uncalibrated.
+    # The graph outputs the plain softmax p: calibrated = softmax(log(p) / temperature).
+    calibration: dict[str, Any] | None = None
     preprocessing: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(PREPROCESSING))
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
@@ -222,7 +226,12 @@ def _card(checkpoint: dict[str, Any], run_id: str | None, fmt: str, source: Path
         tta=bool(config.get("tta", False)), stem=str(config.get("stem", "imagenet")), format=fmt,
         opset=OPSET if fmt == "onnx" else None,
         exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source_checkpoint=str(source))
+        source_checkpoint=str(source), calibration=_calibration_of(checkpoint))
+
+
+def _calibration_of(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    calibration = Calibration.from_dict(checkpoint.get("calibration"))
+    return calibration.to_dict() if calibration else None
 
 
 def _number(value: Any) -> float | None:

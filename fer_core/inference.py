@@ -191,6 +191,9 @@ def averaged_probabilities(classify: Callable[[torch.Tensor], torch.Tensor], ima
 
 
 def _num_outputs(model: nn.Module) -> int:
-    """Classes of a classifier whose last layer is `fc` (ours); 0 when it cannot be told."""
+    """Classes of a classifier whose last layer is `fc` (ours), or that says (an ensemble); 0 when
+    it cannot be told."""
+    if isinstance(getattr(model, "num_classes", None), int):
+        return model.num_classes
     head = getattr(model, "fc", None)
     return int(getattr(head, "out_features", 0))

@@ -159,6 +159,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], name: str = "the checkpoint") ->
         raise CheckpointError("this model's weights contain NaN or inf (its training diverged): "
                               "it cannot make predictions")
     try:
+        if "ensemble" in ckpt:  # several runs' networks averaged (fer_core.ensemble)
+            from .ensemble import network_from_checkpoint
+            return network_from_checkpoint(ckpt)
         model, _, _ = build_model(len(classes), mode="finetune", stem=config.get("stem", "imagenet"),
                                   pretrained=False)
         model.load_state_dict(ckpt["model_state"])

@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .argtypes import positive_int
+from .argtypes import positive_int, share
 from .backends import BACKENDS, Classifier, OnnxClassifier, TorchClassifier
+from .calibration import Calibration, apply_temperature
 from .errors import CheckpointError, FerError
 from .faces import DETECTORS, FaceBox, crop_face, detect_faces
 from .images import ImageSource, PixelBudget, load_image
@@ -38,6 +39,8 @@ on FER2013 test images pasted into larger canvases the box covers a median 0.98 
 0.1 and 0.24 at 0.2 (145 faces). A wider crop shows the model smaller faces than it learnt."""
 NO_FACE_MESSAGE = "no face found: classified the whole image"
 MAX_BATCH = 256
+DEFAULT_UNCERTAIN_BELOW = 0.4
+"""Where an uncalibrated model flags a face uncertain (a calibrated one brings its own threshold)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class Predictor:
 
     def __init__(self, model: nn.Module | Classifier, class_names: Sequence[str], img_size: int, *,
                  amp: bool = False, tta: bool = False, info: dict[str, Any] | None = None,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, calibration: Calibration | None = None) -> None:
         self.classifier: Classifier = TorchClassifier(model, amp=amp) if isinstance(model, nn.Module) else model
         self.model: nn.Module | None = self.classifier.model if isinstance(self.classifier, TorchClassifier) else None
         self.class_names = list(class_names)
@@ -104,10 +107,16 @@ class Predictor:
         self.tta = tta
         self.info = dict(info or {})
         self.num_threads = num_threads
+        self.calibration = calibration
 
     @property
     def backend(self) -> str:
         return self.classifier.backend
+
+    @property
+    def uncertain_below(self) -> float:
+        """The calibrated model's threshold, chosen on its validation split; else the default."""
+        return self.calibration.uncertain_below if self.calibration else DEFAULT_UNCERTAIN_BELOW
 
     @classmethod
     def load(cls, path: str | Path, *, backend: str | None = None, num_threads: int | None = None,
@@ -142,7 +151,7 @@ class Predictor:
                 "stem": card.stem, "amp": False, "tta": card.tta, "accuracy": card.test_accuracy,
                 "macro_f1": card.macro_f1, "run_dir": None, "run_id": card.run_id, "path": str(path)}
         return cls(classifier, card.classes, card.input_size, tta=card.tta if tta is None else tta,
-                   info=info, num_threads=num_threads)
+                   info=info, num_threads=num_threads, calibration=Calibration.from_dict(card.calibration))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, num_threads: int | None = None,
@@ -160,22 +169,27 @@ class Predictor:
         return cls(model, info["classes"], info["img_size"],
                    amp=bool(config.get("amp", False)) if amp is None else amp,
                    tta=bool(config.get("tta", False)) if tta is None else tta,
-                   info=info, num_threads=num_threads)
+                   info=info, num_threads=num_threads, calibration=Calibration.from_dict(ckpt.get("calibration")))
 
     def describe(self) -> dict[str, Any]:
         """What a client of this model needs to know (the REST service's GET /model)."""
         return {"classes": list(self.class_names), "input_size": self.img_size, "backend": self.backend,
                 "tta": self.tta, "test_accuracy": self.info.get("accuracy"),
                 "macro_f1": self.info.get("macro_f1"), "run_id": self.info.get("run_id"),
+                "calibration": self.calibration.to_dict() if self.calibration else None,
+                "uncertain_below": self.uncertain_below,
                 "source": Path(self.info["path"]).name if self.info.get("path") else None}
 
     # ------------------------------------------------------------------ whole images
 
     def predict(self, source: ImageSource, *, top_k: int = 3, min_face_size: int = 24,
-                uncertain_below: float = 0.4, allow_private_urls: bool = False,
+                uncertain_below: float | None = None, allow_private_urls: bool = False,
                 detector: str = "auto", pixel_budget: PixelBudget | None = None) -> PredictionResult:
         """Find the faces in `source` and classify each; the whole image when none is found.
+        `uncertain_below` None: the model's own threshold (`self.uncertain_below`).
         `pixel_budget`: the decoded pixels left to the request this image belongs to."""
+        if uncertain_below is None:
+            uncertain_below = self.uncertain_below
         _check_options(top_k, uncertain_below)
         timings: dict[str, float] = {}
         with _timed(timings, "load"):
@@ -226,14 +240,15 @@ class Predictor:
         return torch.from_numpy(np.stack([to_grey_48(crop) for crop in crops]))
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 48, 48) -> softmax probabilities (N, classes), in checkpoint class order.
+        """uint8 (N, 48, 48) -> probabilities (N, classes), in checkpoint class order.
 
         `inference.averaged_probabilities`, the computation training's evaluation uses, on this
-        predictor's backend and thread budget.
+        predictor's backend and thread budget; then the model's temperature when it is calibrated.
         """
         with self._threads():
-            return averaged_probabilities(self.classifier, batch, self.img_size, tta=self.tta,
-                                          batch_size=MAX_BATCH, num_classes=len(self.class_names))
+            probs = averaged_probabilities(self.classifier, batch, self.img_size, tta=self.tta,
+                                           batch_size=MAX_BATCH, num_classes=len(self.class_names))
+        return apply_temperature(probs, self.calibration.temperature) if self.calibration else probs
 
     def _face_predictions(self, boxes: Sequence[FaceBox | None], crops: Sequence[Image.Image],
                           probs: torch.Tensor, top_k: int, uncertain_below: float
@@ -377,6 +392,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ignore faces smaller than this many pixels (default 24)")
     parser.add_argument("--detector", choices=DETECTORS, default="auto",
                         help="face detector (default auto)")
+    parser.add_argument("--uncertain-below", type=share, default=None, metavar="P",
+                        help="flag a face uncertain when its top probability is below P (default: the "
+                             "threshold a calibrated model chose on its validation split, else 0.4)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for the model (default: torch's or ONNX Runtime's choice)")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
@@ -395,7 +413,7 @@ def predict_command(args: argparse.Namespace) -> int:
     results = predictor.predict_many(args.images, top_k=args.top_k,
                                      min_face_size=args.min_face_size,
                                      allow_private_urls=args.allow_private_urls,
-                                     detector=args.detector)
+                                     detector=args.detector, uncertain_below=args.uncertain_below)
     for result in results:
         if not result.ok:
             print(f"error: {result.source}: {result.error}", file=sys.stderr)

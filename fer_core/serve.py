@@ -329,8 +329,9 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
             min_face_size: Annotated[int, Query(ge=1, le=MAX_MIN_FACE_SIZE,
                                                 description="ignore faces smaller than this (pixels)")] = 24,
             detector: Annotated[DetectorName, Query(description="face detector")] = "auto",
-            uncertain_below: Annotated[float, Query(ge=0.0, le=1.0, description=(
-                "flag a face as uncertain when its top probability is below this"))] = 0.4,
+            uncertain_below: Annotated[float | None, Query(ge=0.0, le=1.0, description=(
+                "flag a face as uncertain when its top probability is below this; default: the "
+                "model's own threshold (GET /model)"))] = None,
     ) -> dict[str, Any]:
         return {"top_k": top_k, "min_face_size": min_face_size, "detector": detector,
                 "uncertain_below": uncertain_below}

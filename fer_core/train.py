@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from . import distributed, runs
+from .calibration import calibration_report, fit_calibration, record_calibration
 from .config import TrainConfig
 from .data import (Dataset, assign_splits, cap_training_images, display_path, load_dataset,
                    read_split_manifest, split_table, write_split_manifest)
@@ -35,6 +36,7 @@ from .errors import FerError
 from .runs import RunLayout, TrainerStatusWriter
 from .evaluate import confusion_figure, evaluate_model
 from .inference import amp_dtype, autocast_context
+from .inference import probabilities as model_probabilities
 from .models import (CHECKPOINT_FORMAT, build_model, freeze_batchnorm_if_head_only, load_checkpoint,
                      parameter_groups, save_checkpoint_file, weights_are_finite)
 from .transforms import denormalise, eval_transform, train_transform
@@ -293,7 +295,10 @@ def _train(config: TrainConfig, layout: RunLayout | None, status: TrainerStatusW
         return  # rank 0 evaluates and publishes; the others' work is done
 
     status.update(phase="evaluating the best model on the test split")
-    evaluation = evaluate_best(run_dir, model, data, config, device, source)
+    evaluation, test_probabilities = evaluate_best(run_dir, model, data, config, device, source)
+    if data.selection_split == "val":  # no validation split: nothing to fit on but the test images
+        status.update(phase="calibrating the confidence on the validation split")
+        calibrate_best(run_dir, model, data, config, test_probabilities)
     log_run_end(writer, config, evaluation, state)
     writer.close()
     status.update(published_checkpoint=str(publish_best(run_dir, config)))
@@ -383,16 +388,25 @@ def prepare_data(config: TrainConfig, run_dir: Path | None, *, resuming: bool, w
         by_path = {row["path"]: row["split"] for row in read_split_manifest(manifest)}
         splits = np.array([by_path.get(display_path(p), "unused") for p in dataset.paths])
     else:
+        exclusions = excluded = None
+        if config.exclude:  # the dataset doctor's list: 'excluded' in split.csv, the split made on the rest
+            from .doctor import excluded_mask, read_exclusions
+            exclusions = read_exclusions(config.exclude)
+            excluded = excluded_mask(dataset, config.data, exclusions)
+            log.info("exclusion list %s: %d of %d images left out", config.exclude, excluded.sum(), len(dataset))
         splits = assign_splits(dataset, test_fraction=config.test_fraction,
-                               val_fraction=config.val_fraction, seed=config.seed)
+                               val_fraction=config.val_fraction, seed=config.seed, excluded=excluded)
         if config.max_per_class:
             splits = cap_training_images(dataset, splits, config.max_per_class, config.seed)
         if writes and manifest is not None:
             write_split_manifest(manifest, dataset, splits)
+            if exclusions is not None:  # the run keeps the list it used, whatever becomes of the original
+                runs.atomic_write_json(manifest.parent / runs.EXCLUSIONS_FILE, exclusions)
             runs.atomic_write_json(manifest.parent / runs.DATA_REPORT_FILE, {
                 "source": dataset.source, "synthetic": dataset.synthetic, "classes": dataset.classes,
                 "num_images": len(dataset), "split_table": split_table(dataset, splits),
-                "bad_files": dataset.bad_files, "num_bad_files": len(dataset.bad_files)})
+                "bad_files": dataset.bad_files, "num_bad_files": len(dataset.bad_files),
+                "num_excluded": int(excluded.sum()) if excluded is not None else 0})
     return split_tensors(dataset, splits, config.val_fraction > 0)
 
 
@@ -723,17 +737,19 @@ def restore_checkpoint(checkpoint: dict[str, Any], model: nn.Module, optimizer: 
 # ---- after training -------------------------------------------------------------------
 
 def evaluate_best(run_dir: Path, model: nn.Module, data: SplitTensors, config: TrainConfig,
-                  device: torch.device, source: BatchSource) -> dict[str, Any]:
+                  device: torch.device, source: BatchSource) -> tuple[dict[str, Any], np.ndarray]:
     """Reload best.pt and score it once on the untouched test split, with the code the
-    `evaluate` command uses (`evaluate.evaluate_model`)."""
+    `evaluate` command uses (`evaluate.evaluate_model`); also return its test probabilities."""
     layout = RunLayout(run_dir)
     best = torch.load(layout.best_checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(best["model_state"])
-    precomputed = None
     if isinstance(source, FeatureBatches) and not config.tta and data.selection_split == "test":
         # the test split's backbone features are already cached (they were the selection
         # split): the head alone scores them, a whole forward pass saved
         precomputed = source.test_probabilities(data)
+    else:
+        precomputed = model_probabilities(model, data.test_x, config.img_size, device=device, amp=config.amp,
+                                          tta=config.tta).numpy()
     evaluation = evaluate_model(model, data.test_x, data.test_y, data.test_paths, data.classes,
                                 img_size=config.img_size, amp=config.amp, tta=config.tta, device=device,
                                 evaluation_file=layout.evaluation_file(),
@@ -743,7 +759,22 @@ def evaluate_best(run_dir: Path, model: nn.Module, data: SplitTensors, config: T
                                 probabilities=precomputed)
     log.info("test accuracy %.4f  macro-F1 %.4f  (best epoch %d, %d images)",
              evaluation["accuracy"], evaluation["macro_f1"], best["epoch"], evaluation["num_images"])
-    return evaluation
+    return evaluation, precomputed
+
+
+def calibrate_best(run_dir: Path, model: nn.Module, data: SplitTensors, config: TrainConfig,
+                   test_probabilities: np.ndarray) -> None:
+    """Temperature scaling for the best model (already loaded in `model`): fitted on the
+    validation split with the run's TTA setting, reported on the test split, recorded in
+    calibration.json and best.pt (`publish_best` carries it on)."""
+    val_probabilities = model_probabilities(model, data.val_x, config.img_size, amp=config.amp,
+                                            tta=config.tta).numpy()
+    calibration = fit_calibration(val_probabilities, data.val_y.numpy())
+    report = calibration_report(calibration, test_probabilities, data.test_y.numpy())
+    record_calibration(run_dir, calibration, report)
+    log.info("calibration: temperature %.3f, uncertain below %.2f; test ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+             calibration.temperature, calibration.uncertain_below, report["ece_before"], report["ece_after"],
+             report["nll_before"], report["nll_after"])
 
 
 def publish_best(run_dir: Path, config: TrainConfig) -> Path:
@@ -754,6 +785,8 @@ def publish_best(run_dir: Path, config: TrainConfig) -> Path:
         raise FerError("the best model has non-finite weights (NaN or inf): it was not published")
     evaluation = runs.read_json(layout.evaluation_file())
     slim = {key: best[key] for key in ("format", "model_state", "epoch", "best_val_acc", "config", "class_names")}
+    if "calibration" in best:
+        slim["calibration"] = best["calibration"]
     slim["evaluation"] = {"accuracy": evaluation["accuracy"], "macro_f1": evaluation["macro_f1"]}
     slim["run_dir"] = str(layout.path.resolve())
     target = layout.published_checkpoint(Path(config.checkpoints_dir))

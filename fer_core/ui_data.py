@@ -320,6 +320,34 @@ def job_progress(status: dict[str, Any] | Any) -> float:
 
 # ---- evaluation -----------------------------------------------------------------------
 
+def reliability_figure(report: dict[str, Any], height: int = 440) -> go.Figure:
+    """The reliability diagram: per confidence bin, the share of right predictions against
+    the mean confidence, before and after calibration; the diagonal is a perfectly honest
+    model. Bars (right axis) count the test faces per bin after calibration."""
+    figure = go.Figure()
+    after = report["bins_after"]
+    figure.add_trace(go.Bar(
+        x=[(row["lower"] + row["upper"]) / 2 for row in after], y=[row["count"] for row in after],
+        width=[(row["upper"] - row["lower"]) * 0.9 for row in after], yaxis="y2", name="faces per bin (after)",
+        marker_color="rgba(120,120,120,0.25)", hovertemplate="%{y} faces<extra></extra>"))
+    figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
+                                line=dict(color="gray", dash="dash"), hoverinfo="skip"))
+    for key, name, color in (("bins_before", "before (raw softmax)", VAL_COLOR),
+                             ("bins_after", "after (temperature scaling)", TRAIN_COLOR)):
+        filled = [row for row in report[key] if row["count"]]
+        figure.add_trace(go.Scatter(
+            x=[row["confidence"] for row in filled], y=[row["accuracy"] for row in filled], mode="lines+markers",
+            name=name, line=dict(color=color), customdata=[[row["count"]] for row in filled],
+            hovertemplate="confidence %{x:.0%}: right %{y:.0%} of %{customdata[0]} faces<extra>" + name + "</extra>"))
+    figure.update_layout(
+        height=height, margin=dict(l=10, r=10, t=20, b=10), legend=dict(orientation="h", y=-0.18),
+        xaxis=dict(title="confidence (top probability)", range=[0, 1], tickformat=".0%"),
+        yaxis=dict(title="share right", range=[0, 1], tickformat=".0%"),
+        yaxis2=dict(title="faces", overlaying="y", side="right", showgrid=False, rangemode="tozero"),
+        bargap=0)
+    return figure
+
+
 def confusion_figure(evaluation: dict[str, Any], normalise: bool = False,
                      selected: tuple[str, str] | None = None, title: str | None = None,
                      height: int = 520, show_scale: bool = True) -> go.Figure:

@@ -1,4 +1,5 @@
-"""Data: choose a source, see its classes, its split, sample faces and unreadable files."""
+"""Data: choose a source, see its classes, its split, sample faces, unreadable files, and what the
+dataset doctor finds (duplicates, leaks, conflicts...), with one click to leave those out of training."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ def load_source(spec: str, cache_dir: str):
     """The decoded dataset for a source string; one copy shared by every session."""
     from fer_core.data import load_dataset
     return load_dataset(spec, cache_dir=cache_dir or None)
+
+
+@st.cache_data(show_spinner="Examining every image: blank, duplicate, leaked, conflicting…", max_entries=8)
+def examine_source(spec: str, fingerprint: str, cache_dir: str):
+    """The dataset doctor's report on a source; `fingerprint` (its folders, file names and
+    times) is part of the key, so a changed folder is examined again."""
+    from fer_core.doctor import examine
+    return examine(load_source(spec, cache_dir), spec)
 
 
 st.title("Data")
@@ -118,6 +127,7 @@ with action:
     if st.button("Reload from disk", icon=":material/refresh:", width="stretch", key="data_reload",
                  help="Re-read the folder (after adding or removing files)."):
         load_source.clear()
+        examine_source.clear()
         st.rerun()
 
 counts = dataset.class_counts()
@@ -192,3 +202,110 @@ if dataset.bad_files:
                                 "reason": st.column_config.TextColumn("why it was skipped")})
 else:
     st.success("Every file was readable.", icon=":material/check_circle:")
+
+# ---- dataset doctor --------------------------------------------------------------------
+from fer_core import doctor  # noqa: E402  (after the UI is up, as above)
+
+DOCTOR_FOR_KEY = "data_doctor_for"  # the source the doctor's report is shown for
+GROUPS_SHOWN = 4
+THUMBNAIL_PX = 96  # the 48x48 faces, doubled
+
+
+def draw_group(group: doctor.Group) -> None:
+    """One finding: its faces enlarged, then each file as plain text with what happens to it."""
+    if group.indices:
+        st.image([dataset.images[i].numpy() for i in group.indices], width=THUMBNAIL_PX)
+    dropped = set(group.dropped)
+    lines = []
+    for n, path in enumerate(group.paths):
+        where = ", ".join(x for x in (group.labels[n] if group.labels else "", group.splits[n] if group.splits
+                                      else "") if x)
+        fate = "left out" if path in dropped else "kept"
+        lines.append(f"{fate:8}  {path}" + (f"  ({where})" if where else ""))
+    if group.detail:
+        lines.append(f"          {group.detail}")
+    st.text("\n".join(lines))
+
+
+def draw_report(report: doctor.DoctorReport) -> None:
+    counts = report.counts()
+    columns = st.columns(4) + st.columns(3)
+    for column, kind in zip(columns, doctor.KINDS):
+        value = f"{report.imbalance_ratio:.1f}:1" if kind == "imbalance" and report.imbalance_ratio else \
+            f"{counts[kind]['groups']:,}"
+        column.metric(doctor.KIND_TITLES[kind], value, border=True,
+                      help=f"{doctor.KIND_RULES[kind].capitalize()}. Exclusion list: {doctor.EXCLUSION_RULES[kind]}.")
+    if report.imbalance:
+        st.warning(f"Class imbalance: {literal(report.imbalance)}.", icon=":material/balance:")
+    for kind in doctor.KINDS[:-1]:
+        groups = report.findings[kind]
+        if not groups:
+            continue
+        found = (f"{len(groups):,} file(s)" if kind in ("unreadable", "blank") else
+                 f"{len(groups):,} group(s), {counts[kind]['images']:,} images")
+        label = f"{doctor.KIND_TITLES[kind]}: {found}, {counts[kind]['left_out']:,} to leave out"
+        with st.expander(label):
+            st.caption(f"{doctor.KIND_RULES[kind].capitalize()}. The exclusion list: {doctor.EXCLUSION_RULES[kind]}.")
+            for group in groups[:GROUPS_SHOWN]:
+                draw_group(group)
+            if len(groups) > GROUPS_SHOWN:
+                st.caption(f"…and {len(groups) - GROUPS_SHOWN:,} more (all of them are in the exclusion list "
+                           "and in `fer doctor DATA --json`).")
+    excluded = report.excluded()
+    st.caption(f"Examined {report.num_images:,} images in {sum(report.seconds.values()):.1f} s.")
+    if not excluded:
+        st.success("Nothing to leave out.", icon=":material/check_circle:")
+        return
+    if st.button(f"Leave these out of training ({len(excluded):,} files)", icon=":material/playlist_remove:",
+                 type="primary", key="data_doctor_exclude",
+                 help="Writes an exclusion list into the cache folder (your files are not touched); the "
+                      "Train page uses it for this dataset, and each run keeps a copy."):
+        path = doctor.write_exclusions(report)
+        st.toast(f"Exclusion list written: {literal(path.name)}", icon=":material/check_circle:")
+
+
+def draw_exclusions() -> None:
+    """The dataset's exclusion list, if one was written: how many images it leaves out, and the
+    split before and after."""
+    path = doctor.exclusion_file(spec)
+    if not path.is_file():
+        return
+    try:
+        excluded = doctor.excluded_mask(dataset, spec, doctor.read_exclusions(path))
+        after = assign_splits(dataset, test_fraction=test_fraction, val_fraction=val_fraction, seed=int(seed),
+                              excluded=excluded)
+    except FerError as exc:
+        st.warning(f"The exclusion list for this dataset cannot be used: {literal(exc)}", icon=":material/warning:")
+        return
+    st.info(f"{int(excluded.sum()):,} images of this dataset are left out of training by the dataset doctor's "
+            "exclusion list; the Train page uses it by default.", icon=":material/healing:")
+    st.caption(f"List: {literal(path)}")
+    if splits is not None:
+        before_column, after_column = st.columns(2)
+        before_column.markdown("**Split before**")
+        before_column.dataframe(ui_data.split_frame(split_table(dataset, splits)), hide_index=True,
+                                key="data_doctor_split_before")
+        after_column.markdown("**Split after leaving them out**")
+        after_table = split_table(dataset, after)
+        after_column.dataframe(ui_data.split_frame(after_table).assign(
+            excluded=[row.get("excluded", 0) for row in after_table]), hide_index=True, key="data_doctor_split_after")
+    if st.button("Use every image again", icon=":material/restore:", key="data_doctor_forget",
+                 help="Deletes the exclusion list (only the list; your files were never touched)."):
+        doctor.remove_exclusions(spec)
+        st.rerun()
+
+
+st.subheader("Dataset doctor")
+st.caption(f"Looks at every decoded image for problems a model would inherit: unreadable files; blank or "
+           f"near-constant images (pixel standard deviation below {doctor.BLANK_STD:g} of 255); exact duplicates "
+           f"(the same pixels) and near duplicates (perceptual hashes at most {doctor.NEAR_THRESHOLD} bits of 64 "
+           "apart); the same image in train and test; the same image under two labels; class imbalance. "
+           "Your files are never changed.")
+if st.button("Examine this dataset", icon=":material/health_and_safety:", key="data_doctor_run"):
+    st.session_state[DOCTOR_FOR_KEY] = spec
+if st.session_state.get(DOCTOR_FOR_KEY) == spec:
+    try:
+        draw_report(examine_source(spec, doctor.dataset_fingerprint(spec), str(settings.cache_dir())))
+    except FerError as exc:
+        st.error(f"The doctor could not examine this source: {literal(exc)}", icon=":material/error:")
+draw_exclusions()

@@ -10,8 +10,11 @@ from pathlib import Path
 import streamlit as st
 
 from fer_core import runs, ui_data
+from fer_core.errors import FerError
 from fer_core.evaluate import read_predictions, top_confusions
-from pages._shared import literal, require_router, run_label, runs_dir, synthetic_badge, take_selected_run
+from pages._explain import explain_gallery
+from pages._shared import (checkpoints_dir, literal, require_router, run_label, runs_dir, synthetic_badge,
+                           take_selected_run)
 
 require_router()
 
@@ -58,6 +61,56 @@ def describe_scoring(evaluation: dict) -> str:
     part = "its test split" if evaluation.get("split") == "test" else "all"
     label = ui_data.dataset_label(evaluation.get("data"), evaluation.get("synthetic"))
     return f"{label}: {part} ({ui_data.image_count(evaluation):,} images)"
+
+
+def confidence_section(run: runs.RunInfo) -> None:
+    """Temperature scaling: the reliability diagram before and after, ECE and NLL, the
+    uncertainty threshold; for a run without calibration, "Calibrate now"."""
+    from fer_core import calibration
+
+    report, problem = calibration.read_report(runs.RunLayout(run.path).calibration_file)
+    if problem:
+        st.warning(literal(problem), icon=":material/report:")
+    if report is None:
+        st.badge("uncalibrated", icon=":material/help:", color="gray")
+        st.caption("This run's confidences are the network's raw softmax, which a model trained with "
+                   "label smoothing or for many epochs reads too high or too low. Calibration fits one "
+                   "temperature on the run's validation images (never the test images) and reports "
+                   "what it changes on the test split; Predict then shows calibrated confidences.")
+        if (run.config.get("val_fraction") or 0) <= 0:
+            st.info("This run has no validation split, so it cannot be calibrated without touching its "
+                    "test images.", icon=":material/info:")
+        elif st.button("Calibrate now", icon=":material/tune:", key=f"eval_calibrate::{run.id}",
+                       disabled=run.status.active,
+                       help="Runs the best model on the validation and test splits (about as long as "
+                            "evaluating them) and updates its checkpoint and published model."):
+            with st.spinner("Calibrating on the validation split…"):
+                try:
+                    calibration.calibrate_run(run.path, checkpoints_dir=checkpoints_dir())
+                except (FerError, OSError) as exc:
+                    st.error(f"Not calibrated: {literal(exc)}", icon=":material/error:")
+                    return
+            st.rerun()
+        return
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Temperature", f"{report['temperature']:.2f}", border=True,
+              help="Logits are divided by this before the softmax: above 1 the raw model was too sure, "
+                   f"below 1 too unsure. Fitted on {report.get('images', 0):,} validation images.")
+    c2.metric("ECE after", f"{report['ece_after']:.1%}", f"{report['ece_after'] - report['ece_before']:+.1%}",
+              delta_color="inverse", border=True,
+              help=f"Expected calibration error on the test split ({report.get('bins', 15)} bins): the "
+                   f"average gap between confidence and the share right. Before: {report['ece_before']:.1%}.")
+    c3.metric("NLL after", f"{report['nll_after']:.3f}", f"{report['nll_after'] - report['nll_before']:+.3f}",
+              delta_color="inverse", border=True,
+              help=f"Negative log-likelihood of the true class on the test split (lower is better; it "
+                   f"punishes confident mistakes). Before: {report['nll_before']:.3f}.")
+    c4.metric("Uncertain below", f"{report['uncertain_below']:.0%}", border=True,
+              help="Predict flags a face uncertain below this calibrated confidence: on the validation "
+                   "images, the faces below it were, taken together, right less than half the time.")
+    st.plotly_chart(ui_data.reliability_figure(report), key=f"eval_reliability::{run.id}",
+                    config={"displayModeBar": False})
+    st.caption("Each point is a confidence bin: how sure the model said it was (across) against how often "
+               "it was right (up). On the dashed line a confidence of 70% means right 70% of the time.")
 
 
 def predictions_of(run: runs.RunInfo, data: str | None = None) -> list[dict]:
@@ -115,7 +168,8 @@ m4.metric("Best epoch", evaluation.get("best_epoch", "—"), border=True,
           help="The checkpoint with the best validation accuracy; it is the one evaluated."
                + (" Predictions average the face and its mirror image (TTA)." if evaluation.get("tta") else ""))
 
-mistakes_tab, classes_tab, compare_tab = st.tabs(["Mistakes", "Per-class scores", "Compare two runs"])
+mistakes_tab, classes_tab, confidence_tab, compare_tab = st.tabs(
+    ["Mistakes", "Per-class scores", "Confidence", "Compare two runs"])
 
 # ---- confusion matrix and the faces behind a cell ----------------------------------------
 with mistakes_tab:
@@ -187,7 +241,9 @@ with mistakes_tab:
                 continue
             images.append(array)
             captions.append(literal(ui_data.probability_caption(row, top=2)))  # Markdown
-        if images:
+        if images:  # with Grad-CAM heat maps over them when its toggle is on
+            images = explain_gallery(run.best_checkpoint, images, true_class, predicted_class,
+                                     f"eval_cam::{view}")
             st.image(images, caption=captions, width=140)
         if missing:
             st.caption(f"{missing} image(s) could not be loaded (moved or deleted since training).")
@@ -242,3 +298,10 @@ with compare_tab:
         st.dataframe(delta, hide_index=True, key="eval_compare_f1",
                      column_config={c: st.column_config.NumberColumn(format="percent")
                                     for c in ("f1 (this)", "f1 (other)", "difference")})
+
+
+# ---- calibrated confidence ----------------------------------------------------------------
+with confidence_tab:
+    if not own:
+        st.caption("Calibration is fitted and scored on the run's own validation and test splits.")
+    confidence_section(run)

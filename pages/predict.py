@@ -24,13 +24,14 @@ from fer_core.faces import DETECTORS
 from fer_core.images import PixelBudget, fetch_image_bytes, load_image
 from fer_core.model_catalog import ModelEntry, list_models
 from fer_core.predict import PredictionResult, Predictor
+from pages._explain import explain_face
 from pages._shared import checkpoints_dir, literal, require_router, runs_dir, synthetic_badge
 
 require_router()
 
 UPLOAD_OPTION = "__upload__"
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif"]
-TABS = ("Upload images", "Image URL", "Camera")
+TABS = ("Upload images", "Image URL", "Camera", "Live")
 EXPANDED_CARDS = 4            # more images than this: a grid of the photos, details in expanders
 GRID_COLUMNS = 4
 NO_FACE = "no face found"
@@ -54,6 +55,13 @@ UPLOAD_LABEL = "Upload a checkpoint file…"
 
 
 BACKEND_LABELS = {"torch": "PyTorch", "onnx": "ONNX Runtime"}
+UNCERTAIN_HELP_CALIBRATED = (
+    "A face whose top emotion has less calibrated confidence than this is flagged uncertain. The "
+    "default was chosen on this model's validation images: the faces it flags there were, taken "
+    "together, right less than half the time.")
+UNCERTAIN_HELP = (
+    "A face whose top emotion has less probability than this is flagged uncertain. This model is "
+    "not calibrated (calibrate its run on the Evaluate page), so 40% is only a rule of thumb.")
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
@@ -159,8 +167,10 @@ def model_section() -> Predictor:
         # names come from files (run folders, checkpoints): shown as plain text, never Markdown
         where = f"Run {run.id}" if run is not None else (
             f"Uploaded {shown_name}" if chosen == UPLOAD_OPTION else f"{shown_name} (no run record)")
+        calibrated = (f"calibrated (temperature {predictor.calibration.temperature:.2f})"
+                      if predictor.calibration else "uncalibrated (raw softmax)")
         extras = ([f"{info['stem']} stem"] + (["ten-view TTA"] if info.get("tta") else [])
-                  + [f"on {BACKEND_LABELS[predictor.backend]}"])
+                  + [calibrated, f"on {BACKEND_LABELS[predictor.backend]}"])
         st.text(f"{where} · classes: {', '.join(info['classes'])} · {' · '.join(extras)}")
         if run is not None and run.config.get("synthetic_data"):
             synthetic_badge("This model learnt from the synthetic demo's cartoon faces: its "
@@ -266,7 +276,7 @@ def show_table(done, classes: list[str], key: str) -> None:
                        key=f"{key}_csv", on_click="ignore")
 
 
-def show_face(number: int, face, uncertain_below: float, key: str) -> None:
+def show_face(number: int, face, uncertain_below: float, key: str, photo: bytes | None = None) -> None:
     title = "Whole image (no face)" if face.box is None else f"Face {number}"
     badge = (" :orange-badge[:material/help: uncertain]" if face.uncertain else "")
     st.markdown(f"**{title}** · {literal(face.label)} **{face.confidence:.1%}**{badge}",
@@ -279,6 +289,7 @@ def show_face(number: int, face, uncertain_below: float, key: str) -> None:
     with chart_col:
         st.plotly_chart(probability_figure(face), key=f"{key}_chart_{number}",
                         config={"displayModeBar": False})
+    explain_face(predictor, model_key, face, key, photo)  # Grad-CAM, behind a toggle
 
 
 def annotated(data: bytes, result: PredictionResult) -> Image.Image | None:
@@ -312,7 +323,7 @@ def show_card(name: str, data: bytes, result: PredictionResult, uncertain_below:
     if not with_image:
         for number, face in enumerate(result.faces, start=1):
             with st.container(border=True):
-                show_face(number, face, uncertain_below, f"{key}_{number}")
+                show_face(number, face, uncertain_below, f"{key}_{number}", photo=data)
         return
     left, right = st.columns([5, 6], gap="large")
     with left:
@@ -321,7 +332,7 @@ def show_card(name: str, data: bytes, result: PredictionResult, uncertain_below:
     with right:
         for number, face in enumerate(result.faces, start=1):
             with st.container(border=True):
-                show_face(number, face, uncertain_below, f"{key}_{number}")
+                show_face(number, face, uncertain_below, f"{key}_{number}", photo=data)
 
 
 def summary(result: PredictionResult) -> str:
@@ -395,18 +406,19 @@ with st.expander("Options", icon=":material/tune:"):
     min_face = o2.number_input("Minimum face size (px)", min_value=8, max_value=2048, value=24,
                                step=4, key="predict_min_face",
                                help="Faces smaller than this (in the photo's pixels) are ignored.")
-    uncertain_pct = o3.slider("Uncertain below", 0, 100, 40, step=5, format="%d%%",
-                              key="predict_uncertain",
-                              help="A face whose top emotion has less probability than this is "
-                                   "marked uncertain.")
+    # a slider per model: each brings its own threshold (a calibrated one chose it on validation data)
+    uncertain_pct = o3.slider("Uncertain below", 0, 100, round(predictor.uncertain_below * 100), step=1,
+                              format="%d%%", key=f"predict_uncertain::{model_key}",
+                              help=UNCERTAIN_HELP_CALIBRATED if predictor.calibration else UNCERTAIN_HELP)
     detector = o4.selectbox("Face detector", DETECTORS, key="predict_detector",
                             help="auto: a fast upright search, then tilted heads and smaller "
                                  "faces when that finds nothing.")
 options = (("top_k", int(top_k)), ("min_face_size", int(min_face)),
            ("uncertain_below", uncertain_pct / 100), ("detector", detector))
 
-upload_tab, url_tab, camera_tab = st.tabs([f":material/upload: {TABS[0]}", f":material/link: {TABS[1]}",
-                                           f":material/photo_camera: {TABS[2]}"])
+upload_tab, url_tab, camera_tab, live_tab = st.tabs([f":material/upload: {TABS[0]}", f":material/link: {TABS[1]}",
+                                                     f":material/photo_camera: {TABS[2]}",
+                                                     f":material/videocam: {TABS[3]}"])
 
 with upload_tab:
     files = st.file_uploader("Drop one or more photos here", type=IMAGE_TYPES,
@@ -454,3 +466,7 @@ with camera_tab:
         photo = st.camera_input("Take a photo", key="predict_camera")
         if photo is not None:
             show_results(predictor, model_key, [("camera photo", photo.getvalue())], options, "camera")
+
+with live_tab:
+    from pages._live import render_live_mode  # streamlit_webrtc loads only once live mode is on
+    render_live_mode(predictor, options)

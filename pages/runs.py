@@ -6,9 +6,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from fer_core import export, run_admin, runs, ui_data
+from fer_core import ensemble, export, run_admin, runs, ui_data
 from fer_core.errors import FerError
-from pages._shared import SELECTED_RUN_KEY, literal, require_router, run_label, runs_dir
+from pages._shared import SELECTED_RUN_KEY, checkpoints_dir, literal, require_router, run_label, runs_dir
 
 require_router()
 
@@ -74,6 +74,27 @@ if picked:
             st.dataframe(diff, key="runs_diff")
 else:
     st.caption("Pick runs with at least one finished epoch to compare them.")
+
+# ---- ensembles -------------------------------------------------------------------------
+with st.expander("Combine runs into an ensemble", icon=":material/merge:"):
+    st.caption("Averages the calibrated probabilities of two or more completed runs with the same classes, "
+               "input size and test images (e.g. the same recipe with different seeds on a dataset with "
+               "its own test split). The ensemble is scored on their common test split, shown like a run "
+               "on Evaluate, and published, so Predict and export can use it.")
+    completed = [str(r.path) for r in all_runs if r.state == "completed" and r.evaluation and r.mode != "ensemble"]
+    members = st.multiselect("Runs to combine", completed, key="runs_ensemble_members",
+                             format_func=lambda p: run_label(by_path[p]))
+    name = st.text_input("Ensemble name", value="ensemble", key="runs_ensemble_name", max_chars=100)
+    if st.button("Build the ensemble", icon=":material/merge:", key="runs_ensemble_build",
+                 disabled=len(members) < 2, help="Runs in the background: each member reads the test and "
+                                                 "validation images once."):
+        try:
+            ensemble.launch_ensemble(members, name, runs_dir=folder, checkpoints_dir=checkpoints_dir())
+        except (FerError, OSError) as exc:
+            st.error(f"Nothing was started: {literal(exc)}", icon=":material/error:")
+        else:
+            st.success(f"Building {literal(name)} in the background: it is listed above as running, then "
+                       "completed (reload to follow it).", icon=":material/hourglass_top:")
 
 # ---- one run ---------------------------------------------------------------------------
 st.subheader("Manage a run")

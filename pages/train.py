@@ -7,7 +7,7 @@ from typing import Any
 
 import streamlit as st
 
-from fer_core import config_form, distributed, jobs, runs, ui_data
+from fer_core import config_form, distributed, doctor, jobs, runs, ui_data
 from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, TrainConfig, config_from_preset
 from fer_core.errors import FerError
 from pages._shared import (DATA_SOURCE_KEY, SELECTED_RUN_KEY, checkpoints_dir, known_datasets,
@@ -27,7 +27,7 @@ FINAL_STATES = ("completed", "failed", "cancelled")
 # the form was opened while the page was still loading). A default is part of the widget
 # itself, so the browser always has it.
 FORM_VALUES_KEY = "train_form_values"
-FORM_SOURCE_KEY = "train_form_for"  # the (preset, data) the values were filled for
+FORM_SOURCE_KEY = "train_form_for"  # the (preset, data, exclusion list) the values were filled for
 
 st.title("Train")
 st.caption("Training runs in a background process: you can leave this page or close the browser. "
@@ -43,10 +43,12 @@ def default_preset(data: str) -> str:
 
 
 def fill_form_from_preset() -> None:
-    """Fill the form with the chosen preset's values (on preset or data change)."""
-    preset = st.session_state["train_preset"]
-    st.session_state[FORM_VALUES_KEY] = config_form.preset_form_values(preset)
-    st.session_state[FORM_SOURCE_KEY] = (preset, st.session_state.get("train_data"))
+    """Fill the form with the chosen preset's values (on preset or data change), and the
+    dataset doctor's exclusion list for the chosen data when there is one."""
+    preset, data = st.session_state["train_preset"], st.session_state.get("train_data")
+    exclusions = doctor.default_exclusions(data)
+    st.session_state[FORM_VALUES_KEY] = {**config_form.preset_form_values(preset), "exclude": exclusions}
+    st.session_state[FORM_SOURCE_KEY] = (preset, data, exclusions)
     # and into the mounted widgets at once: they keep their own state, whatever their default
     for field in config_form.form_fields():
         st.session_state[field.key] = st.session_state[FORM_VALUES_KEY][field.name]
@@ -109,10 +111,18 @@ with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:"
     preset = top_right.selectbox("Recipe (preset)", list(PRESETS), key="train_preset",
                                  on_change=fill_form_from_preset,
                                  help="A tested starting point; every value below can be changed.")
-    if st.session_state.get(FORM_SOURCE_KEY) != (preset, data) or FORM_VALUES_KEY not in st.session_state:
+    filled = (preset, data, doctor.default_exclusions(data))  # a list written or removed since: refill
+    if st.session_state.get(FORM_SOURCE_KEY) != filled or FORM_VALUES_KEY not in st.session_state:
         fill_form_from_preset()
     form_values = st.session_state[FORM_VALUES_KEY]
     st.info(f"**{preset}**: {PRESET_DESCRIPTIONS.get(preset, '')}", icon=":material/tune:")
+    if form_values.get("exclude"):
+        left_out, problem = doctor.exclusion_summary(form_values["exclude"])
+        if problem:
+            st.warning(f"Exclusion list (Advanced): {literal(problem)}", icon=":material/warning:")
+        else:
+            st.info(f"{left_out:,} images left out by the dataset doctor (the exclusion list under Advanced; "
+                    "empty that field to train on every image).", icon=":material/healing:")
     if data == "demo":
         synthetic_badge()
 

@@ -80,6 +80,7 @@ MARKS_BY_TEST: dict[str, dict[str, tuple[str, ...]]] = {
     "test_cli": {"test_train_on_demo_end_to_end_prints_the_run_dir_last": ("train",)},
     "test_data": {"test_demo_source_is_generated_on_first_use_and_labelled_synthetic": ("slow",)},  # 1,750 faces
     "test_demo": {"test_classes_differ_where_the_expression_is": ("slow",)},  # 700 faces
+    "test_doctor": {"test_training_leaves_out_the_listed_images_and_keeps_the_list_in_the_run": ("train",)},
     "test_jobs": {name: ("train",) for name in (
         "test_queued_jobs_run_one_at_a_time_in_order_and_continue_without_the_app",
         "test_cancel_stops_a_running_job_keeps_last_pt_and_resume_finishes_it",
@@ -91,11 +92,16 @@ MARKS_BY_TEST: dict[str, dict[str, tuple[str, ...]]] = {
         "test_repeated_kill_9_at_many_points_never_loses_or_repeats_an_epoch",
         "test_a_real_full_disk_fails_the_run_in_words_and_keeps_the_earlier_checkpoint",
         "test_a_kill_right_after_the_checkpoint_rename_loses_no_tensorboard_epoch")},
+    "test_explain": {name: ("train",) for name in (  # the module's mouth_model: 4 steps of ResNet18
+        "test_the_map_lies_on_the_mouth_when_only_the_mouth_tells_the_classes_apart",
+        "test_maps_are_48_px_in_0_1_and_another_class_gets_another_map",
+        "test_the_explained_model_is_a_copy_and_the_original_keeps_its_gradients")},
     "test_divergence": {"test_a_checkpoint_with_nan_weights_is_refused_by_the_predictor_and_the_cli":
                         ("subprocess",)},
     "test_run_files_fuzz": {"test_the_runs_command_as_a_process_lists_a_damaged_run_beside_a_good_one":
                             ("subprocess",)},
     "test_serve": {"test_a_real_server_process_answers_over_http": ("subprocess",)},
+    "test_ensemble": {"test_the_runs_page_builds_an_ensemble_in_the_background": ("subprocess",)},
     "test_train": {"test_training_allocator_reuses_freed_activations_instead_of_faulting_them_in_again":
                    ("subprocess",)},
     "test_sweep": {"test_a_second_worker_process_joins_the_study_without_duplicates": ("subprocess",)},

@@ -40,7 +40,7 @@ TRAINING_TIMEOUT_S = 420  # a tiny run; generous because the CPU is shared with 
 SHOT_SIZE = {"width": 1400, "height": 1500}
 NARROW = {"width": 400, "height": 900}  # a phone
 NARROW_SHOT_SIZE = {"width": 400, "height": 1000}
-REAL_MODEL_SHOTS = {"evaluate.png", "predict.png", "evaluate-dark.png", "predict-dark.png"}
+REAL_MODEL_SHOTS = {"evaluate.png", "predict.png", "evaluate-dark.png", "predict-dark.png", "calibration.png"}
 # Small enough for a minute or two of training on one busy core, big enough that the curves
 # and the confusion matrix in the screenshots show a model that learns. The run is float32 (AMP
 # off): on a CPU without native bfloat16 (no AVX-512 BF16/AMX, like an AMD EPYC with AVX2 only)
@@ -144,10 +144,10 @@ def bare_app_server(tmp_path: Path):
 
 
 @contextlib.contextmanager
-def chromium():
+def chromium(extra_args: list[str] | None = None):
     """A headless Chromium, closed afterwards."""
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + (extra_args or []))
         try:
             yield browser
         finally:
@@ -330,6 +330,13 @@ def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
         page.mouse.move(0, 0)
         screenshot(page, "evaluate.png")
 
+        # the Confidence tab: training calibrated the run on its validation split
+        page.get_by_role("tab", name="Confidence").click()
+        page.get_by_text("after (temperature scaling)").first.wait_for()  # the reliability diagram's legend
+        assert page.get_by_text("Temperature", exact=True).count() >= 1
+        wait_until_idle(page)
+        screenshot(page, "calibration.png")
+
         page.goto(f"{url}/runs")
         page.get_by_text("Compare runs").wait_for()
         wait_until_idle(page)
@@ -477,3 +484,126 @@ def test_the_train_form_opened_while_the_page_loads_holds_the_preset(app_server,
         assert float(page.get_by_role("spinbutton", name="Epochs", exact=True).input_value()) == reference["epochs"]
         assert float(page.get_by_role("spinbutton", name="Image size (px)", exact=True).input_value()) \
             == reference["img_size"]
+
+
+# ---- live mode (issue #15): Chromium's fake camera streams to the app over WebRTC -------------
+
+FAKE_CAMERA_ARGS = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+LIVE_TIMEOUT_S = 180  # the first frames wait for ICE, DTLS and the model on a shared 2-core CPU
+BANNER_RGB = (71, 85, 105)  # fer_core.live.BANNER_COLOUR, behind the "no face" label
+LIVE_SHOT_SIZE = {"width": 1400, "height": 1000}
+
+
+def chromium_with_camera(video_file: Path | None = None):
+    """Headless Chromium whose camera is the fake one: its test pattern, or `video_file` (y4m)
+    played in a loop. The camera is allowed without asking, as a user who clicked Allow."""
+    extra = [f"--use-file-for-fake-video-capture={video_file}"] if video_file is not None else []
+    return chromium(FAKE_CAMERA_ARGS + extra)
+
+
+def start_live_mode(page, url: str):
+    """Open Predict's Live tab, switch live mode on and press the stream's START; returns the
+    stream component's frame."""
+    page.goto(f"{url}/predict")
+    page.get_by_role("tab", name="Live").click()
+    page.get_by_text("Turn on live mode").click()
+    stream = page.frame_locator("iframe[title*='webrtc']")
+    stream.get_by_role("button", name="START").click()
+    return stream
+
+
+def live_readings(page) -> dict[str, float | int]:
+    """The live panel's numbers as the page shows them."""
+    metrics = dict(re.match(r"(.+?)\s+([\d.,]+)$", text.strip(), re.S).groups()
+                   for text in page.locator("[data-testid='stMetric']").all_inner_texts()
+                   if re.match(r"(Processed fps|Camera fps|Dropped frames)\s", text))
+    caption = page.get_by_text(re.compile(r"frames read")).first.inner_text()
+    faces = re.search(r"(\d+) faces? in view", caption)
+    return {"fps": float(metrics["Processed fps"]), "camera_fps": float(metrics["Camera fps"]),
+            "dropped": int(metrics["Dropped frames"].replace(",", "")),
+            "frames": int(re.match(r"([\d,]+) frames read", caption).group(1).replace(",", "")),
+            "faces": int(faces.group(1)) if faces else 0}
+
+
+def wait_for_live(page, done, what: str) -> dict[str, float | int]:
+    deadline = time.monotonic() + LIVE_TIMEOUT_S
+    seen: dict[str, float | int] = {}
+    while time.monotonic() < deadline:
+        if page.get_by_text(re.compile(r"frames read")).count():
+            seen = live_readings(page)
+            if done(seen):
+                return seen
+        time.sleep(1)
+    pytest.fail(f"live mode: {what} not seen in {LIVE_TIMEOUT_S} s; last readings {seen}")
+
+
+def video_pixels(stream, box: tuple[int, int, int, int]) -> tuple[float, float, float]:
+    """Mean RGB of a region of the video the browser plays (what came back from the server)."""
+    return tuple(stream.locator("video").evaluate("""(video, [x, y, w, h]) => {
+        const canvas = document.createElement('canvas');
+        canvas.width = video.videoWidth; canvas.height = video.videoHeight;
+        const context = canvas.getContext('2d');
+        context.drawImage(video, 0, 0);
+        const data = context.getImageData(x, y, w, h).data;
+        const sum = [0, 0, 0];
+        for (let i = 0; i < data.length; i += 4) { sum[0] += data[i]; sum[1] += data[i + 1]; sum[2] += data[i + 2]; }
+        return sum.map(s => s / (data.length / 4));
+    }""", list(box)))
+
+
+def live_screenshot(page, name: str) -> None:
+    """A screenshot between two refreshes of the live panel: while the panel reruns, Streamlit
+    fades its elements (data-stale), which a picture must not show."""
+    DOCS.mkdir(parents=True, exist_ok=True)
+    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while page.locator("[data-stale='true']").count() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    page.screenshot(path=str(DOCS / name))
+
+
+def test_live_mode_streams_the_fake_camera_back_annotated_with_fps_and_a_per_face_timeline(
+        bare_app_server, trained_run, tmp_path):
+    from conftest import copy_run_dir
+    from fer_core import runs
+    from test_live import two_face_frame, write_y4m
+
+    url, runs_dir = bare_app_server
+    layout = runs.RunLayout(trained_run)
+    copy_run_dir(trained_run, runs_dir / layout.path.relative_to(layout.runs_dir))
+    requests: list[str] = []
+
+    # Chromium's own test pattern has no face: each frame comes back labelled "no face"
+    with chromium_with_camera() as browser:
+        page = open_page(browser, requests=requests)
+        stream = start_live_mode(page, url)
+        readings = wait_for_live(page, lambda r: r["frames"] >= 3 and r["fps"] > 0, "3 frames read at fps > 0")
+        assert readings["faces"] == 0
+        stream.locator("video").evaluate("v => new Promise(r => v.readyState >= 2 ? r() : v.onloadeddata = r)")
+        red, green, blue = video_pixels(stream, (8, 8, 12, 8))  # inside the banner's top-left corner
+        assert abs(red - BANNER_RGB[0]) < 40 and abs(blue - BANNER_RGB[2]) < 40, \
+            f"the video that comes back carries the server's 'no face' label, got {red, green, blue}"
+        page.get_by_text("No face in the last 30 s").wait_for()
+        stream.get_by_role("button", name="STOP").click()
+
+    # A camera that films two faces (the astronaut twice, moving): two boxes, two timelines
+    frames = [two_face_frame(shift) for shift in (*range(0, 16, 2), *range(16, 0, -2))]
+    video = write_y4m(tmp_path / "two-faces.y4m", frames)
+    with chromium_with_camera(video) as browser:
+        page = open_page(browser, requests=requests)
+        stream = start_live_mode(page, url)
+        wait_for_live(page, lambda r: r["faces"] == 2, "two faces in view")
+        chart = page.locator("[data-testid='stPlotlyChart']").last
+        chart.get_by_text("Face 1:").wait_for()
+        chart.get_by_text("Face 2:").wait_for()
+        time.sleep(8)  # some seconds of timeline for the picture
+        readings = live_readings(page)
+        assert readings["fps"] > 0 and readings["frames"] >= 3
+        print(f"live mode in the browser: {readings}")
+        page.mouse.move(0, 0)
+        page.set_viewport_size(LIVE_SHOT_SIZE)
+        page.get_by_text("Options", exact=True).evaluate("e => e.scrollIntoView({block: 'start'})")
+        live_screenshot(page, "live.png")
+        stream.get_by_role("button", name="STOP").click()
+
+    assert not outside_requests(requests), "no STUN/TURN server or other host is contacted"
