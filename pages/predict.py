@@ -276,12 +276,21 @@ def show_table(done, classes: list[str], key: str) -> None:
                        key=f"{key}_csv", on_click="ignore")
 
 
+def uncertain_help(uncertain_below: float) -> str:
+    """What the flag means, in plain words: for a calibrated model at its own threshold, what
+    its validation faces showed."""
+    said = f"The top emotion has less than {uncertain_below:.0%} confidence"
+    if predictor.calibration and round(uncertain_below, 2) == round(predictor.uncertain_below, 2):
+        return (said + ". On this model's validation faces, readings this unsure were, taken together, "
+                "right less than half the time: treat it as a guess.")
+    return said + ": the model is not sure."
+
+
 def show_face(number: int, face, uncertain_below: float, key: str, photo: bytes | None = None) -> None:
     title = "Whole image (no face)" if face.box is None else f"Face {number}"
     badge = (" :orange-badge[:material/help: uncertain]" if face.uncertain else "")
     st.markdown(f"**{title}** · {literal(face.label)} **{face.confidence:.1%}**{badge}",
-                help=(f"The top emotion has less than {uncertain_below:.0%} probability: the model "
-                      "is not sure." if face.uncertain else None))
+                help=uncertain_help(uncertain_below) if face.uncertain else None)
     crop_col, chart_col = st.columns([1, 2], vertical_alignment="center")
     with crop_col:
         st.image(face.crop.resize((CROP_SHOWN_PX, CROP_SHOWN_PX), Image.Resampling.NEAREST),
