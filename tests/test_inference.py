@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from fer_core import runs
+from fer_core.calibration import apply_temperature
 from fer_core.cli import main as cli_main
 from fer_core.data import decode_file, display_path, load_dataset
 from fer_core.evaluate import evaluate_run
@@ -180,9 +181,15 @@ def test_training_the_evaluate_command_and_the_predictor_give_the_same_probabili
     assert len(index) == len(from_training) > 0
     predictor = Predictor.from_checkpoint(layout.best_checkpoint, num_threads=1)
     assert predictor.amp == config["amp"] and predictor.tta == config["tta"]
-    predicted = predictor.probabilities(dataset.images[torch.tensor(index)]).numpy()
+    faces = dataset.images[torch.tensor(index)]
+    calibrated = predictor.probabilities(faces).numpy()
+    temperature = predictor.calibration.temperature
+    predictor.calibration = None  # the raw softmax, as the evaluation recorded it
+    predicted = predictor.probabilities(faces).numpy()
     expected = np.array([from_training[display_path(dataset.paths[i])] for i in index])
     assert np.abs(predicted - expected).max() <= 6e-6  # the csv keeps 5 decimals
+    # what the Predict page shows: the same, through the run's temperature
+    assert np.abs(calibrated - apply_temperature(predicted, temperature)).max() <= 1e-5
 
 
 def test_head_only_training_scores_its_cached_features_like_the_evaluate_command(tiny_demo: Path,
