@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from fer_core import CLASS_NAMES
 from fer_core.faces import detect_faces
 from fer_core.models import build_model
 from fer_core.predict import Predictor
+from predict_latency import alternate  # bench/ is the script's folder: the same alternation as the backends
 
 
 def astronaut_face() -> Image.Image:
@@ -48,22 +48,6 @@ def make_checkpoint(directory: Path, img_size: int) -> Path:
     torch.save({"model_state": model.state_dict(), "class_names": list(CLASS_NAMES),
                 "config": {"img_size": img_size, "stem": "small"}}, path)
     return path
-
-
-def alternate(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 3
-              ) -> dict[str, list[float]]:
-    """Wall ms of each call, `rounds` times, the calls alternating (order flipped every round)."""
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return times
 
 
 def measure(checkpoint: Path, face: Image.Image, threads: int, reps: int, gallery: int

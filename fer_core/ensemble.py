@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from . import runs
-from .calibration import Calibration, apply_temperature, calibration_report, fit_calibration, record_calibration
+from .calibration import (MIN_PROBABILITY, Calibration, apply_temperature, calibration_report, fit_calibration,
+                          record_calibration)
 from .errors import FerError
 from .runs import RunLayout
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 MODE = "ensemble"
 MIN_MEMBERS = 2
-MIN_PROBABILITY = 1e-12
 
 
 class EnsembleNetwork(nn.Module):

@@ -27,6 +27,7 @@ from fer_core.explain import ExplainError, GradCam, mass_share, overlay, overlay
 from fer_core.faces import FaceBox
 from fer_core.models import build_model
 from markdown_safety import MALICIOUS_IMAGE, active_markdown
+from test_app_pages import keep_torch_threads  # noqa: F401  (the pages set torch's threads: restored per module)
 
 MOUTH_CLASSES = ["smile", "frown", "line"]
 MOUTH_COLUMNS = np.arange(14, 35)
@@ -217,14 +218,6 @@ def save_checkpoint(path: Path, classes: list[str], img_size: int = 48) -> Path:
 
 APP = "../streamlit_app.py"
 TIMEOUT = 60
-
-
-@pytest.fixture(scope="module", autouse=True)
-def keep_torch_threads():
-    """The app sets torch to one thread in its process (here: pytest's); restore it after."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
