@@ -5,4 +5,6 @@ Pure Python over PyTorch; never imports streamlit. See README.md for the CLI.
 
 __version__ = "0.1.0"
 
-CLASS_NAMES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+from .classes import CLASS_NAMES  # noqa: E402  (the canonical seven, defined with their aliases)
+
+__all__ = ["CLASS_NAMES", "__version__"]

@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .inference import softmax_classifier
+from .models import GreyAsRGB
 
 BACKENDS = ("torch", "onnx")
 
@@ -53,10 +54,14 @@ class OnnxClassifier:
         self.session = onnx_session(model, num_threads=num_threads)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1 or len(inputs[0].shape) != 4:
-            raise CheckpointError("the ONNX model does not take one (batch, 3, size, size) input")
+            raise CheckpointError("the ONNX model does not take one (batch, channels, size, size) input")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        # exports from before the colour choice take grey faces on three ImageNet channels
+        self.grey_as_rgb = GreyAsRGB() if inputs[0].shape[1] == 3 else None
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.grey_as_rgb is not None and batch.shape[1] == 1:
+            batch = self.grey_as_rgb(batch)
         feed = np.ascontiguousarray(batch.detach().cpu().float().numpy())
         (probabilities,) = self.session.run([self.output_name], {self.input_name: feed})
         return torch.from_numpy(np.asarray(probabilities, dtype=np.float32))

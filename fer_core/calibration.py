@@ -248,6 +248,7 @@ def calibrate_run(run_dir: Path, *, checkpoints_dir: Path | None = None) -> dict
     validation split (fit) and test split (report), with its recorded TTA setting; returns
     the report written to calibration.json."""
     from .data import display_path, load_dataset, read_split_manifest
+    from .inference import ImageFormat
     from .inference import probabilities as model_probabilities
     from .models import load_checkpoint, model_from_checkpoint
     from .runs import RunLayout
@@ -261,7 +262,7 @@ def calibrate_run(run_dir: Path, *, checkpoints_dir: Path | None = None) -> dict
     if "val" not in split_of.values():
         raise FerError("this run has no validation split (it was trained with validation fraction 0), "
                        "so there is nothing to fit a temperature on without touching the test images")
-    dataset = load_dataset(config["data"])
+    dataset = load_dataset(config["data"], image_format=ImageFormat.of(config))
     if dataset.classes != list(checkpoint["class_names"]):
         raise FerError(f"the dataset's classes {dataset.classes} differ from the model's "
                        f"{list(checkpoint['class_names'])}")

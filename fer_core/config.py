@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from . import settings
 from .errors import ConfigError
+from .inference import COLOURS, STORE_SIZE
 from .models import MODES, STEMS
 
 
@@ -268,6 +269,7 @@ def _describe(cls: type) -> tuple[ConfigField, ...]:
 
 MODE_LABELS = {"finetune": "Fine-tune all layers", "head_only": "Head only (frozen backbone)"}
 STEM_LABELS = {"small": "Small: no max-pool (48-96 px faces)", "imagenet": "ImageNet: standard (112-224 px)"}
+COLOUR_LABELS = {"grey": "Grey (1 channel)", "rgb": "RGB (3 channels)"}
 
 
 @dataclass
@@ -319,9 +321,18 @@ class TrainConfig:
     img_size: int = setting(
         48, group="basics", label="Image size (px)", noun="image size", unit="px",
         min_value=MIN_IMG_SIZE, max_value=MAX_IMG_SIZE, step=16, metavar="PX",
-        help="Faces are stored at 48 px and resized to this. 48-64 px is fast on a CPU; 224 px is "
-             "the reference setting, many times slower on a CPU, and rarely better for 48 px source "
-             "images.")
+        help="The network's input: stored faces are resized to this. 48-64 px is fast on a CPU; "
+             "224 px is the reference setting, many times slower on a CPU, and rarely better for "
+             "48 px source images.")
+    store_size: int = setting(
+        STORE_SIZE, group="data", label="Stored face size (px)", noun="stored face size", unit="px",
+        min_value=16, max_value=512, step=8, metavar="PX",
+        help="Faces are decoded once at this size and kept in the cache. 48 px is FER2013's own; "
+             "96-112 px keeps the detail of sharper sources such as RAF-DB (100 px) or AffectNet.")
+    colour: str = setting(
+        "grey", group="data", choices=COLOURS, choice_labels=COLOUR_LABELS, widget="radio",
+        help="Grey suits FER2013 (grey by nature): the first layer takes one channel, with "
+             "ImageNet's filters summed. RGB keeps colour datasets' colour: three channels.")
     val_fraction: float = setting(
         0.1, group="data", label="Validation fraction", min_value=0.0, max_value=0.5, max_open=True,
         step=0.05, metavar="F",

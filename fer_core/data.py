@@ -1,8 +1,11 @@
 """Datasets: find them, decode them once into a uint8 tensor cache, split them reproducibly.
 
 Accepted sources: "demo" (built in, synthetic), a folder of class folders (one pool that we
-split 75/25), a folder with train/ and test/ class folders (split as given), or a fer2013.csv.
-Every image is stored as 48x48 grey uint8, FER2013's native format.
+split 75/25), a folder with train/ and test/ class folders (split as given), a fer2013.csv, or
+a list of "image label" lines (RAF-DB's list_patition_label.txt, or the folder holding it).
+Class names go through `classes.canonical_class`, so "Anger" and "angry" are one class.
+Images are stored as uint8 in the run's `inference.ImageFormat`: 48 px grey by default,
+FER2013's native format, or larger and RGB for colour datasets.
 """
 
 from __future__ import annotations
@@ -22,15 +25,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from . import CLASS_NAMES, fer2013_csv, settings
+from . import fer2013_csv, settings
+from .classes import CLASS_NAMES, FER2013_CODES, canonical_class, code_table
 from .errors import DataError
-from .inference import STORE_SIZE, reduce_jpeg_decode, to_grey_48
+from .inference import DEFAULT_FORMAT, STORE_SIZE, ImageFormat, reduce_jpeg_decode, to_stored
 from .runs import atomic_save
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
-# FER2013's csv codes, as published with the Kaggle challenge.
-FER2013_CSV_CODES = {0: "angry", 1: "disgust", 2: "fear", 3: "happy", 4: "sad", 5: "surprise", 6: "neutral"}
-CACHE_VERSION = 2  # 2: decoded by inference.to_grey_48 (16-bit by type range, no grey JPEG draft)
+CACHE_VERSION = 2  # 2: decoded by inference.to_stored (16-bit by type range, no grey JPEG draft)
 MAX_SOURCE_PIXELS = 40_000_000
 
 
@@ -38,7 +40,7 @@ MAX_SOURCE_PIXELS = 40_000_000
 class Dataset:
     """Decoded images and labels, plus where they came from and what was skipped."""
 
-    images: torch.Tensor            # uint8 (N, 48, 48)
+    images: torch.Tensor            # uint8 (N, *image_format.shape): (N, 48, 48) by default
     labels: torch.Tensor            # int64 (N,)
     paths: list[str]
     classes: list[str]
@@ -46,6 +48,8 @@ class Dataset:
     given_split: list[str] | None = None   # "train"/"test" per image when the source has one
     synthetic: bool = False
     bad_files: list[dict[str, str]] = field(default_factory=list)
+    renamed_classes: dict[str, str] = field(default_factory=dict)  # folder name -> canonical alias
+    image_format: ImageFormat = DEFAULT_FORMAT
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,21 +63,27 @@ def default_cache_dir() -> Path:
     return settings.cache_dir()
 
 
-def load_dataset(spec: str, *, cache_dir: Path | None = None) -> Dataset:
-    """Load the dataset named by `spec` ("demo", a folder, or a fer2013.csv)."""
+def load_dataset(spec: str, *, cache_dir: Path | None = None,
+                 image_format: ImageFormat = DEFAULT_FORMAT) -> Dataset:
+    """Load the dataset named by `spec` ("demo", a folder, a fer2013.csv or a label list),
+    its images stored in `image_format`."""
     if spec == "demo":
         from .demo import ensure_demo_dataset
-        dataset = _load_folder(ensure_demo_dataset(), cache_dir)
+        dataset = _load_folder(ensure_demo_dataset(), cache_dir, image_format)
         dataset.synthetic = True
         dataset.source = "demo (synthetic)"
     else:
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix.lower() == ".csv":
-            dataset = read_fer2013_csv(path)
+            dataset = read_fer2013_csv(path, image_format)
+        elif path.is_file() and path.suffix.lower() == ".txt":
+            root = path.parent.parent if path.parent.name == "EmoLabel" else path.parent
+            dataset = _load_label_file(path, root, cache_dir, image_format)
         elif path.is_dir():
-            dataset = _load_folder(path, cache_dir)
+            dataset = _load_folder(path, cache_dir, image_format)
         elif path.exists():
-            raise DataError(f"{path} is neither a folder of class folders nor a fer2013.csv file")
+            raise DataError(f"{path} is neither a folder of class folders, a fer2013.csv nor a "
+                            "label list (.txt of 'image label' lines)")
         else:
             raise DataError(f"dataset not found: {path}")
     _check_usable(dataset)
@@ -121,35 +131,134 @@ def _link_target(path: Path) -> Path:
         return path
 
 
-def _load_folder(root: Path, cache_dir: Path | None) -> Dataset:
+def _load_folder(root: Path, cache_dir: Path | None, image_format: ImageFormat) -> Dataset:
+    label_file = find_label_file(root)
+    if label_file is not None:
+        return _load_label_file(label_file, root, cache_dir, image_format)
     has_own_split = describe_layout(root) == "train_test"
     real_root = root.resolve()
     links: list[dict[str, str]] = []  # symbolic links that lead outside: reported, not read
     if has_own_split:
-        train_classes = [p.name for p in _class_dirs(root / "train", real_root, links)]
-        test_classes = [p.name for p in _class_dirs(root / "test", real_root, links)]
-        extra = sorted(set(test_classes) - set(train_classes))
+        train_dirs = _class_dirs(root / "train", real_root, links)
+        test_dirs = _class_dirs(root / "test", real_root, links)
+        extra = sorted({canonical_class(d.name) for d in test_dirs} - {canonical_class(d.name) for d in train_dirs})
         if extra:
             raise DataError(f"test/ has classes that train/ lacks: {', '.join(extra)}")
-        classes = train_classes
-        listing = [(f, i, "train") for i, c in enumerate(classes)
-                   for f in _list_files(root / "train" / c, real_root, links)]
-        listing += [(f, classes.index(c), "test") for c in test_classes
-                    for f in _list_files(root / "test" / c, real_root, links)]
+        listing = [(f, canonical_class(d.name), split) for split, dirs in (("train", train_dirs), ("test", test_dirs))
+                   for d in dirs for f in _list_files(d, real_root, links)]
+        folders = train_dirs + test_dirs
     else:
-        classes = [p.name for p in _class_dirs(root, real_root, links)]
-        listing = [(f, i, None) for i, c in enumerate(classes) for f in _list_files(root / c, real_root, links)]
-    if not classes:
+        folders = _class_dirs(root, real_root, links)
+        listing = [(f, canonical_class(d.name), None) for d in folders for f in _list_files(d, real_root, links)]
+    if not folders:
         raise DataError(f"{root} has no class folders (expected e.g. {root}/happy/*.jpg)"
                         + (f"; {len(links)} symbolic link(s) outside it were not followed" if links else ""))
-    images, kept, bad = _decode_cached([f for f, _, _ in listing], cache_dir)
-    bad = links + bad
+    renamed = {d.name: canonical_class(d.name) for d in folders if canonical_class(d.name) != d.name}
+    classes = sorted({canonical_class(d.name) for d in folders})  # an empty folder is still a class
+    return _decoded_dataset(listing, classes, str(root), has_own_split, cache_dir, links, renamed, image_format)
+
+
+def _decoded_dataset(listing: list[tuple[Path, str, str | None]], classes: list[str], source: str,
+                     has_own_split: bool, cache_dir: Path | None, bad: list[dict[str, str]],
+                     renamed: dict[str, str], image_format: ImageFormat) -> Dataset:
+    """Decode the (file, class name, given split) listing into a Dataset; files that cannot be
+    decoded join `bad`."""
+    images, kept, undecodable = _decode_cached([f for f, _, _ in listing], cache_dir, image_format)
     kept_set = set(kept)
-    rows = [(str(f), label, split) for f, label, split in listing if str(f) in kept_set]
-    given = [split for _, _, split in rows] if has_own_split else None
+    rows = [(str(f), classes.index(name), split) for f, name, split in listing if str(f) in kept_set]
     return Dataset(images=images, labels=torch.tensor([r[1] for r in rows], dtype=torch.int64),
-                   paths=[r[0] for r in rows], classes=classes, source=str(root),
-                   given_split=given, bad_files=bad)
+                   paths=[r[0] for r in rows], classes=classes, source=source,
+                   given_split=[r[2] for r in rows] if has_own_split else None,
+                   bad_files=bad + undecodable, renamed_classes=renamed, image_format=image_format)
+
+
+# ---- label files (RAF-DB style: "image label" per line) ---------------------------------
+
+# Where RAF-DB and similar releases keep the list, relative to the folder the user picks.
+LABEL_FILE_NAMES = ("list_patition_label.txt", "list_partition_label.txt", "labels.txt")
+LABEL_FILE_FOLDERS = (".", "EmoLabel")
+# Where the listed images are looked for, best first: RAF-DB's aligned faces (100x100, already
+# cropped) before its original photos, then the label file's own folder.
+IMAGE_FOLDERS = ("Image/aligned", "aligned", "Image/original", "original", "images", "Image", ".")
+
+
+def find_label_file(root: Path) -> Path | None:
+    """The label list in `root` (or its EmoLabel/ folder), if the dataset is given that way."""
+    for folder in LABEL_FILE_FOLDERS:
+        for name in LABEL_FILE_NAMES:
+            candidate = root / folder / name
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_label_file(path: Path) -> tuple[list[tuple[str, str]], list[dict[str, str]], str]:
+    """(image name, canonical class) per usable line, the unusable lines, and how labels were
+    read: "names", or the numbering ("RAF-DB" 1-7, "FER2013" 0-6) from `classes.code_table`."""
+    entries, bad = [], []
+    try:
+        lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 2:
+            bad.append({"path": f"{display_path(path)}#{number}",
+                        "reason": f"malformed line: expected 'image label', got {len(fields)} field(s)"})
+            continue
+        entries.append((fields[0], fields[1]))
+    numeric = [label.isdigit() for _, label in entries]
+    if any(numeric) and not all(numeric):
+        raise DataError(f"{path.name} mixes numeric labels and class names; use one or the other")
+    if entries and all(numeric):
+        try:
+            numbering, table = code_table({int(label) for _, label in entries})
+        except ValueError as exc:
+            raise DataError(f"{path.name}: {exc}") from exc
+        return [(name, table[int(label)]) for name, label in entries], bad, numbering
+    return [(name, canonical_class(label)) for name, label in entries], bad, "names"
+
+
+def _image_folder(root: Path, names: list[str]) -> Path:
+    """The first of IMAGE_FOLDERS that holds the first listed image (RAF-DB's aligned copies
+    add "_aligned" to the name)."""
+    for folder in IMAGE_FOLDERS:
+        if any(_listed_image(root / folder, name) for name in names[:20]):
+            return root / folder
+    raise DataError(f"none of the images listed in the label file were found under {root} "
+                    f"(looked in {', '.join(IMAGE_FOLDERS)})")
+
+
+def _listed_image(folder: Path, name: str) -> Path | None:
+    plain = folder / name
+    aligned = folder / f"{Path(name).stem}_aligned{Path(name).suffix}"
+    return next((p for p in (plain, aligned) if p.is_file()), None)
+
+
+def _load_label_file(label_file: Path, root: Path, cache_dir: Path | None,
+                     image_format: ImageFormat) -> Dataset:
+    """A dataset given as a list of "image label" lines (RAF-DB's list_patition_label.txt).
+    Names starting with train/test (RAF-DB's "train_00001.jpg") keep that split; otherwise the
+    images are pooled and split 75/25 like a folder of class folders."""
+    entries, bad, _ = read_label_file(label_file)
+    if not entries:
+        raise DataError(f"{label_file} lists no images")
+    real_root = root.resolve()
+    folder = _image_folder(root, [name for name, _ in entries])
+    has_own_split = all(name.lower().startswith(("train", "test")) for name, _ in entries)
+    listing = []
+    for name, label in entries:
+        image = _listed_image(folder, name)
+        if image is None or _outside(image, real_root):
+            reason = "listed in the label file but not found" if image is None else "outside the dataset folder"
+            bad.append({"path": display_path(folder / name), "reason": reason})
+            continue
+        split = ("test" if name.lower().startswith("test") else "train") if has_own_split else None
+        listing.append((image, label, split))
+    classes = sorted({label for _, label in entries})
+    return _decoded_dataset(listing, classes, str(root), has_own_split, cache_dir, bad, {}, image_format)
 
 
 def _list_files(class_dir: Path, real_root: Path | None = None,
@@ -171,8 +280,8 @@ def _list_files(class_dir: Path, real_root: Path | None = None,
     return files
 
 
-def _cache_key(files: list[Path]) -> str:
-    digest = hashlib.sha256(f"v{CACHE_VERSION}:{STORE_SIZE}".encode())
+def _cache_key(files: list[Path], image_format: ImageFormat) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION}:{image_format.size}:{image_format.colour}".encode())
     for f in files:
         try:
             st = f.stat()
@@ -182,11 +291,11 @@ def _cache_key(files: list[Path]) -> str:
     return digest.hexdigest()[:32]
 
 
-def _decode_cached(files: list[Path], cache_dir: Path | None
+def _decode_cached(files: list[Path], cache_dir: Path | None, image_format: ImageFormat
                    ) -> tuple[torch.Tensor, list[str], list[dict[str, str]]]:
     """Decode every file once; reuse the decoded tensor while the file list is unchanged."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache_file = cache_dir / f"images-{_cache_key(files)}.pt"
+    cache_file = cache_dir / f"images-{_cache_key(files, image_format)}.pt"
     if cache_file.is_file():
         try:
             cached = torch.load(cache_file, weights_only=True)
@@ -195,13 +304,13 @@ def _decode_cached(files: list[Path], cache_dir: Path | None
             cache_file.unlink(missing_ok=True)  # a damaged cache is just rebuilt
     arrays, kept, bad = [], [], []
     for f in files:
-        array, problem = decode_file(f)
+        array, problem = decode_file(f, image_format)
         if problem:
             bad.append({"path": display_path(f), "reason": problem})
         else:
             arrays.append(array)
             kept.append(str(f))
-    images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, STORE_SIZE, STORE_SIZE), dtype=torch.uint8)
+    images = torch.from_numpy(np.stack(arrays)) if arrays else image_format.empty_batch()
     with suppress(OSError):  # a read-only or full cache folder only costs the next run a re-decode
         atomic_save(cache_file, lambda p: torch.save({"images": images, "paths": kept, "bad_files": bad}, p))
     return images, kept, bad
@@ -213,10 +322,10 @@ def display_path(path: str | Path) -> str:
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
-def decode_file(path: Path) -> tuple[np.ndarray | None, str | None]:
-    """Decode one image file to (48, 48) uint8 grey, or return why it cannot be used.
+def decode_file(path: Path, image_format: ImageFormat = DEFAULT_FORMAT) -> tuple[np.ndarray | None, str | None]:
+    """Decode one image file to its stored uint8 array, or return why it cannot be used.
 
-    The pixels are `inference.to_grey_48`'s, exactly what a photo of the same file gives the
+    The pixels are `inference.to_stored`'s, exactly what a photo of the same file gives the
     model at prediction time.
     """
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -230,14 +339,14 @@ def decode_file(path: Path) -> tuple[np.ndarray | None, str | None]:
                 if image.width * image.height > MAX_SOURCE_PIXELS:
                     return None, f"image too large ({image.width}x{image.height})"
                 reduce_jpeg_decode(image)  # the photo path's decode scale, so the pixels match
-                return to_grey_48(image), None
+                return to_stored(image, image_format), None
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return None, f"not a readable image ({type(exc).__name__})"
     except (OSError, ValueError, SyntaxError) as exc:
         return None, f"unreadable ({str(exc).splitlines()[0][:120]})"
 
 
-def read_fer2013_csv(path: Path) -> Dataset:
+def read_fer2013_csv(path: Path, image_format: ImageFormat = DEFAULT_FORMAT) -> Dataset:
     """Read Kaggle's fer2013.csv (emotion, pixels[, Usage]); malformed rows are skipped and reported.
 
     Each line is parsed on its own (`fer2013_csv.read_lines`): a broken row, an unclosed quote
@@ -267,7 +376,7 @@ def read_fer2013_csv(path: Path) -> Dataset:
                     if len(fields) <= needed:
                         raise ValueError(f"{len(fields)} field(s), expected {needed + 1}")
                     code = int(fields[columns["emotion"]].strip())
-                    if code not in FER2013_CSV_CODES:
+                    if code not in FER2013_CODES:
                         raise ValueError(f"unknown emotion code {code}")
                     pixels = fer2013_csv.parse_pixels(fields[columns["pixels"]])
                     if pixels.size != STORE_SIZE * STORE_SIZE or pixels.min() < 0 or pixels.max() > 255:
@@ -275,18 +384,19 @@ def read_fer2013_csv(path: Path) -> Dataset:
                 except ValueError as exc:
                     bad.append({"path": ref, "reason": f"malformed row ({str(exc)[:80] or type(exc).__name__})"})
                     continue
-                arrays.append(pixels.astype(np.uint8).reshape(STORE_SIZE, STORE_SIZE))
-                labels.append(classes.index(FER2013_CSV_CODES[code]))
+                face = pixels.astype(np.uint8).reshape(STORE_SIZE, STORE_SIZE)
+                arrays.append(face if image_format == DEFAULT_FORMAT else to_stored(Image.fromarray(face), image_format))
+                labels.append(classes.index(FER2013_CODES[code]))
                 paths.append(ref)
                 if usage_column is not None:
                     usage = fields[usage_column].strip().lower()
                     splits.append("train" if usage == "training" else "test")
     except OSError as exc:  # a read error part-way through the file
         raise DataError(f"cannot read {path}: {exc}") from exc
-    images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, STORE_SIZE, STORE_SIZE), dtype=torch.uint8)
+    images = torch.from_numpy(np.stack(arrays)) if arrays else image_format.empty_batch()
     return Dataset(images=images, labels=torch.tensor(labels, dtype=torch.int64), paths=paths,
                    classes=classes, source=str(path), given_split=splits if usage_column is not None else None,
-                   bad_files=bad)
+                   bad_files=bad, image_format=image_format)
 
 
 def _check_usable(dataset: Dataset) -> None:

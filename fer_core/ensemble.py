@@ -32,6 +32,7 @@ from . import runs
 from .calibration import (MIN_PROBABILITY, Calibration, apply_temperature, calibration_report, fit_calibration,
                           record_calibration)
 from .errors import FerError
+from .inference import ImageFormat
 from .runs import RunLayout
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,18 @@ class EnsembleNetwork(nn.Module):
 
 def network_from_checkpoint(checkpoint: dict[str, Any]) -> EnsembleNetwork:
     """Rebuild an ensemble's network (members from their stems, then the saved weights)."""
-    from .models import build_model
+    from .models import resnet_from_state
 
     described = checkpoint.get("ensemble")
     stems = described.get("stems") if isinstance(described, dict) else None
     if not isinstance(stems, list) or len(stems) < MIN_MEMBERS:
         raise ValueError("the ensemble record lists no member stems")
     classes = len(checkpoint["class_names"])
-    members = [build_model(classes, mode="finetune", stem=stem, pretrained=False)[0] for stem in stems]
+    image_format = ImageFormat.of(checkpoint["config"])
+    members = [resnet_from_state(checkpoint["model_state"], classes, stem, image_format, prefix=f"members.{i}.")
+               for i, stem in enumerate(stems)]
     network = EnsembleNetwork(members, [1.0] * len(members))
-    network.load_state_dict(checkpoint["model_state"])
+    network.load_state_dict(checkpoint["model_state"])  # the members' weights again, and the ensemble's buffers
     return network.eval()
 
 
@@ -115,6 +118,10 @@ def _check_same(first: dict[str, Any], other: dict[str, Any]) -> None:
     if a["config"].get("img_size") != b["config"].get("img_size"):
         raise FerError(f"{names} take different input sizes ({a['config'].get('img_size')} and "
                        f"{b['config'].get('img_size')} px): the ensemble is one network with one input")
+    formats = [ImageFormat.of(c["config"]) for c in (a, b)]
+    if formats[0] != formats[1]:
+        raise FerError(f"{names} store faces differently ({formats[0].size} px {formats[0].colour} and "
+                       f"{formats[1].size} px {formats[1].colour}): the ensemble is one network with one input")
     tests = [{path for path, split in member["split"].items() if split == "test"} for member in (first, other)]
     if tests[0] != tests[1]:
         differ = len(tests[0] ^ tests[1])
@@ -153,7 +160,9 @@ def create_ensemble(run_dirs: Sequence[Path | str], name: str, *, runs_dir: Path
 def ensemble_config(name: str, members: list[dict[str, Any]]) -> dict[str, Any]:
     configs = [member["checkpoint"]["config"] for member in members]
     first = configs[0]
+    image_format = ImageFormat.of(first)
     return {"experiment": name, "mode": MODE, "data": first["data"], "img_size": first["img_size"],
+            "store_size": image_format.size, "colour": image_format.colour,
             "tta": all(bool(c.get("tta")) for c in configs), "amp": all(bool(c.get("amp")) for c in configs),
             "stem": MODE, "seed": first.get("seed"), "test_fraction": first.get("test_fraction"),
             "val_fraction": first.get("val_fraction"),
@@ -174,7 +183,7 @@ def _score_and_publish(layout: RunLayout, config: dict[str, Any], members: list[
     network = EnsembleNetwork([model_from_checkpoint(c, f"run {m['layout'].id}") for c, m in zip(checkpoints, members)],
                               temperatures).eval()
     classes = list(checkpoints[0]["class_names"])
-    dataset = load_dataset(config["data"])
+    dataset = load_dataset(config["data"], image_format=ImageFormat.of(config))
     if dataset.classes != classes:
         raise FerError(f"the dataset's classes {dataset.classes} differ from the members' {classes}")
     # the test split is the members' common one (checked); "val" only where every member kept the

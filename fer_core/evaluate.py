@@ -16,6 +16,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from torch import nn
 
 from .data import display_path
+from .inference import ImageFormat
 from .inference import probabilities as model_probabilities
 from .runs import RunLayout, atomic_write_json, atomic_write_text
 
@@ -141,7 +142,7 @@ def evaluate_run(run_dir: Path, data: str | None = None) -> dict[str, Any]:
     checkpoint = load_checkpoint(layout.best_checkpoint)
     config = checkpoint["config"]
     classes = list(checkpoint["class_names"])
-    dataset = load_dataset(data or config["data"])
+    dataset = load_dataset(data or config["data"], image_format=ImageFormat.of(config))
     if dataset.classes != classes:
         raise FerError(f"dataset classes {dataset.classes} differ from the model's {classes}")
     if data:

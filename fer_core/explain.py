@@ -1,7 +1,7 @@
 """Why did the model say "sad"? Grad-CAM heat maps over the 48x48 face and over its box in the photo.
 
 The method is Captum's (`captum.attr.LayerGradCam`, upsampled with `LayerAttribution.interpolate`);
-this module only feeds it exactly what prediction feeds the model (`inference.to_grey_48`, then
+this module only feeds it exactly what prediction feeds the model (`inference.to_stored`, then
 `transforms.eval_transform` at the checkpoint's img_size), picks the layer, and paints the result.
 
 Which layer: Grad-CAM's map has the resolution of the layer it reads, and ResNet18 halves it in
@@ -41,7 +41,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import FerError
-from .inference import STORE_SIZE, to_grey_48
+from .inference import DEFAULT_FORMAT, ImageFormat, to_stored
 from .transforms import eval_transform
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class ExplainError(FerError):
 class Explanation:
     """One face's Grad-CAM map for one class.
 
-    `heatmap` is float32 (48, 48) in [0, 1] in the crop's pixels (the model's 48x48 face):
+    `heatmap` is float32 (side, side) in [0, 1] in the stored crop's pixels (48x48 by default):
     1 where the evidence for `class_name` is strongest, 0 where there is none (Grad-CAM's ReLU
     drops evidence against the class). All zeros when nothing in the face raised the score.
     `probability` is the model's softmax for that class on this single view of the face (no
@@ -85,7 +85,7 @@ class GradCam:
     copy was taken from is never touched, so predictions may run beside it."""
 
     def __init__(self, model: nn.Module, class_names: Sequence[str], img_size: int, *,
-                 layer: str | None = None) -> None:
+                 layer: str | None = None, image_format: ImageFormat = DEFAULT_FORMAT) -> None:
         # a copy: Captum hooks the layer while it works, which must not catch another thread's
         # prediction on the shared model, and gradients must not reach the shared weights
         self.model = copy.deepcopy(model).float().eval()
@@ -93,7 +93,8 @@ class GradCam:
             parameter.requires_grad_(False)  # Grad-CAM needs the layer's gradient, not the weights'
         self.class_names = list(class_names)
         self.img_size = int(img_size)
-        self.layer = layer or layer_for(self.model, self.img_size)
+        self.image_format = image_format  # faces are stored as the run stored them, as in prediction
+        self.layer = layer or layer_for(self.model, self.img_size, image_format.channels)
         self.blocks = target_layers(self.model, self.layer)
         self._lock = threading.Lock()
 
@@ -105,7 +106,7 @@ class GradCam:
         ckpt = load_checkpoint(path)
         info = describe_checkpoint(ckpt)
         return cls(model_from_checkpoint(ckpt, Path(path).name), info["classes"], info["img_size"],
-                   layer=layer)
+                   layer=layer, image_format=ImageFormat.of(ckpt["config"]))
 
     @classmethod
     def for_predictor(cls, predictor: Predictor, *, layer: str | None = None) -> GradCam:
@@ -115,20 +116,21 @@ class GradCam:
         model = predictor.model
         if model is None:
             model = _model_behind(predictor)
-        return cls(model, predictor.class_names, predictor.img_size, layer=layer)
+        return cls(model, predictor.class_names, predictor.img_size, layer=layer,
+                   image_format=predictor.image_format)
 
     def heatmaps(self, faces: torch.Tensor, targets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 grey faces (N, 48, 48) and a class index per face -> (maps, probabilities):
-        maps float32 (N, 48, 48) in [0, 1] (`Explanation.heatmap`), probabilities float32 (N,)
-        of each target class."""
+        """uint8 stored faces (N, H, W) grey or (N, H, W, 3) RGB and a class index per face ->
+        (maps, probabilities): maps float32 (N, H, W) in [0, 1] (`Explanation.heatmap`),
+        probabilities float32 (N,) of each target class."""
         from captum.attr import LayerAttribution, LayerGradCam
 
-        if faces.ndim != 3 or faces.dtype != torch.uint8:
-            raise ValueError(f"faces must be uint8 (N, H, W), got {faces.dtype} {tuple(faces.shape)}")
+        if faces.dtype != torch.uint8 or not (faces.ndim == 3 or (faces.ndim == 4 and faces.shape[-1] == 3)):
+            raise ValueError(f"faces must be uint8 (N, H, W) or (N, H, W, 3), got {faces.dtype} {tuple(faces.shape)}")
         if len(targets) != len(faces):
             raise ValueError(f"{len(faces)} faces but {len(targets)} target classes")
         if len(faces) == 0:
-            return (np.zeros((0, *faces.shape[1:]), np.float32), np.zeros(0, np.float32))
+            return (np.zeros((0, *faces.shape[1:3]), np.float32), np.zeros(0, np.float32))
         for target in targets:
             if not 0 <= int(target) < len(self.class_names):
                 raise ValueError(f"class index {target} is not one of the model's "
@@ -143,8 +145,8 @@ class GradCam:
                     for block in self.blocks)
             finally:
                 hook.remove()
-        # the map goes to the crop's own 48x48 frame: img_size only rescales that crop
-        maps = LayerAttribution.interpolate(raw.detach().float(), tuple(faces.shape[1:]),
+        # the map goes to the stored crop's own frame: img_size only rescales that crop
+        maps = LayerAttribution.interpolate(raw.detach().float(), tuple(faces.shape[1:3]),
                                             interpolate_mode="bilinear")[:, 0]
         probs = outputs[-1].float().softmax(1)
         peak = maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
@@ -154,20 +156,20 @@ class GradCam:
 
     def explain(self, faces: Sequence[Image.Image | np.ndarray],
                 classes: Sequence[str | int | None] | None = None) -> list[Explanation]:
-        """Maps for face crops (any PIL image or grey array; each goes through `to_grey_48`, as
+        """Maps for face crops (any PIL image or grey array; each goes through `to_stored`, as
         in prediction). `classes[i]` names the class to explain for face i (a name or an index);
         None (or no `classes`) explains the class the model scores highest on that face."""
         wanted = list(classes) if classes is not None else [None] * len(faces)
         if len(wanted) != len(faces):
             raise ValueError(f"{len(faces)} faces but {len(wanted)} classes")
-        grey = torch.from_numpy(np.stack([_grey(face) for face in faces])) if faces else \
-            torch.empty((0, STORE_SIZE, STORE_SIZE), dtype=torch.uint8)
+        stored = torch.from_numpy(np.stack([_stored(face, self.image_format) for face in faces])) if faces \
+            else self.image_format.empty_batch()
         targets = [self.class_index(c) for c in wanted]
         if any(t is None for t in targets):
             with torch.no_grad(), self._lock:
-                top = self.model(eval_transform(grey, self.img_size)).argmax(1).tolist()
+                top = self.model(eval_transform(stored, self.img_size)).argmax(1).tolist()
             targets = [top[i] if t is None else t for i, t in enumerate(targets)]
-        maps, probs = self.heatmaps(grey, targets)
+        maps, probs = self.heatmaps(stored, targets)
         return [Explanation(class_index=t, class_name=self.class_names[t], probability=float(p),
                             layer=self.layer, heatmap=m) for t, p, m in zip(targets, probs, maps, strict=True)]
 
@@ -183,15 +185,16 @@ class GradCam:
         raise ValueError(f"{wanted!r} is not one of this model's classes: {', '.join(self.class_names)}")
 
 
-def layer_for(model: nn.Module, img_size: int) -> str:
+def layer_for(model: nn.Module, img_size: int, channels: int = 1) -> str:
     """The layer Grad-CAM reads at this input size: layer4 when its map is at least
     MIN_MAP_SIDE a side, else layer3 (see the module docstring for why)."""
-    sides = feature_map_sides(model, img_size)
+    sides = feature_map_sides(model, img_size, channels)
     return "layer4" if sides.get("layer4", 0) >= MIN_MAP_SIDE else "layer3"
 
 
-def feature_map_sides(model: nn.Module, img_size: int) -> dict[str, int]:
-    """The spatial side of each of LAYERS' outputs for an img_size input (one dry forward).
+def feature_map_sides(model: nn.Module, img_size: int, channels: int = 1) -> dict[str, int]:
+    """The spatial side of each of LAYERS' outputs for an img_size input of `channels` channels
+    (one dry forward).
     ExplainError when the model lacks one of them."""
     modules = {name: target_layers(model, name)[0] for name in LAYERS}
     sides: dict[str, int] = {}
@@ -203,7 +206,7 @@ def feature_map_sides(model: nn.Module, img_size: int) -> dict[str, int]:
         model.eval()
         with torch.no_grad():
             parameter = next(model.parameters(), None)
-            model(torch.zeros(1, 3, img_size, img_size,
+            model(torch.zeros(1, channels, img_size, img_size,
                               device=parameter.device if parameter is not None else None))
     finally:
         model.train(was_training)
@@ -236,10 +239,10 @@ def _model_behind(predictor: Predictor) -> nn.Module:
     return model_from_checkpoint(load_checkpoint(path), Path(path).name)
 
 
-def _grey(face: Image.Image | np.ndarray) -> np.ndarray:
+def _stored(face: Image.Image | np.ndarray, image_format: ImageFormat) -> np.ndarray:
     if isinstance(face, np.ndarray):
         face = Image.fromarray(face if face.dtype == np.uint8 else np.clip(face, 0, 255).astype(np.uint8))
-    return to_grey_48(face)
+    return to_stored(face, image_format)
 
 
 # ---- pictures -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 a consumer needs (classes, input size, preprocessing, accuracy, run id).
 
 The exported network is the classifier with its softmax: input "input", float32
-(batch, 3, S, S), the face already preprocessed (`PREPROCESSING`); output "probabilities"
+(batch, C, S, S), the face already preprocessed (`preprocessing`); output "probabilities"
 (batch, classes). The batch dimension is dynamic. Test-time augmentation is not part of the
 file: it averages several views of the input, which our `Predictor` does around any backend.
 """
@@ -27,10 +27,10 @@ from torch import nn
 from . import __version__, settings
 from .calibration import Calibration
 from .errors import CheckpointError, FerError
-from .inference import STORE_SIZE
+from .inference import ImageFormat
 from .models import load_checkpoint, model_from_checkpoint
 from .runs import CHECKPOINT_DIR, RunLayout, atomic_write_bytes, atomic_write_json, read_json
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import channel_statistics
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +47,23 @@ METADATA_KEY = "fer_model_card"
 """The ONNX metadata_props key (and TorchScript extra file name) holding the model card JSON;
 its fields are also stored one per key (`fer.<field>`) for tools that show metadata as a table."""
 
-PREPROCESSING: dict[str, Any] = {
-    "description": ("Crop the face, convert it to grey (ITU-R 601-2 luma), take the centre square "
-                    "and resize it to 48x48 (bilinear): that is how every training image was stored. "
-                    "Then resize to input_size x input_size (bilinear, antialiased when shrinking), "
-                    "scale to [0, 1], repeat the grey channel 3 times and normalise each channel "
-                    "with mean and std. Layout NCHW, float32."),
-    "face_size": STORE_SIZE, "colour": "grey", "resize": "bilinear", "scale": 1 / 255,
-    "channels": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "NCHW",
-    "dtype": "float32",
-}
+
+
+def preprocessing(image_format: ImageFormat) -> dict[str, Any]:
+    """How a client turns a face into the model's input, for a run that stored `image_format`."""
+    side, grey = image_format.size, image_format.colour == "grey"
+    mean, std = channel_statistics(image_format.channels)
+    colour = "convert it to grey (ITU-R 601-2 luma)" if grey else "keep it RGB"
+    return {
+        "description": (f"Crop the face, {colour}, take the centre square and resize it to {side}x{side} "
+                        "(bilinear): that is how every training image was stored. Then resize to "
+                        "input_size x input_size (bilinear, antialiased when shrinking), scale to [0, 1] "
+                        f"and normalise {'the channel' if grey else 'each channel'} with mean and std. "
+                        "Layout NCHW, float32."),
+        "face_size": side, "colour": image_format.colour, "resize": "bilinear", "scale": 1 / 255,
+        "channels": image_format.channels, "mean": list(mean), "std": list(std), "layout": "NCHW",
+        "dtype": "float32",
+    }
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ class ModelCard:
     # temperature scaling fitted on the validation split (fer_core.calibration); None: uncalibrated.
     # The graph outputs the plain softmax p: calibrated = softmax(log(p) / temperature).
     calibration: dict[str, Any] | None = None
-    preprocessing: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(PREPROCESSING))
+    preprocessing: dict[str, Any] = dataclasses.field(default_factory=lambda: preprocessing(ImageFormat()))
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     fer_core_version: str = __version__
@@ -86,6 +93,13 @@ class ModelCard:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def image_format(self) -> ImageFormat:
+        """How the run stored its faces (cards from before the choice: 48 px grey)."""
+        described = self.preprocessing if isinstance(self.preprocessing, dict) else {}
+        return ImageFormat(size=described.get("face_size", ImageFormat().size),
+                           colour=described.get("colour", "grey"))
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelCard:
@@ -104,6 +118,10 @@ class ModelCard:
         size = card.input_size
         if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 1024:
             raise CheckpointError(f"the model card's input_size must be an int in [16, 1024], got {card.input_size!r}")
+        try:
+            _ = card.image_format  # a size or colour no stored face can have
+        except ValueError as exc:
+            raise CheckpointError(f"the model card's preprocessing is not usable: {exc}") from exc
         return card
 
 
@@ -211,7 +229,7 @@ def _prune_cache(folder: Path, keep: int) -> None:
 
 
 def example_input(card: ModelCard, batch: int = 2) -> torch.Tensor:
-    return torch.zeros(batch, 3, card.input_size, card.input_size)
+    return torch.zeros(batch, card.image_format.channels, card.input_size, card.input_size)
 
 
 def _card(checkpoint: dict[str, Any], run_id: str | None, fmt: str, source: Path) -> ModelCard:
@@ -226,7 +244,8 @@ def _card(checkpoint: dict[str, Any], run_id: str | None, fmt: str, source: Path
         tta=bool(config.get("tta", False)), stem=str(config.get("stem", "imagenet")), format=fmt,
         opset=OPSET if fmt == "onnx" else None,
         exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source_checkpoint=str(source), calibration=_calibration_of(checkpoint))
+        source_checkpoint=str(source), calibration=_calibration_of(checkpoint),
+        preprocessing=preprocessing(ImageFormat.of(config)))
 
 
 def _calibration_of(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -250,8 +269,9 @@ def _onnx_bytes(network: nn.Module, card: ModelCard) -> bytes:
                                     output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
                                     opset_version=OPSET, dynamo=True, verbose=False)
     model = program.model_proto
+    channels = card.image_format.channels
     model.doc_string = (f"Facial emotion classifier ({len(card.classes)} classes: "
-                        f"{', '.join(card.classes)}). Input {INPUT_NAME}: float32 (batch, 3, "
+                        f"{', '.join(card.classes)}). Input {INPUT_NAME}: float32 (batch, {channels}, "
                         f"{card.input_size}, {card.input_size}), preprocessed as the model card says. "
                         f"Output {OUTPUT_NAME}: softmax probabilities in class order.")
     model.producer_name, model.producer_version = "fer_core", __version__

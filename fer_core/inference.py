@@ -1,4 +1,4 @@
-"""What the model sees: any image -> 48x48 grey uint8, and uint8 batches -> class probabilities.
+"""What the model sees: any image -> its stored uint8 face, and uint8 batches -> class probabilities.
 
 Training data, evaluation and prediction all go through this module, so a photo and the same
 pixels stored as a dataset image reach the model identically. It must not import scikit-learn
@@ -6,15 +6,18 @@ pixels stored as a dataset image reach the model identically. It must not import
 
 The conversion rules, in order: honour EXIF orientation; composite transparency on white;
 scale 16/32-bit and float grey to 8 bits by the range of their type (min-max only when the
-values exceed it); convert to grey; crop the centre square; resize to 48 px bilinearly.
+values exceed it); convert to grey (or RGB); crop the centre square; resize bilinearly to the
+stored side. The stored format (`ImageFormat`: 48 px grey by default, FER2013's own) is a
+training choice recorded in the run's config, so prediction and export follow the run.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,8 @@ from torch import nn
 from .transforms import eval_transform, tta_views
 
 STORE_SIZE = 48
-"""Side of the grey uint8 images every dataset is stored as, and so of every model input crop."""
+"""Default side of the stored uint8 faces: FER2013's native 48 px."""
+COLOURS = ("grey", "rgb")
 DECODE_SIDE = 1600
 """Large JPEGs decode at 1/2-1/8 scale down to this longest side, in datasets as in photos: the
 DCT scaling changes pixels, so both paths must use the same scale to give the same crop. Face
@@ -101,13 +105,51 @@ def high_depth_to_grey(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8))  # 2-D uint8 is "L"
 
 
-def to_grey_48(image: Image.Image) -> np.ndarray:
-    """Any PIL image (a dataset file, a photo, a face crop) -> the (48, 48) uint8 grey array the
-    model is fed: upright, flattened, grey, centre square, bilinear resize."""
-    grey = flatten(upright(image)).convert("L")
-    if grey.size != (STORE_SIZE, STORE_SIZE):
-        grey = ImageOps.fit(grey, (STORE_SIZE, STORE_SIZE), method=Image.Resampling.BILINEAR)
-    return np.asarray(grey, dtype=np.uint8).copy()
+@dataclass(frozen=True)
+class ImageFormat:
+    """How faces are stored, in datasets and in prediction crops alike: side in pixels and
+    colour. Grey arrays are (side, side); RGB arrays are (side, side, 3), PIL's own layout."""
+
+    size: int = STORE_SIZE
+    colour: str = "grey"
+
+    def __post_init__(self) -> None:
+        if self.colour not in COLOURS:
+            raise ValueError(f"colour must be one of {COLOURS}, got {self.colour!r}")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 16 <= self.size <= 512:
+            raise ValueError(f"stored image size must be an integer from 16 to 512 px, got {self.size!r}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.colour == "grey" else 3
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.size, self.size) if self.colour == "grey" else (self.size, self.size, 3)
+
+    def empty_batch(self) -> torch.Tensor:
+        return torch.empty((0, *self.shape), dtype=torch.uint8)
+
+    @classmethod
+    def of(cls, config: Mapping | object) -> ImageFormat:
+        """The format a run's config (a TrainConfig, or a checkpoint's config dict) names; runs
+        from before the choice existed were 48 px grey."""
+        get = config.get if isinstance(config, Mapping) else lambda key, default: getattr(config, key, default)
+        return cls(size=get("store_size", STORE_SIZE), colour=get("colour", "grey"))
+
+
+DEFAULT_FORMAT = ImageFormat()
+"""48 px grey: FER2013's own format, and every run's before the choice existed."""
+
+
+def to_stored(image: Image.Image, image_format: ImageFormat = DEFAULT_FORMAT) -> np.ndarray:
+    """Any PIL image (a dataset file, a photo, a face crop) -> the uint8 array the model is fed:
+    upright, flattened, grey or RGB, centre square, bilinear resize to the stored side."""
+    side = image_format.size
+    converted = flatten(upright(image)).convert("L" if image_format.colour == "grey" else "RGB")
+    if converted.size != (side, side):
+        converted = ImageOps.fit(converted, (side, side), method=Image.Resampling.BILINEAR)
+    return np.asarray(converted, dtype=np.uint8).copy()
 
 
 # ---- the model --------------------------------------------------------------------------
@@ -146,7 +188,8 @@ def autocast_context(device: torch.device, amp: bool) -> AbstractContextManager:
 def probabilities(model: nn.Module, images: torch.Tensor, img_size: int, *,
                   device: torch.device | None = None, amp: bool = False, tta: bool = False,
                   batch_size: int = BATCH_SIZE) -> torch.Tensor:
-    """Softmax probabilities (N, classes), float32 on the CPU, for uint8 grey images (N, H, W).
+    """Softmax probabilities (N, classes), float32 on the CPU, for uint8 stored images: grey
+    (N, H, W) or RGB (N, H, W, 3).
 
     `eval_transform` at `img_size`, the model in eval mode, `amp` autocast; `tta` averages the
     probabilities of `transforms.tta_views` (the face and its mirror, centred and shifted).
@@ -175,7 +218,7 @@ def averaged_probabilities(classify: Callable[[torch.Tensor], torch.Tensor], ima
                            img_size: int, *, device: torch.device | None = None,
                            tta: bool = False, batch_size: int = BATCH_SIZE,
                            num_classes: int = 0) -> torch.Tensor:
-    """`probabilities` for any classifier: `classify` maps a preprocessed batch (N, 3, S, S) to
+    """`probabilities` for any classifier: `classify` maps a preprocessed batch (N, C, S, S) to
     softmax probabilities; this function does the preprocessing, the test-time views and their
     average, so every backend (PyTorch, ONNX Runtime) gets exactly the same input."""
     if len(images) == 0:

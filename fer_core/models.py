@@ -13,7 +13,9 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from .errors import CheckpointError
+from .inference import DEFAULT_FORMAT, ImageFormat
 from .runs import atomic_write_bytes
+from .transforms import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +28,16 @@ WEIGHTS_DOWNLOAD_TIMEOUT_S = 15.0
 
 
 def build_model(num_classes: int, mode: str = "finetune", stem: str = "imagenet",
-                pretrained: bool = True, weights_path: str | None = None
+                pretrained: bool = True, weights_path: str | None = None,
+                in_channels: int = DEFAULT_FORMAT.channels
                 ) -> tuple[nn.Module, str, str | None]:
-    """Return (model, weights_source, warning).
+    """Return (model, weights_source, warning). `in_channels`: 1 for grey faces, 3 for RGB.
 
     weights_source is "imagenet", "file:<path>" or "random"; warning says why pretrained
     weights were wanted but not used, or is None.
     """
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if stem not in STEMS:
@@ -50,11 +55,44 @@ def build_model(num_classes: int, mode: str = "finetune", stem: str = "imagenet"
             warning = ("ImageNet weights could not be downloaded, so training starts from random "
                        "weights. Pass --weights FILE to use a local copy of resnet18-f37072fd.pth.")
             log.warning("%s (%s: %s)", warning, type(exc).__name__, exc)  # the details go to the log
+    if in_channels == 1:
+        model.conv1 = grey_first_layer(model.conv1, from_pretrained=source != "random")
     if stem == "small":
         model.maxpool = nn.Identity()
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     set_trainable(model, mode)
     return model, source, warning
+
+
+def grey_first_layer(conv: nn.Conv2d, from_pretrained: bool) -> nn.Conv2d:
+    """A one-channel copy of ResNet's first convolution. From ImageNet filters, each output's
+    three colour filters are summed, each scaled by GREY_STD / its channel's std: on a grey face
+    that is exactly the response to the face repeated on three ImageNet-normalised channels, up
+    to a constant per filter that the next BatchNorm absorbs. Summing keeps a third of the first
+    layer's input traffic and compute, where repeating the image would triple it for nothing.
+    From random weights, a fresh layer with torchvision's initialisation."""
+    grey = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    if from_pretrained:
+        scale = torch.tensor([GREY_STD / s for s in IMAGENET_STD]).view(1, 3, 1, 1)
+        grey.weight.data.copy_((conv.weight.data * scale).sum(1, keepdim=True))
+    else:
+        nn.init.kaiming_normal_(grey.weight, mode="fan_out", nonlinearity="relu")
+    return grey
+
+
+class GreyAsRGB(nn.Module):
+    """Before a first layer trained on grey faces repeated on three ImageNet-normalised channels
+    (every run before the colour choice existed): turns today's one-channel grey input into
+    exactly those three channels, so old checkpoints predict as they were evaluated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("scale", GREY_STD / std, persistent=False)
+        self.register_buffer("shift", (GREY_MEAN - mean) / std, persistent=False)
+
+    def forward(self, grey: torch.Tensor) -> torch.Tensor:
+        return grey * self.scale + self.shift
 
 
 def _download_imagenet_state() -> dict[str, torch.Tensor]:
@@ -149,6 +187,27 @@ def weights_are_finite(state: dict[str, Any]) -> bool:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
+def resnet_from_state(state: dict[str, Any], num_classes: int, stem: str, image_format: ImageFormat,
+                      name: str = "the checkpoint", prefix: str = "") -> nn.Module:
+    """Our ResNet18 with the weights under `prefix` in `state`. Its first layer takes the
+    channels it was trained with; a 3-channel layer trained on grey faces (runs from before the
+    colour choice) gets `GreyAsRGB` in front, so it takes today's one-channel grey input."""
+    wrapped = f"{prefix}conv1.1.weight" in state  # saved with GreyAsRGB already in front
+    first = state.get(f"{prefix}conv1.1.weight" if wrapped else f"{prefix}conv1.weight")
+    channels = first.shape[1] if isinstance(first, torch.Tensor) and first.dim() == 4 else image_format.channels
+    if channels != image_format.channels and (channels, image_format.colour) != (3, "grey"):
+        raise CheckpointError(f"{name}: its first layer takes {channels} channel(s), but its faces "
+                              f"are stored {image_format.colour}")
+    model, _, _ = build_model(num_classes, mode="finetune", stem=stem, pretrained=False, in_channels=channels)
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if wrapped:
+        model.conv1 = nn.Sequential(GreyAsRGB(), model.conv1)
+    model.load_state_dict(own)
+    if channels != image_format.channels and not wrapped:
+        model.conv1 = nn.Sequential(GreyAsRGB(), model.conv1)
+    return model
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], name: str = "the checkpoint") -> nn.Module:
     """Rebuild the trained network from a loaded checkpoint, in eval mode on the CPU; anything
     that does not fit (unknown stem, odd weights, a class list of another length) is a
@@ -162,9 +221,10 @@ def model_from_checkpoint(ckpt: dict[str, Any], name: str = "the checkpoint") ->
         if "ensemble" in ckpt:  # several runs' networks averaged (fer_core.ensemble)
             from .ensemble import network_from_checkpoint
             return network_from_checkpoint(ckpt)
-        model, _, _ = build_model(len(classes), mode="finetune", stem=config.get("stem", "imagenet"),
-                                  pretrained=False)
-        model.load_state_dict(ckpt["model_state"])
+        model = resnet_from_state(ckpt["model_state"], len(classes), config.get("stem", "imagenet"),
+                                  ImageFormat.of(config), name)
+    except CheckpointError:
+        raise
     except RuntimeError as exc:
         raise CheckpointError(f"{name}: its weights do not fit a ResNet18 with "
                               f"{len(classes)} classes: {str(exc).splitlines()[0]}") from exc

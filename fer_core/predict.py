@@ -1,6 +1,6 @@
 """Prediction: image -> faces -> 48 px grey crops -> emotion probabilities.
 
-The crops go through exactly the path the model was evaluated on: `inference.to_grey_48` (how
+The crops go through exactly the path the model was evaluated on: `inference.to_stored` (how
 every dataset image is stored) and then `inference.probabilities` at the checkpoint's img_size.
 """
 
@@ -28,7 +28,7 @@ from .calibration import Calibration, apply_temperature
 from .errors import CheckpointError, FerError
 from .faces import DETECTORS, FaceBox, crop_face, detect_faces
 from .images import ImageSource, PixelBudget, load_image
-from .inference import DECODE_SIDE, STORE_SIZE, averaged_probabilities, to_grey_48
+from .inference import DECODE_SIDE, DEFAULT_FORMAT, ImageFormat, averaged_probabilities, to_stored
 from .models import load_checkpoint, model_from_checkpoint
 from .runs import RunLayout
 
@@ -98,7 +98,8 @@ class Predictor:
 
     def __init__(self, model: nn.Module | Classifier, class_names: Sequence[str], img_size: int, *,
                  amp: bool = False, tta: bool = False, info: dict[str, Any] | None = None,
-                 num_threads: int | None = None, calibration: Calibration | None = None) -> None:
+                 num_threads: int | None = None, calibration: Calibration | None = None,
+                 image_format: ImageFormat = DEFAULT_FORMAT) -> None:
         self.classifier: Classifier = TorchClassifier(model, amp=amp) if isinstance(model, nn.Module) else model
         self.model: nn.Module | None = self.classifier.model if isinstance(self.classifier, TorchClassifier) else None
         self.class_names = list(class_names)
@@ -108,6 +109,7 @@ class Predictor:
         self.info = dict(info or {})
         self.num_threads = num_threads
         self.calibration = calibration
+        self.image_format = image_format  # how the run stored its faces: crops are made the same way
 
     @property
     def backend(self) -> str:
@@ -151,7 +153,8 @@ class Predictor:
                 "stem": card.stem, "amp": False, "tta": card.tta, "accuracy": card.test_accuracy,
                 "macro_f1": card.macro_f1, "run_dir": None, "run_id": card.run_id, "path": str(path)}
         return cls(classifier, card.classes, card.input_size, tta=card.tta if tta is None else tta,
-                   info=info, num_threads=num_threads, calibration=Calibration.from_dict(card.calibration))
+                   info=info, num_threads=num_threads, calibration=Calibration.from_dict(card.calibration),
+                   image_format=card.image_format)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, num_threads: int | None = None,
@@ -169,7 +172,8 @@ class Predictor:
         return cls(model, info["classes"], info["img_size"],
                    amp=bool(config.get("amp", False)) if amp is None else amp,
                    tta=bool(config.get("tta", False)) if tta is None else tta,
-                   info=info, num_threads=num_threads, calibration=Calibration.from_dict(ckpt.get("calibration")))
+                   info=info, num_threads=num_threads, calibration=Calibration.from_dict(ckpt.get("calibration")),
+                   image_format=ImageFormat.of(config))
 
     def describe(self) -> dict[str, Any]:
         """What a client of this model needs to know (the REST service's GET /model)."""
@@ -201,9 +205,9 @@ class Predictor:
             boxes = detect_faces(image, min_face_size=max(1, round(min_face_size * scale)),
                                  detector=detector)
         with _timed(timings, "crop"):
-            crops = self.face_crops(image, boxes)
+            crops = self.face_crops(image, boxes, self.image_format)
         with _timed(timings, "classify"):
-            probs = self.probabilities(self.preprocess(crops))
+            probs = self.probabilities(self.preprocess(crops, self.image_format))
         shown = [_to_original(box, image.size, original) for box in boxes]
         faces = self._face_predictions(shown or [None], crops, probs, top_k, uncertain_below)
         return PredictionResult(source=_describe_source(source), faces=faces,
@@ -227,20 +231,24 @@ class Predictor:
     # ------------------------------------------------------------------ building blocks
 
     @staticmethod
-    def face_crops(image: Image.Image, boxes: Sequence[FaceBox]) -> list[Image.Image]:
-        """The 48x48 grey crop of each box, or of the whole image when there are no boxes."""
+    def face_crops(image: Image.Image, boxes: Sequence[FaceBox],
+                   image_format: ImageFormat = DEFAULT_FORMAT) -> list[Image.Image]:
+        """The stored-format crop of each box (48x48 grey by default), or of the whole image
+        when there are no boxes."""
         regions = [crop_face(image, box, margin=FACE_MARGIN) for box in boxes] or [image]
-        return [to_model_crop(region) for region in regions]
+        return [to_model_crop(region, image_format) for region in regions]
 
     @staticmethod
-    def preprocess(crops: Sequence[Image.Image]) -> torch.Tensor:
-        """Face crops (or whole images) -> uint8 tensor (N, 48, 48), the dataset storage format."""
+    def preprocess(crops: Sequence[Image.Image], image_format: ImageFormat = DEFAULT_FORMAT) -> torch.Tensor:
+        """Face crops (or whole images) -> uint8 tensor (N, *image_format.shape), the dataset
+        storage format."""
         if not crops:
-            return torch.empty((0, STORE_SIZE, STORE_SIZE), dtype=torch.uint8)
-        return torch.from_numpy(np.stack([to_grey_48(crop) for crop in crops]))
+            return image_format.empty_batch()
+        return torch.from_numpy(np.stack([to_stored(crop, image_format) for crop in crops]))
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 48, 48) -> probabilities (N, classes), in checkpoint class order.
+        """uint8 stored faces (N, 48, 48 by default) -> probabilities (N, classes), in checkpoint
+        class order.
 
         `inference.averaged_probabilities`, the computation training's evaluation uses, on this
         predictor's backend and thread budget; then the model's temperature when it is calibrated.
@@ -286,9 +294,9 @@ def _to_original(box: FaceBox, decoded: tuple[int, int], original: tuple[int, in
                                h=min(round(box.h * sy), original[1] - round(box.y * sy)))
 
 
-def to_model_crop(region: Image.Image) -> Image.Image:
-    """Any face region -> the 48x48 grey image the model sees (`inference.to_grey_48`)."""
-    return Image.fromarray(to_grey_48(region))  # 2-D uint8 is "L"
+def to_model_crop(region: Image.Image, image_format: ImageFormat = DEFAULT_FORMAT) -> Image.Image:
+    """Any face region -> the stored-format image the model sees (`inference.to_stored`)."""
+    return Image.fromarray(to_stored(region, image_format))  # "L" for grey, "RGB" for colour
 
 
 def _check_options(top_k: int, uncertain_below: float) -> None:

@@ -35,7 +35,7 @@ from .distributed import Processes
 from .errors import FerError
 from .runs import RunLayout, TrainerStatusWriter
 from .evaluate import confusion_figure, evaluate_model
-from .inference import amp_dtype, autocast_context
+from .inference import ImageFormat, amp_dtype, autocast_context
 from .inference import probabilities as model_probabilities
 from .models import (CHECKPOINT_FORMAT, build_model, freeze_batchnorm_if_head_only, load_checkpoint,
                      parameter_groups, save_checkpoint_file, weights_are_finite)
@@ -251,7 +251,8 @@ def _train(config: TrainConfig, layout: RunLayout | None, status: TrainerStatusW
     model, weights_source, weights_warning = build_model(
         len(data.classes), config.mode, config.stem,
         pretrained=config.pretrained and checkpoint is None,
-        weights_path=config.weights if checkpoint is None else None)
+        weights_path=config.weights if checkpoint is None else None,
+        in_channels=ImageFormat.of(config).channels)
     if checkpoint is None and writer_rank:
         write_environment(layout, config, device, weights_source, weights_warning, data, processes)
     model = prepare_batchnorm(model.to(device, memory_format=torch.channels_last), config, device, processes)
@@ -382,7 +383,7 @@ def peak_rss_mb() -> float:
 def prepare_data(config: TrainConfig, run_dir: Path | None, *, resuming: bool, writes: bool = True) -> SplitTensors:
     """Load, split (or re-read the run's split on resume) and slice into split tensors. Only
     the writer (rank 0) records the split; the seeded split is the same in every process."""
-    dataset = load_dataset(config.data)
+    dataset = load_dataset(config.data, image_format=ImageFormat.of(config))
     manifest = run_dir / runs.SPLIT_FILE if run_dir is not None else None
     if resuming and manifest is not None and manifest.is_file():
         by_path = {row["path"]: row["split"] for row in read_split_manifest(manifest)}

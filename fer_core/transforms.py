@@ -1,7 +1,9 @@
 """Batch transforms on whole uint8 tensors: no per-image PIL work in the epoch loop.
 
-Images are stored as grey uint8 tensors of shape (N, H, W). The model sees float tensors of
-shape (N, 3, S, S), ImageNet-normalised, in channels_last memory format.
+Images are stored as uint8 tensors: grey (N, H, W) or RGB (N, H, W, 3). The model sees float
+tensors (N, C, S, S) with the images' own channels (1 or 3) in channels_last memory format:
+RGB normalised by ImageNet's per-channel statistics, grey by their average (what timm uses for
+one-channel inputs), so a grey first layer adapted from ImageNet filters sees familiar values.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+GREY_MEAN = sum(IMAGENET_MEAN) / 3
+GREY_STD = sum(IMAGENET_STD) / 3
 
 
 @dataclass(frozen=True)
@@ -29,20 +33,34 @@ class AugmentConfig:
     erase_prob: float = 0.25
 
 
-def _normalise(grey: torch.Tensor) -> torch.Tensor:
-    """(N, 1, S, S) in [0, 1] -> (N, 3, S, S) ImageNet-normalised, channels_last."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=grey.dtype, device=grey.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=grey.dtype, device=grey.device).view(1, 3, 1, 1)
-    rgb = grey.expand(-1, 3, -1, -1)
-    return ((rgb - mean) / std).contiguous(memory_format=torch.channels_last)
+def channel_statistics(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel of the model input: ImageNet's for RGB, their average for grey."""
+    return ((GREY_MEAN,), (GREY_STD,)) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _as_unit_nchw(images: torch.Tensor) -> torch.Tensor:
+    """uint8 grey (N, H, W) or RGB (N, H, W, 3) -> float (N, C, H, W) in [0, 1]."""
+    if images.dim() == 3:
+        return images.unsqueeze(1).float().div_(255.0)
+    if images.dim() == 4 and images.shape[-1] == 3:
+        return images.permute(0, 3, 1, 2).float().div_(255.0)
+    raise ValueError(f"images must be grey (N, H, W) or RGB (N, H, W, 3), got shape {tuple(images.shape)}")
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, S, S) in [0, 1] -> normalised by `channel_statistics`, channels_last."""
+    mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+                 for v in channel_statistics(x.shape[1]))
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def eval_transform(images: torch.Tensor, img_size: int) -> torch.Tensor:
     """Deterministic transform used for validation, test and prediction.
 
-    `images` is uint8 (N, H, W) grey; returns (N, 3, img_size, img_size) float32.
+    `images` is uint8 grey (N, H, W) or RGB (N, H, W, 3); returns (N, C, img_size, img_size)
+    float32.
     """
-    x = images.unsqueeze(1).float().div_(255.0)
+    x = _as_unit_nchw(images)
     if x.shape[-1] != img_size or x.shape[-2] != img_size:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False,
                           antialias=img_size < x.shape[-1])
@@ -54,7 +72,7 @@ def train_transform(images: torch.Tensor, img_size: int, generator: torch.Genera
     """Random scale, rotation, translation and flip in one affine resample, then photometric
     jitter and random erasing, all on the whole batch."""
     n = images.shape[0]
-    x = images.unsqueeze(1).float().div_(255.0)
+    x = _as_unit_nchw(images)
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return torch.rand(n, generator=generator) * (high - low) + low
@@ -70,12 +88,12 @@ def train_transform(images: torch.Tensor, img_size: int, generator: torch.Genera
         torch.stack([cos * flip, -sin, tx], dim=1),
         torch.stack([sin * flip, cos, ty], dim=1),
     ], dim=1)
-    grid = F.affine_grid(theta, [n, 1, img_size, img_size], align_corners=False)
+    grid = F.affine_grid(theta, [n, x.shape[1], img_size, img_size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
     brightness = uniform(-aug.brightness, aug.brightness).view(n, 1, 1, 1)
     contrast = uniform(1 - aug.contrast, 1 + aug.contrast).view(n, 1, 1, 1)
-    mean = x.mean(dim=(2, 3), keepdim=True)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # one mean over the colours keeps their hue
     x = ((x - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
 
     if aug.erase_prob > 0:
@@ -118,7 +136,6 @@ def tta_views(x: torch.Tensor, shift: int | None = None) -> list[torch.Tensor]:
 
 
 def denormalise(x: torch.Tensor) -> torch.Tensor:
-    """Model input back to [0, 1] grey-as-RGB, for image grids in TensorBoard."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """Model input back to [0, 1], for image grids in TensorBoard."""
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in channel_statistics(x.shape[1]))
     return (x.float().cpu() * std + mean).clamp(0, 1)

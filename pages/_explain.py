@@ -51,11 +51,11 @@ def checkpoint_cam(path: str, mtime_ns: int):
 
 @st.cache_data(max_entries=512, show_spinner="Computing the heat maps…")
 def heat_maps(_cam, model_key: str, faces: bytes, count: int, targets: tuple[int, ...]) -> np.ndarray:
-    """(count, 48, 48) maps in [0, 1] for `count` 48x48 uint8 faces (their raw bytes: the cache
-    key) and one class index each; computed in one batch."""
+    """(count, side, side) maps in [0, 1] for `count` uint8 faces in the model's stored format
+    (their raw bytes: the cache key, with `model_key`) and one class index each; one batch."""
     import torch
-    grey = torch.frombuffer(bytearray(faces), dtype=torch.uint8).view(count, 48, 48)
-    maps, _ = _cam.heatmaps(grey, list(targets))
+    stored = torch.frombuffer(bytearray(faces), dtype=torch.uint8).view(count, *_cam.image_format.shape)
+    maps, _ = _cam.heatmaps(stored, list(targets))
     return maps
 
 
@@ -72,15 +72,15 @@ def photo_and_scale(data: bytes) -> tuple[Image.Image, float] | None:
     return image, image.width / original[0]
 
 
-def _grey_48(faces: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
-    """Faces as the model sees them: `inference.to_grey_48`, (N, 48, 48) uint8."""
-    from fer_core.inference import to_grey_48
-    return np.stack([to_grey_48(face if isinstance(face, Image.Image) else Image.fromarray(face))
+def _as_stored(faces: Sequence[Image.Image | np.ndarray], image_format) -> np.ndarray:
+    """Faces as the model sees them: `inference.to_stored` in the run's format, uint8."""
+    from fer_core.inference import to_stored
+    return np.stack([to_stored(face if isinstance(face, Image.Image) else Image.fromarray(face), image_format)
                      for face in faces])
 
 
-def _enlarged(grey: np.ndarray, side: int) -> Image.Image:
-    return Image.fromarray(grey).resize((side, side), Image.Resampling.NEAREST)
+def _enlarged(face: np.ndarray, side: int) -> Image.Image:
+    return Image.fromarray(face).resize((side, side), Image.Resampling.NEAREST)
 
 
 def colour_bar(width: int = FACE_SHOWN_PX + PHOTO_SHOWN_PX, height: int = 12) -> Image.Image:
@@ -103,8 +103,8 @@ def class_picker(classes: Sequence[str], default: int, key: str, notes: dict[int
 # ---- Predict: one face ------------------------------------------------------------------------
 
 def explain_face(predictor, model_key: str, face, key: str, photo: bytes | None = None) -> None:
-    """The toggle and, when on, the face's heat map over its 48x48 crop and over its box in the
-    photo (`photo`: the image's bytes; None shows only the crop)."""
+    """The toggle and, when on, the face's heat map over its stored crop (48x48 by default) and
+    over its box in the photo (`photo`: the image's bytes; None shows only the crop)."""
     if not st.toggle(TOGGLE_LABEL, key=f"{key}_gradcam", help=TOGGLE_HELP):
         return
     from fer_core.explain import ExplainError, overlay, overlay_on_box
@@ -119,12 +119,13 @@ def explain_face(predictor, model_key: str, face, key: str, photo: bytes | None 
     classes = cam.class_names
     predicted = classes.index(face.label) if face.label in classes else 0
     target = class_picker(classes, predicted, f"{key}_gradcam_class", {predicted: "predicted"})
-    grey = _grey_48([face.crop])
-    heat = heat_maps(cam, model_key, grey.tobytes(), 1, (target,))[0]
+    stored = _as_stored([face.crop], cam.image_format)
+    heat = heat_maps(cam, model_key, stored.tobytes(), 1, (target,))[0]
     crop_col, photo_col = st.columns(2, vertical_alignment="top")
+    side = cam.image_format.size
     with crop_col:
-        st.image(overlay(_enlarged(grey[0], FACE_SHOWN_PX), heat),
-                 caption="On the 48×48 face", width=FACE_SHOWN_PX)
+        st.image(overlay(_enlarged(stored[0], FACE_SHOWN_PX), heat),
+                 caption=f"On the {side}×{side} face", width=FACE_SHOWN_PX)
     with photo_col:
         shown = photo_and_scale(photo) if photo is not None and face.box is not None else None
         if shown is not None:
@@ -182,8 +183,8 @@ def explain_gallery(checkpoint: Path, faces: Sequence[np.ndarray], true_class: s
     default = classes.index(predicted_class) if predicted_class in classes else 0
     target = class_picker(classes, default, f"{key}_gradcam_class", notes)
     from fer_core.explain import overlay
-    grey = _grey_48(faces)
+    stored = _as_stored(faces, cam.image_format)
     model_key = f"{checkpoint}:{checkpoint.stat().st_mtime_ns}"
-    maps = heat_maps(cam, model_key, grey.tobytes(), len(grey), (target,) * len(grey))
+    maps = heat_maps(cam, model_key, stored.tobytes(), len(stored), (target,) * len(stored))
     _legend(classes[target], cam.layer, empty=not maps.any())
-    return [overlay(_enlarged(face, GALLERY_PX), heat) for face, heat in zip(grey, maps, strict=True)]
+    return [overlay(_enlarged(face, GALLERY_PX), heat) for face, heat in zip(stored, maps, strict=True)]

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from fer_core import CLASS_NAMES
 from fer_core import data as data_module
 from fer_core.data import (STORE_SIZE, assign_splits, load_dataset, read_fer2013_csv,
                            read_split_manifest, split_table, write_split_manifest)
@@ -108,7 +109,7 @@ def test_decoded_images_are_cached_by_file_list(tmp_path, monkeypatch):
     root = write_class_folders(tmp_path / "ds", {"a": 4, "b": 4})
     first = load_dataset(str(root))
 
-    def must_not_decode(path):
+    def must_not_decode(*args):
         raise AssertionError("decoded again although the cache was valid")
 
     monkeypatch.setattr(data_module, "decode_file", must_not_decode)
@@ -300,3 +301,93 @@ def test_any_csv_content_gives_a_dataset_or_a_data_error(tmp_path, content):
     assert len(dataset.paths) == len(dataset.labels) == dataset.images.shape[0]
     assert dataset.images.dtype == torch.uint8 and dataset.images.shape[1:] == (48, 48)
     assert all(b["path"].startswith(f"{path}#") and b["reason"] for b in dataset.bad_files)
+
+
+# ---- class names from other datasets ------------------------------------------------------
+
+def test_class_folder_aliases_map_to_canonical_names_across_train_and_test(tmp_path):
+    """AffectNet/RAF-DB spellings ("Anger", "Happiness") are the canonical classes, train/ and
+    test/ may spell a class differently, and an eighth class (contempt) is just another class."""
+    write_class_folders(tmp_path / "train", {"Anger": 6, "Happiness": 6, "Contempt": 6, "sad": 6})
+    write_class_folders(tmp_path / "test", {"angry": 3, "happy": 3, "contemptuous": 3, "Sadness": 3}, seed=1)
+    dataset = load_dataset(str(tmp_path), cache_dir=tmp_path / "cache")
+    assert dataset.classes == ["angry", "contempt", "happy", "sad"]
+    assert dataset.class_counts() == {"angry": 9, "contempt": 9, "happy": 9, "sad": 9}
+    assert dataset.renamed_classes["Happiness"] == "happy" and dataset.renamed_classes["contemptuous"] == "contempt"
+    assert "sad" not in dataset.renamed_classes
+    happy = dataset.classes.index("happy")
+    for path, label, split in zip(dataset.paths, dataset.labels.tolist(), dataset.given_split):
+        assert (label == happy) == (Path(path).parent.name in ("Happiness", "happy"))
+        assert split == Path(path).parent.parent.name
+
+
+def test_unknown_class_names_are_kept_as_written(tmp_path):
+    write_class_folders(tmp_path, {"Thinking": 5, "yawn": 5})
+    assert load_dataset(str(tmp_path), cache_dir=tmp_path / "cache").classes == ["Thinking", "yawn"]
+
+
+def _raf_db(root: Path, labels: dict[str, int], aligned: bool = True) -> Path:
+    """RAF-DB's basic layout: EmoLabel/list_patition_label.txt and Image/aligned/*_aligned.jpg
+    (100x100 colour faces)."""
+    rng = np.random.default_rng(0)
+    images = root / "Image" / ("aligned" if aligned else "original")
+    images.mkdir(parents=True)
+    for name in labels:
+        stored = f"{Path(name).stem}_aligned.jpg" if aligned else name
+        Image.fromarray(rng.integers(0, 255, (100, 100, 3), dtype=np.uint8)).save(images / stored)
+    (root / "EmoLabel").mkdir()
+    (root / "EmoLabel" / "list_patition_label.txt").write_text(
+        "".join(f"{name} {code}\n" for name, code in labels.items()))
+    return root
+
+
+def test_raf_db_label_file_uses_its_numbering_and_its_train_test_names(tmp_path):
+    labels = {f"train_{i:05d}.jpg": 1 + i % 7 for i in range(1, 22)}
+    labels.update({f"test_{i:04d}.jpg": 1 + i % 7 for i in range(1, 15)})
+    root = _raf_db(tmp_path / "basic", labels)
+    for spec in (root, root / "EmoLabel" / "list_patition_label.txt"):
+        dataset = load_dataset(str(spec), cache_dir=tmp_path / "cache")
+        assert dataset.classes == sorted(CLASS_NAMES)
+        by_name = {Path(p).name: (dataset.classes[label], split)
+                   for p, label, split in zip(dataset.paths, dataset.labels.tolist(), dataset.given_split)}
+        assert by_name["train_00005_aligned.jpg"] == ("angry", "train")      # RAF-DB code 6 = anger
+        assert by_name["train_00007_aligned.jpg"] == ("surprise", "train")   # code 1 = surprise
+        assert by_name["test_0003_aligned.jpg"] == ("happy", "test")         # code 4 = happiness
+        assert len(dataset) == 35 and dataset.images.shape[1:] == (STORE_SIZE, STORE_SIZE)
+
+
+def test_label_file_with_names_missing_images_and_bad_lines_reports_each(tmp_path):
+    root = tmp_path / "faces"
+    write_class_folders(root / "images", {"all": 8})
+    names = sorted(p.name for p in (root / "images" / "all").iterdir())
+    for name in names:  # the label file lists images by bare name, in one flat folder
+        (root / "images" / "all" / name).rename(root / "images" / name)
+    lines = [f"{name} {'Happiness' if i % 2 else 'sad'}" for i, name in enumerate(names)]
+    lines += ["# a comment", "", "missing.png happy", "one_field_only"]
+    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    dataset = load_dataset(str(root), cache_dir=tmp_path / "cache")
+    assert dataset.classes == ["happy", "sad"] and dataset.given_split is None
+    assert dataset.class_counts() == {"happy": 4, "sad": 4}
+    reasons = {Path(b["path"]).name: b["reason"] for b in dataset.bad_files}
+    assert reasons["missing.png"] == "listed in the label file but not found"
+    assert any("malformed line" in r for r in reasons.values()) and len(reasons) == 2
+
+
+@pytest.mark.parametrize("lines,message", [
+    (["a.png 3", "b.png happy"], "mixes numeric labels and class names"),
+    (["a.png 3", "b.png 9"], "neither RAF-DB's 1-7 nor FER2013's 0-6"),
+])
+def test_ambiguous_label_files_are_refused_in_words(tmp_path, lines, message):
+    write_class_folders(tmp_path / "x", {"a": 1})
+    (tmp_path / "labels.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_dataset(str(tmp_path / "labels.txt"), cache_dir=tmp_path / "cache")
+
+
+def test_zero_based_codes_follow_fer2013s_numbering(tmp_path):
+    images = tmp_path / "images"
+    write_class_folders(images, {"x": 4})
+    names = sorted(p.name for p in (images / "x").iterdir())
+    (tmp_path / "labels.txt").write_text("".join(f"x/{n} {c}\n" for n, c in zip(names, (0, 6, 0, 6))))
+    dataset = load_dataset(str(tmp_path / "labels.txt"), cache_dir=tmp_path / "cache")
+    assert dataset.classes == ["angry", "neutral"] and dataset.class_counts() == {"angry": 2, "neutral": 2}

@@ -25,6 +25,7 @@ from streamlit.testing.v1 import AppTest
 from fer_core import explain
 from fer_core.explain import ExplainError, GradCam, mass_share, overlay, overlay_on_box
 from fer_core.faces import FaceBox
+from fer_core.inference import DEFAULT_FORMAT, ImageFormat
 from fer_core.models import build_model
 from markdown_safety import MALICIOUS_IMAGE, active_markdown
 from test_app_pages import keep_torch_threads  # noqa: F401  (the pages set torch's threads: restored per module)
@@ -175,12 +176,12 @@ def test_layer4_is_read_only_where_its_map_is_large_enough():
 
 def test_a_bare_onnx_model_needs_its_checkpoint_and_an_onnx_predictor_of_a_checkpoint_uses_it(tmp_path):
     onnx_only = SimpleNamespace(model=None, info={"path": str(tmp_path / "model.onnx")},
-                                class_names=["a", "b"], img_size=48)
+                                class_names=["a", "b"], img_size=48, image_format=ImageFormat())
     with pytest.raises(ExplainError, match=r"Grad-CAM needs the PyTorch checkpoint \(\.pt\)"):
         GradCam.for_predictor(onnx_only)
     checkpoint = save_checkpoint(tmp_path / "net.pt", ["a", "b"], img_size=64)
     from_checkpoint = SimpleNamespace(model=None, info={"path": str(checkpoint)}, class_names=["a", "b"],
-                                      img_size=64)
+                                      img_size=64, image_format=ImageFormat())
     cam = GradCam.for_predictor(from_checkpoint)
     assert cam.img_size == 64 and cam.class_names == ["a", "b"]
     assert cam.explain([np.zeros((60, 50), np.uint8)])[0].heatmap.shape == (48, 48)
@@ -206,12 +207,28 @@ def test_overlays_keep_the_size_of_the_face_and_of_the_photo():
     assert tilted.size == photo.size
 
 
-def save_checkpoint(path: Path, classes: list[str], img_size: int = 48) -> Path:
+def save_checkpoint(path: Path, classes: list[str], img_size: int = 48,
+                    image_format: ImageFormat = DEFAULT_FORMAT) -> Path:
     torch.manual_seed(0)
-    model, _, _ = build_model(len(classes), stem="small", pretrained=False)
+    model, _, _ = build_model(len(classes), stem="small", pretrained=False, in_channels=image_format.channels)
     torch.save({"model_state": model.state_dict(), "class_names": classes,
-                "config": {"img_size": img_size, "stem": "small"}}, path)
+                "config": {"img_size": img_size, "stem": "small", "store_size": image_format.size,
+                           "colour": image_format.colour}}, path)
     return path
+
+
+def test_a_colour_model_is_explained_on_its_own_stored_faces(tmp_path):
+    """An RGB run stored at 64 px: the map covers its 64x64 colour crop, and a colour face and
+    the same face in grey are different inputs to it."""
+    checkpoint = save_checkpoint(tmp_path / "rgb.pt", ["a", "b"], img_size=64,
+                                 image_format=ImageFormat(size=64, colour="rgb"))
+    cam = GradCam.from_checkpoint(checkpoint)
+    assert cam.image_format == ImageFormat(64, "rgb")
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 255, (80, 70, 3), dtype=np.uint8)
+    colour, grey = cam.explain([face, np.asarray(Image.fromarray(face).convert("L"))], classes=["a", "a"])
+    assert colour.heatmap.shape == grey.heatmap.shape == (64, 64)
+    assert colour.probability != pytest.approx(grey.probability, abs=1e-6)
 
 
 # ---- the pages -------------------------------------------------------------------------------

@@ -21,11 +21,12 @@ from conftest import copy_run_dir
 from fer_core import cli, export
 from fer_core.errors import CheckpointError, FerError
 from fer_core.demo import render_face
-from fer_core.inference import to_grey_48
-from fer_core.models import load_checkpoint
+from fer_core.backends import OnnxClassifier
+from fer_core.inference import to_stored
+from fer_core.models import GreyAsRGB, build_model, load_checkpoint
 from fer_core.predict import Predictor
 from fer_core.runs import RunLayout, read_json
-from fer_core.transforms import eval_transform
+from fer_core.transforms import GREY_MEAN, eval_transform
 
 PARITY_TOLERANCE = 1e-4
 """Max absolute difference allowed between exported and PyTorch probabilities: float32 kernels
@@ -36,7 +37,7 @@ CLASSES = list(fer_core.CLASS_NAMES)
 @pytest.fixture(scope="module")
 def faces() -> torch.Tensor:
     """200 synthetic face images, stored as the model sees them: uint8 (200, 48, 48)."""
-    return torch.from_numpy(np.stack([to_grey_48(render_face(CLASSES[i % 7], 1, i % 7, i))
+    return torch.from_numpy(np.stack([to_stored(render_face(CLASSES[i % 7], 1, i % 7, i))
                                       for i in range(200)]))
 
 
@@ -65,7 +66,9 @@ def test_the_onnx_file_passes_the_checker_and_carries_its_model_card(exported, t
     assert card["classes"] == CLASSES and card["input_size"] == config["img_size"] == 32
     assert card["run_id"] == RunLayout(trained_run).id
     assert card["test_accuracy"] == pytest.approx(evaluation["accuracy"])
-    assert card["preprocessing"]["mean"] == [0.485, 0.456, 0.406] and card["preprocessing"]["face_size"] == 48
+    assert card["preprocessing"]["mean"] == [pytest.approx(GREY_MEAN)] and card["preprocessing"]["channels"] == 1
+    assert card["preprocessing"]["face_size"] == 48 and card["preprocessing"]["colour"] == "grey"
+    assert [dim.dim_value for dim in model.graph.input[0].type.tensor_type.shape.dim[1:]] == [1, 32, 32]
     assert json.loads(metadata["fer.classes"]) == CLASSES and metadata["fer.run_id"] == card["run_id"]
     assert json.loads(result.card_path.read_text()) == card, "the card beside the file is the one inside"
     assert result.card_path.name == "model.onnx.json"
@@ -186,3 +189,20 @@ def test_the_export_cache_keeps_only_the_newest_few(tmp_path: Path) -> None:
     kept = sorted(path.name for path in folder.glob("*.onnx"))
     assert kept == [f"{age:02d}.onnx" for age in range(export.CACHED_EXPORTS)]
     assert len(list(folder.glob("*.json"))) == export.CACHED_EXPORTS, "cards go with their models"
+
+
+def test_an_onnx_export_from_before_the_colour_choice_still_takes_grey_faces(tmp_path: Path,
+                                                                            faces: torch.Tensor) -> None:
+    """Exports made before grey runs had a one-channel first layer take three ImageNet-normalised
+    channels; ONNX Runtime is given exactly those from today's one-channel grey input."""
+    torch.manual_seed(0)
+    old, _, _ = build_model(len(CLASSES), stem="small", pretrained=False, in_channels=3)
+    softmax = torch.nn.Sequential(old, torch.nn.Softmax(dim=1)).eval()
+    path = tmp_path / "old.onnx"
+    with torch.no_grad():
+        torch.onnx.export(softmax, (torch.zeros(2, 3, 48, 48),), str(path), input_names=["input"],
+                          output_names=["probabilities"], dynamic_axes={"input": {0: "batch"}}, dynamo=False)
+    grey = eval_transform(faces[:16], 48)
+    with torch.no_grad():
+        expected = softmax(GreyAsRGB()(grey))
+    assert torch.allclose(OnnxClassifier(path, num_threads=1)(grey), expected, atol=1e-4)

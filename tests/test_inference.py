@@ -18,7 +18,7 @@ from fer_core.cli import main as cli_main
 from fer_core.data import decode_file, display_path, load_dataset
 from fer_core.evaluate import evaluate_run
 from fer_core.images import load_image
-from fer_core.inference import DECODE_SIDE, STORE_SIZE, autocast_context, probabilities, to_grey_48
+from fer_core.inference import DECODE_SIDE, STORE_SIZE, autocast_context, probabilities, to_stored
 from fer_core.models import build_model
 from fer_core.predict import Predictor
 
@@ -111,8 +111,8 @@ def test_sixteen_bit_is_scaled_by_its_type_range_not_stretched(tmp_path: Path) -
 
 def test_exif_orientation_and_transparency_reach_the_model(tmp_path: Path) -> None:
     rotated, _, stored = dataset_and_photo(tmp_path / "exif", "exif-rotated jpeg")
-    upright = to_grey_48(stored.transpose(Image.Transpose.ROTATE_270)).astype(float)
-    as_stored = to_grey_48(stored).astype(float)
+    upright = to_stored(stored.transpose(Image.Transpose.ROTATE_270)).astype(float)
+    as_stored = to_stored(stored).astype(float)
     # JPEG noise aside, the model sees the picture turned as its EXIF says
     assert np.abs(rotated - upright).mean() < 3 < np.abs(rotated - as_stored).mean()
     palette, _, _ = dataset_and_photo(tmp_path / "palette", "palette png with transparency")

@@ -21,19 +21,23 @@ import fer_core
 from fer_core.errors import CheckpointError, ImageInputError
 from fer_core.inference import autocast_context
 from fer_core.models import build_model
-from fer_core.predict import (NO_FACE_MESSAGE, STORE_SIZE, Predictor, add_predict_arguments,
+from fer_core.inference import STORE_SIZE
+from fer_core.predict import (NO_FACE_MESSAGE, Predictor, add_predict_arguments,
                               describe_checkpoint, newest_checkpoint, predict_command)
+from fer_core.inference import DEFAULT_FORMAT, ImageFormat
 from fer_core.transforms import eval_transform, tta_views
 
 CLASSES = list(fer_core.CLASS_NAMES)
 
 
 def save_checkpoint(path: Path, *, classes: list[str] = CLASSES, img_size: int = 48,
-                    outputs: int | None = None, **extra: Any) -> Path:
+                    outputs: int | None = None, image_format: ImageFormat = DEFAULT_FORMAT, **extra: Any) -> Path:
     torch.manual_seed(0)
-    model, _, _ = build_model(outputs or len(classes), stem="small", pretrained=False)
+    model, _, _ = build_model(outputs or len(classes), stem="small", pretrained=False,
+                              in_channels=image_format.channels)
     torch.save({"model_state": model.state_dict(), "class_names": classes,
-                "config": {"img_size": img_size, "stem": "small"}, **extra}, path)
+                "config": {"img_size": img_size, "stem": "small", "store_size": image_format.size,
+                           "colour": image_format.colour}, **extra}, path)
     return path
 
 
@@ -167,6 +171,19 @@ def test_larger_img_size_checkpoint(tmp_path: Path, astronaut_jpeg: bytes) -> No
     face = predictor.predict(astronaut_jpeg).faces[0]
     assert predictor.img_size == 64 and face.crop.size == (48, 48)
     assert sum(face.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_colour_run_crops_faces_in_its_own_size_and_colour(tmp_path: Path, astronaut_jpeg: bytes) -> None:
+    """A run that stored 96 px RGB faces gets 96 px RGB crops, on PyTorch and on ONNX Runtime
+    alike (the export's card carries the format)."""
+    checkpoint = save_checkpoint(tmp_path / "rgb.pt", img_size=64, image_format=ImageFormat(96, "rgb"))
+    torch_predictor = Predictor.from_checkpoint(checkpoint, num_threads=1)
+    onnx_predictor = Predictor.load(checkpoint, backend="onnx", num_threads=1)
+    assert torch_predictor.image_format == onnx_predictor.image_format == ImageFormat(96, "rgb")
+    faces = [p.predict(astronaut_jpeg).faces[0] for p in (torch_predictor, onnx_predictor)]
+    assert all(face.crop.mode == "RGB" and face.crop.size == (96, 96) for face in faces)
+    for name in CLASSES:
+        assert faces[0].probabilities[name] == pytest.approx(faces[1].probabilities[name], abs=1e-4)
 
 
 def test_options(predictor: Predictor, astronaut_jpeg: bytes) -> None:

@@ -223,3 +223,38 @@ def test_training_allocator_reuses_freed_activations_instead_of_faulting_them_in
     # the heap's freed blocks are reused: typically 0-5k faults against ~450k; a loaded machine
     # has been seen at 18k (other threads' arenas), so the bound is relative, not one step's pages
     assert page_faults_in_three_steps("tuned") < default / 10
+
+
+def test_a_colour_dataset_with_eight_classes_trains_evaluates_and_predicts_in_colour(tmp_path):
+    """RAF-DB/AffectNet-like data: 100x100 colour faces in 8 class folders spelled their way
+    (contempt included), chosen on the command line as 64 px RGB. The run stores and records
+    that format, its first layer takes 3 channels, and evaluation and prediction follow it."""
+    from PIL import Image
+
+    from conftest import write_class_folders
+    from fer_core.cli import build_parser, config_from_args
+    from fer_core.evaluate import evaluate_run
+    from fer_core.inference import ImageFormat
+    from fer_core.predict import Predictor
+
+    classes = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
+    data = write_class_folders(tmp_path / "colour", {name: 6 for name in classes}, size=100)
+    for path in data.rglob("*.png"):  # write_class_folders makes grey noise: give it colour
+        grey = Image.open(path)
+        Image.merge("RGB", (grey, grey.rotate(90), grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT))).save(path)
+    args = build_parser().parse_args(["train", "--data", str(data), "--colour", "rgb", "--store-size", "64"])
+    chosen = config_from_args(args)
+    assert (chosen.colour, chosen.store_size) == ("rgb", 64)
+    config = tiny_config(data, tmp_path, colour="rgb", store_size=64, epochs=1, val_fraction=0.25)
+    run_dir = fit(config)
+    recorded = json.loads((run_dir / runs.CONFIG_FILE).read_text())
+    assert (recorded["colour"], recorded["store_size"]) == ("rgb", 64)
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert checkpoint["model_state"]["conv1.weight"].shape[1] == 3
+    assert checkpoint["class_names"] == ["angry", "contempt", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    evaluation = evaluate_run(run_dir)
+    assert sum(evaluation["confusion_matrix"][0]) > 0 and len(evaluation["confusion_matrix"]) == 8
+    predictor = Predictor.from_checkpoint(run_dir / "checkpoints" / "best.pt", num_threads=1)
+    assert predictor.image_format == ImageFormat(64, "rgb")
+    face = predictor.predict(next(data.rglob("*.png")).read_bytes()).faces[0]
+    assert face.crop.mode == "RGB" and face.crop.size == (64, 64)

@@ -1,15 +1,36 @@
+import pytest
 import torch
 
-from fer_core.transforms import IMAGENET_MEAN, denormalise, eval_transform, train_transform
+from fer_core.transforms import (GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, denormalise, eval_transform,
+                                 train_transform)
 
 
-def test_eval_transform_shape_dtype_and_normalisation():
-    images = torch.full((4, 48, 48), 255, dtype=torch.uint8)
+@pytest.mark.parametrize("shape,channels", [((4, 48, 48), 1), ((4, 48, 48, 3), 3)])
+def test_eval_transform_keeps_the_images_channels_and_normalises_them(shape, channels):
+    images = torch.full(shape, 255, dtype=torch.uint8)
     x = eval_transform(images, 64)
-    assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
+    assert x.shape == (4, channels, 64, 64) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     back = denormalise(x)
     assert torch.allclose(back, torch.ones_like(back), atol=1e-5)
+    mean, std = ((GREY_MEAN,), (GREY_STD,)) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+    for c in range(channels):
+        assert x[0, c, 0, 0].item() == pytest.approx((1 - mean[c]) / std[c], abs=1e-5)
+
+
+def test_rgb_channels_stay_in_order_through_the_transforms():
+    images = torch.zeros((2, 48, 48, 3), dtype=torch.uint8)
+    images[..., 0] = 255  # pure red
+    x = denormalise(eval_transform(images, 48))
+    assert torch.allclose(x[:, 0], torch.ones(2, 48, 48), atol=1e-5) and x[:, 1:].abs().max() < 1e-5
+    augmented = denormalise(train_transform(images, 48, torch.Generator().manual_seed(0)))
+    red_share = augmented[:, 0].sum() / augmented.sum()
+    assert augmented.shape == (2, 3, 48, 48) and red_share > 0.8  # jitter and erasing noise aside, still red
+
+
+def test_images_of_another_shape_are_refused():
+    with pytest.raises(ValueError, match="grey .* or RGB"):
+        eval_transform(torch.zeros((2, 48, 48, 4), dtype=torch.uint8), 48)
 
 
 def test_train_transform_is_seeded_and_random():
@@ -19,7 +40,7 @@ def test_train_transform_is_seeded_and_random():
     c = train_transform(images, 48, torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
-    assert a.shape == (8, 3, 48, 48)
+    assert a.shape == (8, 1, 48, 48)
 
 
 def test_train_transform_keeps_a_face_recognisable():
