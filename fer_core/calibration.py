@@ -252,6 +252,7 @@ def calibrate_run(run_dir: Path, *, checkpoints_dir: Path | None = None) -> dict
     from .inference import probabilities as model_probabilities
     from .models import load_checkpoint, model_from_checkpoint
     from .runs import RunLayout
+    from .store import select_rows
 
     layout = RunLayout(Path(run_dir))
     checkpoint = load_checkpoint(layout.best_checkpoint)
@@ -273,7 +274,7 @@ def calibrate_run(run_dir: Path, *, checkpoints_dir: Path | None = None) -> dict
         index = torch.from_numpy(np.flatnonzero(splits == split))
         if len(index) == 0:
             raise FerError(f"none of the run's {split} images are in {config['data']} any more")
-        probs = model_probabilities(model, dataset.images[index], config["img_size"],
+        probs = model_probabilities(model, select_rows(dataset.images, index), config["img_size"],
                                     amp=bool(config.get("amp")), tta=bool(config.get("tta")))
         return probs.numpy(), dataset.labels[index].numpy()
 

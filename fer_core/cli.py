@@ -358,7 +358,7 @@ def _start_next_job(run_dir: Path) -> None:
 
 
 class _TqdmProgress:
-    """One tqdm bar per epoch, on a terminal only."""
+    """A bar while the dataset is decoded the first time, then one per epoch; on a terminal only."""
 
     def __init__(self) -> None:
         self.bar = None
@@ -366,6 +366,9 @@ class _TqdmProgress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         from tqdm import tqdm
+        if event.get("phase") == "decoding":
+            self._decoding(event["done"], event["total"])
+            return
         if event["epoch"] != self.epoch:
             self.close()
             self.epoch = event["epoch"]
@@ -373,6 +376,17 @@ class _TqdmProgress:
                             leave=False, unit="batch")
         self.bar.n = event["batch"]
         self.bar.set_postfix(loss=f"{event['train_loss']:.3f}", img_s=f"{event['images_per_second']:.0f}")
+
+    def _decoding(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+        if self.bar is None:
+            if done >= total:
+                return  # decoded by an earlier run: nothing to wait for
+            self.bar = tqdm(total=total, desc="decoding images", unit="img")
+        self.bar.n = done
+        self.bar.refresh()
+        if done >= total:
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -11,11 +11,13 @@ FER2013's native format, or larger and RGB for colour datasets.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
+import logging
 import os
+import tempfile
 import warnings
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,10 +31,12 @@ from . import fer2013_csv, settings
 from .classes import CLASS_NAMES, FER2013_CODES, canonical_class, code_table
 from .errors import DataError
 from .inference import DEFAULT_FORMAT, STORE_SIZE, ImageFormat, reduce_jpeg_decode, to_stored
-from .runs import atomic_save
+from .store import ImageArray, Progress, build_store
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
-CACHE_VERSION = 2  # 2: decoded by inference.to_stored (16-bit by type range, no grey JPEG draft)
+CACHE_VERSION = 3  # 3: the file-backed store; 2: 16-bit by type range, no grey JPEG draft
 MAX_SOURCE_PIXELS = 40_000_000
 
 
@@ -40,7 +44,9 @@ MAX_SOURCE_PIXELS = 40_000_000
 class Dataset:
     """Decoded images and labels, plus where they came from and what was skipped."""
 
-    images: torch.Tensor            # uint8 (N, *image_format.shape): (N, 48, 48) by default
+    # uint8 (N, *image_format.shape), (N, 48, 48) by default: a tensor, or for a dataset larger
+    # than memory a file-backed `store.ImageArray` that reads the rows it is indexed with
+    images: torch.Tensor | ImageArray
     labels: torch.Tensor            # int64 (N,)
     paths: list[str]
     classes: list[str]
@@ -63,13 +69,13 @@ def default_cache_dir() -> Path:
     return settings.cache_dir()
 
 
-def load_dataset(spec: str, *, cache_dir: Path | None = None,
-                 image_format: ImageFormat = DEFAULT_FORMAT) -> Dataset:
-    """Load the dataset named by `spec` ("demo", a folder, a fer2013.csv or a label list),
-    its images stored in `image_format`."""
+def load_dataset(spec: str, *, cache_dir: Path | None = None, image_format: ImageFormat = DEFAULT_FORMAT,
+                 progress: Progress | None = None) -> Dataset:
+    """Load the dataset named by `spec` ("demo", a folder, a fer2013.csv or a label list), its
+    images stored in `image_format`. `progress(done, total)` follows the decoding of files."""
     if spec == "demo":
         from .demo import ensure_demo_dataset
-        dataset = _load_folder(ensure_demo_dataset(), cache_dir, image_format)
+        dataset = _load_folder(ensure_demo_dataset(), cache_dir, image_format, progress)
         dataset.synthetic = True
         dataset.source = "demo (synthetic)"
     else:
@@ -78,9 +84,9 @@ def load_dataset(spec: str, *, cache_dir: Path | None = None,
             dataset = read_fer2013_csv(path, image_format)
         elif path.is_file() and path.suffix.lower() == ".txt":
             root = path.parent.parent if path.parent.name == "EmoLabel" else path.parent
-            dataset = _load_label_file(path, root, cache_dir, image_format)
+            dataset = _load_label_file(path, root, cache_dir, image_format, progress)
         elif path.is_dir():
-            dataset = _load_folder(path, cache_dir, image_format)
+            dataset = _load_folder(path, cache_dir, image_format, progress)
         elif path.exists():
             raise DataError(f"{path} is neither a folder of class folders, a fer2013.csv nor a "
                             "label list (.txt of 'image label' lines)")
@@ -131,10 +137,11 @@ def _link_target(path: Path) -> Path:
         return path
 
 
-def _load_folder(root: Path, cache_dir: Path | None, image_format: ImageFormat) -> Dataset:
+def _load_folder(root: Path, cache_dir: Path | None, image_format: ImageFormat,
+                 progress: Progress | None = None) -> Dataset:
     label_file = find_label_file(root)
     if label_file is not None:
-        return _load_label_file(label_file, root, cache_dir, image_format)
+        return _load_label_file(label_file, root, cache_dir, image_format, progress)
     has_own_split = describe_layout(root) == "train_test"
     real_root = root.resolve()
     links: list[dict[str, str]] = []  # symbolic links that lead outside: reported, not read
@@ -155,15 +162,17 @@ def _load_folder(root: Path, cache_dir: Path | None, image_format: ImageFormat) 
                         + (f"; {len(links)} symbolic link(s) outside it were not followed" if links else ""))
     renamed = {d.name: canonical_class(d.name) for d in folders if canonical_class(d.name) != d.name}
     classes = sorted({canonical_class(d.name) for d in folders})  # an empty folder is still a class
-    return _decoded_dataset(listing, classes, str(root), has_own_split, cache_dir, links, renamed, image_format)
+    return _decoded_dataset(listing, classes, str(root), has_own_split, cache_dir, links, renamed, image_format,
+                            progress)
 
 
 def _decoded_dataset(listing: list[tuple[Path, str, str | None]], classes: list[str], source: str,
                      has_own_split: bool, cache_dir: Path | None, bad: list[dict[str, str]],
-                     renamed: dict[str, str], image_format: ImageFormat) -> Dataset:
+                     renamed: dict[str, str], image_format: ImageFormat,
+                     progress: Progress | None = None) -> Dataset:
     """Decode the (file, class name, given split) listing into a Dataset; files that cannot be
     decoded join `bad`."""
-    images, kept, undecodable = _decode_cached([f for f, _, _ in listing], cache_dir, image_format)
+    images, kept, undecodable = _decode_cached([f for f, _, _ in listing], cache_dir, image_format, progress)
     kept_set = set(kept)
     rows = [(str(f), classes.index(name), split) for f, name, split in listing if str(f) in kept_set]
     return Dataset(images=images, labels=torch.tensor([r[1] for r in rows], dtype=torch.int64),
@@ -238,7 +247,7 @@ def _listed_image(folder: Path, name: str) -> Path | None:
 
 
 def _load_label_file(label_file: Path, root: Path, cache_dir: Path | None,
-                     image_format: ImageFormat) -> Dataset:
+                     image_format: ImageFormat, progress: Progress | None = None) -> Dataset:
     """A dataset given as a list of "image label" lines (RAF-DB's list_patition_label.txt).
     Names starting with train/test (RAF-DB's "train_00001.jpg") keep that split; otherwise the
     images are pooled and split 75/25 like a folder of class folders."""
@@ -258,7 +267,8 @@ def _load_label_file(label_file: Path, root: Path, cache_dir: Path | None,
         split = ("test" if name.lower().startswith("test") else "train") if has_own_split else None
         listing.append((image, label, split))
     classes = sorted({label for _, label in entries})
-    return _decoded_dataset(listing, classes, str(root), has_own_split, cache_dir, bad, {}, image_format)
+    return _decoded_dataset(listing, classes, str(root), has_own_split, cache_dir, bad, {}, image_format,
+                            progress)
 
 
 def _list_files(class_dir: Path, real_root: Path | None = None,
@@ -291,29 +301,23 @@ def _cache_key(files: list[Path], image_format: ImageFormat) -> str:
     return digest.hexdigest()[:32]
 
 
-def _decode_cached(files: list[Path], cache_dir: Path | None, image_format: ImageFormat
-                   ) -> tuple[torch.Tensor, list[str], list[dict[str, str]]]:
-    """Decode every file once; reuse the decoded tensor while the file list is unchanged."""
+def _decode_cached(files: list[Path], cache_dir: Path | None, image_format: ImageFormat,
+                   progress: Progress | None = None
+                   ) -> tuple[torch.Tensor | ImageArray, list[str], list[dict[str, str]]]:
+    """Decode every file once into the cache folder's store (`fer_core.store`: in parallel,
+    resumable, file-backed when larger than memory) and reuse it while the file list and the
+    format are unchanged. A read-only or full cache folder falls back to the temporary folder."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache_file = cache_dir / f"images-{_cache_key(files, image_format)}.pt"
-    if cache_file.is_file():
-        try:
-            cached = torch.load(cache_file, weights_only=True)
-            return cached["images"], cached["paths"], cached["bad_files"]
-        except Exception:
-            cache_file.unlink(missing_ok=True)  # a damaged cache is just rebuilt
-    arrays, kept, bad = [], [], []
-    for f in files:
-        array, problem = decode_file(f, image_format)
-        if problem:
-            bad.append({"path": display_path(f), "reason": problem})
-        else:
-            arrays.append(array)
-            kept.append(str(f))
-    images = torch.from_numpy(np.stack(arrays)) if arrays else image_format.empty_batch()
-    with suppress(OSError):  # a read-only or full cache folder only costs the next run a re-decode
-        atomic_save(cache_file, lambda p: torch.save({"images": images, "paths": kept, "bad_files": bad}, p))
-    return images, kept, bad
+    name = f"store-{_cache_key(files, image_format)}"
+    decode = functools.partial(decode_file, image_format=image_format)
+    try:
+        result = build_store(files, decode, image_format.shape, cache_dir / name, progress=progress)
+    except OSError as exc:
+        log.warning("cannot keep decoded images in %s (%s); using the temporary folder", cache_dir, exc)
+        result = build_store(files, decode, image_format.shape, Path(tempfile.gettempdir()) / f"fer-{name}",
+                             progress=progress)
+    bad = [{"path": display_path(files[index]), "reason": reason} for index, reason in result.bad]
+    return result.images, [str(files[index]) for index in result.kept], bad
 
 
 def display_path(path: str | Path) -> str:

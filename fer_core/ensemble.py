@@ -33,6 +33,7 @@ from .calibration import (MIN_PROBABILITY, Calibration, apply_temperature, calib
                           record_calibration)
 from .errors import FerError
 from .inference import ImageFormat
+from .store import select_rows
 from .runs import RunLayout
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ def _score_and_publish(layout: RunLayout, config: dict[str, Any], members: list[
         if len(index) == 0:
             raise FerError(f"none of the members' {split} images are in {config['data']} any more")
         chosen = torch.from_numpy(index)
-        return dataset.images[chosen], dataset.labels[chosen], [dataset.paths[i] for i in index]
+        return select_rows(dataset.images, chosen), dataset.labels[chosen], [dataset.paths[i] for i in index]
 
     def scored(images: torch.Tensor) -> np.ndarray:
         return probabilities(network, images, config["img_size"], amp=config["amp"], tta=config["tta"]).numpy()

@@ -17,6 +17,7 @@ from torch import nn
 
 from .data import display_path
 from .inference import ImageFormat
+from .store import select_rows
 from .inference import probabilities as model_probabilities
 from .runs import RunLayout, atomic_write_json, atomic_write_text
 
@@ -162,7 +163,7 @@ def evaluate_run(run_dir: Path, data: str | None = None) -> dict[str, Any]:
                              "data": data or config["data"], "synthetic": dataset.synthetic}
     if data:
         facts["source"] = dataset.source
-    return evaluate_model(model, dataset.images[index], dataset.labels[index],
+    return evaluate_model(model, select_rows(dataset.images, index), dataset.labels[index],
                           [dataset.paths[i] for i in chosen], classes, img_size=config["img_size"],
                           amp=bool(config.get("amp")), tta=bool(config.get("tta")), device=device,
                           evaluation_file=layout.evaluation_file(data),

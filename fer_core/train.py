@@ -34,6 +34,7 @@ from .data import (Dataset, assign_splits, cap_training_images, display_path, lo
 from .distributed import Processes
 from .errors import FerError
 from .runs import RunLayout, TrainerStatusWriter
+from .store import Progress, select_rows
 from .evaluate import confusion_figure, evaluate_model
 from .inference import ImageFormat, amp_dtype, autocast_context
 from .inference import probabilities as model_probabilities
@@ -84,6 +85,8 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+# Called with {"phase": "decoding", "done", "total"} while the dataset's files are decoded the
+# first time, then with {"epoch", "epochs", "batch", "batches", ...} after each training batch.
 ProgressCallback = Callable[[dict[str, Any]], None]
 # Called with each epoch's metrics row (after its checkpoint is saved): None to go on, or the
 # reason to stop now (a sweep's pruner). The run then ends like a patience early stop.
@@ -247,7 +250,13 @@ def _train(config: TrainConfig, layout: RunLayout | None, status: TrainerStatusW
         remove_unfinished_saves(layout)
 
     status.update(phase="loading data")
-    data = prepare_data(config, run_dir, resuming=checkpoint is not None, writes=writer_rank)
+
+    def decoding(done: int, total: int) -> None:
+        status.update(phase=f"decoding images {done:,}/{total:,}")
+        if on_progress is not None:
+            on_progress({"phase": "decoding", "done": done, "total": total})
+
+    data = prepare_data(config, run_dir, resuming=checkpoint is not None, writes=writer_rank, progress=decoding)
     model, weights_source, weights_warning = build_model(
         len(data.classes), config.mode, config.stem,
         pretrained=config.pretrained and checkpoint is None,
@@ -380,10 +389,12 @@ def peak_rss_mb() -> float:
 
 # ---- data -----------------------------------------------------------------------------
 
-def prepare_data(config: TrainConfig, run_dir: Path | None, *, resuming: bool, writes: bool = True) -> SplitTensors:
-    """Load, split (or re-read the run's split on resume) and slice into split tensors. Only
-    the writer (rank 0) records the split; the seeded split is the same in every process."""
-    dataset = load_dataset(config.data, image_format=ImageFormat.of(config))
+def prepare_data(config: TrainConfig, run_dir: Path | None, *, resuming: bool, writes: bool = True,
+                 progress: Progress | None = None) -> SplitTensors:
+    """Load (`progress` follows the first decoding of the files), split (or re-read the run's
+    split on resume) and slice into split tensors. Only the writer (rank 0) records the split;
+    the seeded split is the same in every process."""
+    dataset = load_dataset(config.data, image_format=ImageFormat.of(config), progress=progress)
     manifest = run_dir / runs.SPLIT_FILE if run_dir is not None else None
     if resuming and manifest is not None and manifest.is_file():
         by_path = {row["path"]: row["split"] for row in read_split_manifest(manifest)}
@@ -415,7 +426,7 @@ def split_tensors(dataset: Dataset, splits: np.ndarray, has_val: bool) -> SplitT
     def take(name: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         index = np.flatnonzero(splits == name)
         t = torch.from_numpy(index)
-        return dataset.images[t], dataset.labels[t], [dataset.paths[i] for i in index]
+        return select_rows(dataset.images, t), dataset.labels[t], [dataset.paths[i] for i in index]
 
     train_x, train_y, _ = take("train")
     test_x, test_y, test_paths = take("test")

@@ -18,12 +18,22 @@ SOURCES = {"demo": "Built-in demo", "local": "Local folder or fer2013.csv", "kag
 SAMPLES_PER_CLASS = 8
 
 
-@st.cache_resource(show_spinner="Loading and decoding images (cached after the first time)…",
-                   max_entries=4)
+@st.cache_resource(show_spinner="Loading the decoded images…", max_entries=4)
 def load_source(spec: str, cache_dir: str):
-    """The decoded dataset for a source string; one copy shared by every session."""
+    """The decoded dataset for a source string; one copy shared by every session. A progress
+    bar follows the first decoding of the files (created here: a cached function may only
+    update what it created, and its replay shows the bar's last, empty state)."""
     from fer_core.data import load_dataset
-    return load_dataset(spec, cache_dir=cache_dir or None)
+    bar = st.empty()
+
+    def progress(done: int, total: int) -> None:
+        if done < total:
+            bar.progress(done / total, text=f"Decoding images: {done:,} of {total:,} "
+                                            "(once: the decoded images are kept in the cache folder)")
+    try:
+        return load_dataset(spec, cache_dir=cache_dir or None, progress=progress)
+    finally:
+        bar.empty()
 
 
 @st.cache_data(show_spinner="Examining every image: blank, duplicate, leaked, conflicting…", max_entries=8)
@@ -120,6 +130,9 @@ with head:
     if dataset.synthetic:
         synthetic_badge()
     st.caption(f"Source: {literal(dataset.source)}")
+    if dataset.renamed_classes:
+        st.caption("Class names read as the usual ones: " + literal(", ".join(
+            f"{folder} → {name}" for folder, name in sorted(dataset.renamed_classes.items()))))
 with action:
     if st.button("Train on this dataset", icon=":material/model_training:", type="primary",
                  width="stretch", key="data_to_train"):

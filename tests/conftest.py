@@ -105,6 +105,9 @@ MARKS_BY_TEST: dict[str, dict[str, tuple[str, ...]]] = {
     "test_train": {"test_training_allocator_reuses_freed_activations_instead_of_faulting_them_in_again":
                    ("subprocess",)},
     "test_sweep": {"test_a_second_worker_process_joins_the_study_without_duplicates": ("subprocess",)},
+    "test_store": {name: ("subprocess",) for name in (  # two spawned workers, each importing torch: ~7 s
+        "test_processes_give_the_same_bytes_as_one_process",
+        "test_an_interrupt_in_a_worker_stops_the_build_and_a_rerun_decodes_only_what_is_left")},
     "test_ddp": {name: ("subprocess",) for name in (  # torchrun and its ranks (gloo, 2 processes)
         "test_a_two_process_run_records_its_world_and_loads_and_resumes_in_one_process",
         "test_one_and_two_processes_follow_the_same_losses",

@@ -109,7 +109,7 @@ def test_decoded_images_are_cached_by_file_list(tmp_path, monkeypatch):
     root = write_class_folders(tmp_path / "ds", {"a": 4, "b": 4})
     first = load_dataset(str(root))
 
-    def must_not_decode(*args):
+    def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded again although the cache was valid")
 
     monkeypatch.setattr(data_module, "decode_file", must_not_decode)

@@ -1,0 +1,196 @@
+"""Dataset memory: peak memory of training from the decoded image store as the dataset grows,
+against the same images held in memory (every dataset's way before the store).
+
+For each size N: the first N of a folder of synthetic 64x64 RGB PNGs in 8 class folders (noise
+over a gradient with a filled shape, so a file is about the size of a real photo's), generated
+once into a temporary folder (or --keep DIR, reused by later runs) and named by a label list
+(`labels-N.txt`, the RAF-DB way fer_core reads). Then, each in a fresh process so that its peak
+memory is its own:
+  1. file-backed: `fer_core.data.load_dataset` at 64 px RGB, as training loads it (the first
+     time it decodes into the store, in worker processes: "load s"), then one whole epoch of the
+     trainer's data path from the file: shuffled batches of 128 gathered from the store,
+     fer_core's training augmentation, one step of a small conv net;
+  2. in memory (the baseline): the same store loaded whole, then --baseline-batches batches
+     (its memory is all taken when it loads).
+Peak RSS is the process's ru_maxrss (the decode workers are processes of their own). The net is
+small on purpose: this measures what grows with the dataset, the data path; a model's memory
+does not depend on N, and ResNet18 would make one 400k epoch take hours on 2 cores.
+
+Disk: about 2 x 12 KB per image (PNG + store row); the default sizes need about 13 GB.
+
+Usage: python bench/dataset_memory.py [--sizes 20000 100000 400000] [--keep DIR]
+Smoke check: --sizes 2000 4000 (a minute or two on 2 cores).
+The last line is machine readable: peak RSS MB per size, file-backed then in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIDE = 64
+CLASSES = 8
+BATCH = 128
+
+
+def image_path(root: Path, index: int) -> Path:
+    return root / f"class{index % CLASSES}" / f"{index:07d}.png"
+
+
+def write_images(job: tuple[Path, int, int]) -> None:
+    """Write images start..stop-1 (those not there yet), each from its own seed."""
+    root, start, stop = job
+    for index in range(start, stop):
+        path = image_path(root, index)
+        if path.exists():
+            continue
+        rng = np.random.default_rng(index)
+        gradient = np.linspace(rng.integers(0, 128), rng.integers(128, 256), SIDE)[None, :, None]
+        pixels = np.clip(gradient + rng.normal(0, 12, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        x, y = rng.integers(0, SIDE // 2, 2)
+        ImageDraw.Draw(image).ellipse([x, y, x + SIDE // 3, y + SIDE // 4], fill=tuple(rng.integers(0, 256, 3)))
+        image.save(path)
+
+
+def generate(root: Path, count: int, processes: int) -> None:
+    for class_index in range(CLASSES):
+        (root / f"class{class_index}").mkdir(parents=True, exist_ok=True)
+    step = 500
+    jobs = [(root, start, min(start + step, count)) for start in range(0, count, step)]
+    # fork is safe here: this process never imports torch (only the measuring processes do)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        pool.map(write_images, jobs)
+
+
+def write_label_file(root: Path, count: int) -> Path:
+    """The first `count` images as a dataset of their own: a label list ("image label" lines,
+    the RAF-DB way fer_core reads), so every size shares one folder of images."""
+    path = root / f"labels-{count}.txt"
+    path.write_text("".join(f"{image_path(Path('.'), i).as_posix()} class{i % CLASSES}\n" for i in range(count)))
+    return path
+
+
+def measure(label_file: Path, cache_dir: Path, backing: str, max_batches: int | None) -> dict[str, float]:
+    """Load the dataset as training does (fer_core.data.load_dataset at 64 px RGB: the store is
+    built, or reused), then one epoch of the trainer's data path: shuffled batches gathered from
+    the images, fer_core's training augmentation, one step of a small conv net per batch. Runs in
+    a fresh process (see main); `backing` "file" forces the file-backed store, "memory" loads it
+    whole, as every dataset was before the store."""
+    os.environ["FER_STORE_IN_MEMORY_MB"] = "0" if backing == "file" else "1000000"
+    # imported here, not at the top: the parent generates images in forked processes and must
+    # not carry torch's threads into them
+    import torch
+    from torch import nn
+
+    from fer_core.data import load_dataset
+    from fer_core.inference import ImageFormat
+    from fer_core.store import ImageArray
+    from fer_core.transforms import train_transform
+
+    reported = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done - reported[0] >= total // 10:
+            reported[0] = done
+            print(f"  decoded {done:,}/{total:,}", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    dataset = load_dataset(str(label_file), cache_dir=cache_dir, image_format=ImageFormat(SIDE, "rgb"),
+                            progress=progress)
+    load_seconds = time.perf_counter() - started
+    images, labels = dataset.images, dataset.labels
+    assert isinstance(images, ImageArray) == (backing == "file") and not dataset.bad_files
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, CLASSES))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(images), generator=generator)
+    batches = range(0, len(order), BATCH)[:max_batches]
+    started = time.perf_counter()
+    for start in batches:
+        index = order[start:start + BATCH]
+        x = train_transform(images[index], SIDE, generator)
+        loss = nn.functional.cross_entropy(model(x), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    seen = min(len(order), len(batches) * BATCH)
+    stores = list(cache_dir.glob("store-*/images.u8"))
+    return {"images": len(images), "backing": backing, "store_gb": max(p.stat().st_size for p in stores) / 1e9,
+            "load_s": load_seconds, "epoch_img_s": seen / (time.perf_counter() - started), "batches": len(batches),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_in_fresh_process(label_file: Path, cache_dir: Path, backing: str,
+                             max_batches: int | None) -> dict[str, float]:
+    command = [sys.executable, __file__, "--measure", str(label_file), str(cache_dir), backing, str(max_batches or 0)]
+    output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def table(results: list[dict[str, float]]) -> str:
+    lines = ["| images | images kept | store GB | load s (first: decode) | batches | train img/s | peak RSS MB |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['images']:,} | {'in memory' if r['backing'] == 'memory' else 'file-backed'} "
+              f"| {r['store_gb']:.2f} | {r['load_s']:.0f} | {r['batches']:,} | {r['epoch_img_s']:,.0f} "
+              f"| {r['peak_rss_mb']:,.0f} |" for r in results]
+    return "\n".join(lines)
+
+
+def run(sizes: list[int], workers: int, folder: Path, baseline_batches: int) -> None:
+    started = time.perf_counter()
+    generate(folder, max(sizes), workers)
+    print(f"generated {max(sizes):,} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    results = []
+    for count in sizes:
+        label_file, cache_dir = write_label_file(folder, count), folder / f"cache-{count}"
+        print(f"measuring {count:,} images", file=sys.stderr, flush=True)
+        # the first run decodes (timed in load s) and trains a whole epoch from the file; the
+        # baseline reuses that store, loaded whole, for `baseline_batches` (its memory is all
+        # taken at load time)
+        results.append(measure_in_fresh_process(label_file, cache_dir, "file", None))
+        results.append(measure_in_fresh_process(label_file, cache_dir, "memory", baseline_batches))
+    print(table(results))
+    print(" ".join(f"{key}=" + ",".join(f"{r[key]:.4g}" for r in results if r["backing"] == backing)
+                   for backing in ("file", "memory") for key in ("peak_rss_mb",)) + " images="
+          + ",".join(str(count) for count in sizes))
+
+
+def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == "--measure":
+        label_file, cache_dir, backing, max_batches = sys.argv[2:]
+        print(json.dumps(measure(Path(label_file), Path(cache_dir), backing, int(max_batches) or None)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 100000, 400000])
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="processes that generate the images (the store decodes with its own default)")
+    parser.add_argument("--baseline-batches", type=int, default=100,
+                        help="batches the in-memory baseline trains (its memory is taken when it loads)")
+    parser.add_argument("--keep", type=Path, help="generate into (and reuse) this folder instead of a temporary one")
+    args = parser.parse_args()
+    if args.keep:
+        run(args.sizes, args.workers, args.keep, args.baseline_batches)
+    else:
+        with tempfile.TemporaryDirectory(prefix="dataset_memory_") as folder:
+            run(args.sizes, args.workers, Path(folder), args.baseline_batches)
+
+
+if __name__ == "__main__":
+    main()
