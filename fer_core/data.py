@@ -257,10 +257,17 @@ def _load_label_file(label_file: Path, root: Path, cache_dir: Path | None,
     real_root = root.resolve()
     folder = _image_folder(root, [name for name, _ in entries])
     has_own_split = all(name.lower().startswith(("train", "test")) for name, _ in entries)
+    folders_outside: dict[Path, bool] = {}  # resolved once per folder, not once per image
+
+    def outside(image: Path) -> bool:
+        if image.parent not in folders_outside:
+            folders_outside[image.parent] = _outside(image.parent, real_root)
+        return folders_outside[image.parent] or (image.is_symlink() and _outside(image, real_root))
+
     listing = []
     for name, label in entries:
         image = _listed_image(folder, name)
-        if image is None or _outside(image, real_root):
+        if image is None or outside(image):
             reason = "listed in the label file but not found" if image is None else "outside the dataset folder"
             bad.append({"path": display_path(folder / name), "reason": reason})
             continue
@@ -316,6 +323,8 @@ def _decode_cached(files: list[Path], cache_dir: Path | None, image_format: Imag
         log.warning("cannot keep decoded images in %s (%s); using the temporary folder", cache_dir, exc)
         result = build_store(files, decode, image_format.shape, Path(tempfile.gettempdir()) / f"fer-{name}",
                              progress=progress)
+    for stale in cache_dir.glob("images-*.pt"):  # the whole-tensor caches from before the store
+        stale.unlink(missing_ok=True)
     bad = [{"path": display_path(files[index]), "reason": reason} for index, reason in result.bad]
     return result.images, [str(files[index]) for index in result.kept], bad
 

@@ -195,7 +195,8 @@ if splits is not None:
 
 # ---- samples ---------------------------------------------------------------------------
 st.subheader("Sample faces per class")
-st.caption("Stored as FER2013 stores them: 48×48 grey. Shown enlarged.")
+st.caption("Shown as FER2013 stores them, 48×48 grey, enlarged. Training can keep more: the Train "
+           "page's Stored face size and Colour (e.g. 96 px RGB for a colour dataset).")
 rng = np.random.default_rng(int(seed))
 labels = dataset.labels.numpy()
 for index, name in enumerate(dataset.classes):

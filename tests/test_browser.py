@@ -40,7 +40,8 @@ TRAINING_TIMEOUT_S = 420  # a tiny run; generous because the CPU is shared with 
 SHOT_SIZE = {"width": 1400, "height": 1500}
 NARROW = {"width": 400, "height": 900}  # a phone
 NARROW_SHOT_SIZE = {"width": 400, "height": 1000}
-REAL_MODEL_SHOTS = {"evaluate.png", "predict.png", "evaluate-dark.png", "predict-dark.png", "calibration.png"}
+REAL_MODEL_SHOTS = {"evaluate.png", "predict.png", "evaluate-dark.png", "predict-dark.png", "calibration.png",
+                    "gradcam.png"}
 # Small enough for a minute or two of training on one busy core, big enough that the curves
 # and the confusion matrix in the screenshots show a model that learns. The run is float32 (AMP
 # off): on a CPU without native bfloat16 (no AVX-512 BF16/AMX, like an AMD EPYC with AVX2 only)
@@ -363,6 +364,15 @@ def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
         wait_until_idle(page)
         page.mouse.move(0, 0)
         screenshot(page, "predict.png")
+
+        # Why? The face's Grad-CAM map over its 48 px crop and over its box in the photo
+        page.get_by_text("Why? Show the Grad-CAM heat map").first.click()
+        page.get_by_text("On the 48×48 face").first.wait_for()
+        page.get_by_text("On the photo").first.wait_for()
+        page.get_by_text(re.compile(r"Layer: layer[34]\.")).first.wait_for()
+        wait_until_idle(page)
+        page.mouse.move(0, 0)
+        screenshot(page, "gradcam.png")
 
         # The same app for a system set to dark: dark background, light text, readable charts
         dark = open_page(browser, color_scheme="dark", requests=requests)

@@ -391,3 +391,21 @@ def test_zero_based_codes_follow_fer2013s_numbering(tmp_path):
     (tmp_path / "labels.txt").write_text("".join(f"x/{n} {c}\n" for n, c in zip(names, (0, 6, 0, 6))))
     dataset = load_dataset(str(tmp_path / "labels.txt"), cache_dir=tmp_path / "cache")
     assert dataset.classes == ["angry", "neutral"] and dataset.class_counts() == {"angry": 2, "neutral": 2}
+
+
+def test_a_label_file_never_reads_images_outside_its_dataset_folder(tmp_path):
+    """Names that climb out ("../") or symbolic links to files elsewhere are listed as bad
+    files, not read."""
+    secret = write_class_folders(tmp_path / "elsewhere", {"x": 1})
+    secret_file = next(secret.rglob("*.png"))
+    root = tmp_path / "faces"
+    write_class_folders(root / "images", {"a": 4})
+    (root / "images" / "a" / "link.png").symlink_to(secret_file)
+    names = sorted(p.name for p in (root / "images" / "a").iterdir() if p.name != "link.png")
+    lines = [f"a/{name} {'happy' if i % 2 else 'sad'}" for i, name in enumerate(names)]
+    lines += ["a/link.png happy", f"../../elsewhere/x/{secret_file.name} sad"]
+    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    dataset = load_dataset(str(root / "labels.txt"), cache_dir=tmp_path / "cache")
+    assert len(dataset) == 4 and not any("elsewhere" in p or "link" in p for p in dataset.paths)
+    outside = [b for b in dataset.bad_files if b["reason"] == "outside the dataset folder"]
+    assert len(outside) == 2
