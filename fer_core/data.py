@@ -55,7 +55,6 @@ class Dataset:
     synthetic: bool = False
     bad_files: list[dict[str, str]] = field(default_factory=list)
     renamed_classes: dict[str, str] = field(default_factory=dict)  # folder name -> canonical alias
-    image_format: ImageFormat = DEFAULT_FORMAT
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -178,7 +177,7 @@ def _decoded_dataset(listing: list[tuple[Path, str, str | None]], classes: list[
     return Dataset(images=images, labels=torch.tensor([r[1] for r in rows], dtype=torch.int64),
                    paths=[r[0] for r in rows], classes=classes, source=source,
                    given_split=[r[2] for r in rows] if has_own_split else None,
-                   bad_files=bad + undecodable, renamed_classes=renamed, image_format=image_format)
+                   bad_files=bad + undecodable, renamed_classes=renamed)
 
 
 # ---- label files (RAF-DB style: "image label" per line) ---------------------------------
@@ -409,7 +408,7 @@ def read_fer2013_csv(path: Path, image_format: ImageFormat = DEFAULT_FORMAT) -> 
     images = torch.from_numpy(np.stack(arrays)) if arrays else image_format.empty_batch()
     return Dataset(images=images, labels=torch.tensor(labels, dtype=torch.int64), paths=paths,
                    classes=classes, source=str(path), given_split=splits if usage_column is not None else None,
-                   bad_files=bad, image_format=image_format)
+                   bad_files=bad)
 
 
 def _check_usable(dataset: Dataset) -> None:
