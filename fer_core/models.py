@@ -199,13 +199,21 @@ def resnet_from_state(state: dict[str, Any], num_classes: int, stem: str, image_
         raise CheckpointError(f"{name}: its first layer takes {channels} channel(s), but its faces "
                               f"are stored {image_format.colour}")
     model, _, _ = build_model(num_classes, mode="finetune", stem=stem, pretrained=False, in_channels=channels)
-    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if wrapped:
+    if channels != image_format.channels:
         model.conv1 = nn.Sequential(GreyAsRGB(), model.conv1)
-    model.load_state_dict(own)
-    if channels != image_format.channels and not wrapped:
-        model.conv1 = nn.Sequential(GreyAsRGB(), model.conv1)
+    load_weights(model, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return model
+
+
+def load_weights(model: nn.Module, state: dict[str, Any]) -> None:
+    """`model.load_state_dict(state)`, whether or not either side has `GreyAsRGB` in front of its
+    first layer: an old grey run resumed today saves its first layer as conv1.1, and its earlier
+    checkpoints call it conv1."""
+    model_wrapped, state_wrapped = isinstance(model.conv1, nn.Sequential), "conv1.1.weight" in state
+    if model_wrapped != state_wrapped:
+        old, new = ("conv1.", "conv1.1.") if model_wrapped else ("conv1.1.", "conv1.")
+        state = {(new + key[len(old):] if key.startswith(old) else key): value for key, value in state.items()}
+    model.load_state_dict(state)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], name: str = "the checkpoint") -> nn.Module:

@@ -38,8 +38,9 @@ from .store import Progress, select_rows
 from .evaluate import confusion_figure, evaluate_model
 from .inference import ImageFormat, amp_dtype, autocast_context
 from .inference import probabilities as model_probabilities
-from .models import (CHECKPOINT_FORMAT, build_model, freeze_batchnorm_if_head_only, load_checkpoint,
-                     parameter_groups, save_checkpoint_file, weights_are_finite)
+from .models import (CHECKPOINT_FORMAT, build_model, freeze_batchnorm_if_head_only, load_checkpoint, load_weights,
+                     parameter_groups, resnet_from_state, save_checkpoint_file, set_trainable,
+                     weights_are_finite)
 from .transforms import denormalise, eval_transform, train_transform
 
 log = logging.getLogger("fer_core.train")
@@ -257,13 +258,15 @@ def _train(config: TrainConfig, layout: RunLayout | None, status: TrainerStatusW
             on_progress({"phase": "decoding", "done": done, "total": total})
 
     data = prepare_data(config, run_dir, resuming=checkpoint is not None, writes=writer_rank, progress=decoding)
-    model, weights_source, weights_warning = build_model(
-        len(data.classes), config.mode, config.stem,
-        pretrained=config.pretrained and checkpoint is None,
-        weights_path=config.weights if checkpoint is None else None,
-        in_channels=ImageFormat.of(config).channels)
-    if checkpoint is None and writer_rank:
-        write_environment(layout, config, device, weights_source, weights_warning, data, processes)
+    if checkpoint is None:
+        model, weights_source, weights_warning = build_model(
+            len(data.classes), config.mode, config.stem, pretrained=config.pretrained,
+            weights_path=config.weights, in_channels=ImageFormat.of(config).channels)
+        if writer_rank:
+            write_environment(layout, config, device, weights_source, weights_warning, data, processes)
+    else:  # the network the checkpoint was trained as (an old grey run: a 3-channel first layer)
+        model = resnet_from_state(checkpoint["model_state"], len(data.classes), config.stem, ImageFormat.of(config))
+        set_trainable(model, config.mode)
     model = prepare_batchnorm(model.to(device, memory_format=torch.channels_last), config, device, processes)
 
     steps_per_epoch = distributed.steps_per_epoch(len(data.train_x), config.batch_size, processes.world_size)
@@ -735,7 +738,7 @@ def save_checkpoints(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
 
 def restore_checkpoint(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: Any, scaler: torch.amp.GradScaler) -> TrainState:
-    model.load_state_dict(checkpoint["model_state"])
+    load_weights(model, checkpoint["model_state"])
     optimizer.load_state_dict(checkpoint["optimizer_state"])
     scheduler.load_state_dict(checkpoint["scheduler_state"])
     if checkpoint.get("scaler_state"):
@@ -754,7 +757,7 @@ def evaluate_best(run_dir: Path, model: nn.Module, data: SplitTensors, config: T
     `evaluate` command uses (`evaluate.evaluate_model`); also return its test probabilities."""
     layout = RunLayout(run_dir)
     best = torch.load(layout.best_checkpoint, map_location="cpu", weights_only=True)
-    model.load_state_dict(best["model_state"])
+    load_weights(model, best["model_state"])
     if isinstance(source, FeatureBatches) and not config.tta and data.selection_split == "test":
         # the test split's backbone features are already cached (they were the selection
         # split): the head alone scores them, a whole forward pass saved

@@ -104,6 +104,40 @@ def test_resume_continues_the_same_history_and_logs(tiny_demo, tmp_path):
     assert runs.read_json(run_dir / "status.json")["state"] == "completed"
 
 
+def as_before_the_colour_choice(path: Path) -> None:
+    """Rewrite a grey run's checkpoint as runs were saved before the colour choice: a 3-channel
+    first layer (grey repeated on ImageNet-normalised channels), no colour or stored size."""
+    from fer_core.transforms import GREY_STD, IMAGENET_STD
+    checkpoint = torch.load(path, weights_only=True)
+    per_channel = torch.tensor([s / (3 * GREY_STD) for s in IMAGENET_STD]).view(1, 3, 1, 1)
+    checkpoint["model_state"]["conv1.weight"] = checkpoint["model_state"]["conv1.weight"] * per_channel
+    for state in checkpoint["optimizer_state"]["state"].values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == (64, 1, 7, 7):
+                state[key] = value.expand(-1, 3, -1, -1).clone()
+    for key in ("colour", "store_size"):
+        checkpoint["config"].pop(key)
+    torch.save(checkpoint, path)
+
+
+def test_a_run_from_before_the_colour_choice_resumes_and_keeps_predicting(tiny_demo, tmp_path):
+    from fer_core.predict import Predictor
+    run_dir = fit(tiny_config(tiny_demo, tmp_path, epochs=1))
+    for name in ("last.pt", "best.pt"):
+        as_before_the_colour_choice(run_dir / "checkpoints" / name)
+    config = json.loads((run_dir / runs.CONFIG_FILE).read_text())
+    for key in ("colour", "store_size"):
+        config.pop(key)
+    (run_dir / runs.CONFIG_FILE).write_text(json.dumps(config))
+    resume(run_dir, epochs=2)
+    assert runs.read_json(run_dir / "status.json")["state"] == "completed"
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["model_state"]["conv1.1.weight"].shape == (64, 3, 7, 7)  # still its own 3-channel layer
+    face = Predictor.from_checkpoint(run_dir / "checkpoints" / "best.pt", num_threads=1).predict(
+        next(tiny_demo.rglob("*.png")).read_bytes()).faces[0]
+    assert sum(face.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_resume_drops_epochs_logged_after_the_last_checkpoint(tiny_demo, tmp_path):
     run_dir = fit(tiny_config(tiny_demo, tmp_path, epochs=1))
     runs.append_metrics(run_dir, {"epoch": 2, "val_acc": 0.0})   # as if killed after logging
