@@ -156,7 +156,7 @@ class GradCam:
 
     def explain(self, faces: Sequence[Image.Image | np.ndarray],
                 classes: Sequence[str | int | None] | None = None) -> list[Explanation]:
-        """Maps for face crops (any PIL image or grey array; each goes through `to_stored`, as
+        """Maps for face crops (any PIL image or uint8 array; each goes through `to_stored`, as
         in prediction). `classes[i]` names the class to explain for face i (a name or an index);
         None (or no `classes`) explains the class the model scores highest on that face."""
         wanted = list(classes) if classes is not None else [None] * len(faces)

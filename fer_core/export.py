@@ -27,7 +27,7 @@ from torch import nn
 from . import __version__, settings
 from .calibration import Calibration
 from .errors import CheckpointError, FerError
-from .inference import ImageFormat
+from .inference import DEFAULT_FORMAT, ImageFormat
 from .models import load_checkpoint, model_from_checkpoint
 from .runs import CHECKPOINT_DIR, RunLayout, atomic_write_bytes, atomic_write_json, read_json
 from .transforms import channel_statistics
@@ -46,7 +46,6 @@ CACHED_EXPORTS = 8  # ONNX exports of checkpoints kept in the cache folder
 METADATA_KEY = "fer_model_card"
 """The ONNX metadata_props key (and TorchScript extra file name) holding the model card JSON;
 its fields are also stored one per key (`fer.<field>`) for tools that show metadata as a table."""
-
 
 
 def preprocessing(image_format: ImageFormat) -> dict[str, Any]:
@@ -84,7 +83,7 @@ class ModelCard:
     # temperature scaling fitted on the validation split (fer_core.calibration); None: uncalibrated.
     # The graph outputs the plain softmax p: calibrated = softmax(log(p) / temperature).
     calibration: dict[str, Any] | None = None
-    preprocessing: dict[str, Any] = dataclasses.field(default_factory=lambda: preprocessing(ImageFormat()))
+    preprocessing: dict[str, Any] = dataclasses.field(default_factory=lambda: preprocessing(DEFAULT_FORMAT))
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     fer_core_version: str = __version__
@@ -98,8 +97,8 @@ class ModelCard:
     def image_format(self) -> ImageFormat:
         """How the run stored its faces (cards from before the choice: 48 px grey)."""
         described = self.preprocessing if isinstance(self.preprocessing, dict) else {}
-        return ImageFormat(size=described.get("face_size", ImageFormat().size),
-                           colour=described.get("colour", "grey"))
+        return ImageFormat(size=described.get("face_size", DEFAULT_FORMAT.size),
+                           colour=described.get("colour", DEFAULT_FORMAT.colour))
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelCard:

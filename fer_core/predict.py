@@ -1,4 +1,4 @@
-"""Prediction: image -> faces -> 48 px grey crops -> emotion probabilities.
+"""Prediction: image -> faces -> crops in the run's stored format (48 px grey by default) -> emotion probabilities.
 
 The crops go through exactly the path the model was evaluated on: `inference.to_stored` (how
 every dataset image is stored) and then `inference.probabilities` at the checkpoint's img_size.
@@ -178,6 +178,7 @@ class Predictor:
     def describe(self) -> dict[str, Any]:
         """What a client of this model needs to know (the REST service's GET /model)."""
         return {"classes": list(self.class_names), "input_size": self.img_size, "backend": self.backend,
+                "face_size": self.image_format.size, "colour": self.image_format.colour,
                 "tta": self.tta, "test_accuracy": self.info.get("accuracy"),
                 "macro_f1": self.info.get("macro_f1"), "run_id": self.info.get("run_id"),
                 "calibration": self.calibration.to_dict() if self.calibration else None,

@@ -54,7 +54,7 @@ def demo_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where decoded datasets are cached as uint8 tensors."""
+    """Where decoded datasets (`store`), exclusion lists and measured speeds are kept."""
     return _from_env(CACHE_DIR_ENV, Path.home() / ".cache" / "fer_core")
 
 

@@ -63,6 +63,24 @@ def known_datasets() -> dict[str, str]:
     return labels
 
 
+@st.cache_resource(show_spinner="Loading the decoded images…", max_entries=4)
+def load_source(spec: str, cache_dir: str):
+    """The decoded dataset for a source string; one copy shared by every session. A progress
+    bar follows the first decoding of the files (created here: a cached function may only
+    update what it created, and its replay shows the bar's last, empty state)."""
+    from fer_core.data import load_dataset
+    bar = st.empty()
+
+    def progress(done: int, total: int) -> None:
+        if done < total:
+            bar.progress(done / total, text=f"Decoding images: {done:,} of {total:,} "
+                                            "(once: the decoded images are kept in the cache folder)")
+    try:
+        return load_dataset(spec, cache_dir=cache_dir or None, progress=progress)
+    finally:
+        bar.empty()
+
+
 def data_home() -> Path:
     return settings.data_home()
 

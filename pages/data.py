@@ -10,30 +10,13 @@ from fer_core import settings, ui_data
 from fer_core.download import (CREDENTIALS_HELP, DEFAULT_DATASET, dataset_dest, download_dataset,
                                find_credentials, is_downloaded)
 from fer_core.errors import FerError
-from pages._shared import DATA_SOURCE_KEY, data_home, demo_dir, literal, require_router, synthetic_badge
+from pages._shared import (DATA_SOURCE_KEY, data_home, demo_dir, literal, load_source, require_router,
+                           synthetic_badge)
 
 require_router()
 
 SOURCES = {"demo": "Built-in demo", "local": "Local folder or fer2013.csv", "kaggle": "Kaggle download"}
 SAMPLES_PER_CLASS = 8
-
-
-@st.cache_resource(show_spinner="Loading the decoded images…", max_entries=4)
-def load_source(spec: str, cache_dir: str):
-    """The decoded dataset for a source string; one copy shared by every session. A progress
-    bar follows the first decoding of the files (created here: a cached function may only
-    update what it created, and its replay shows the bar's last, empty state)."""
-    from fer_core.data import load_dataset
-    bar = st.empty()
-
-    def progress(done: int, total: int) -> None:
-        if done < total:
-            bar.progress(done / total, text=f"Decoding images: {done:,} of {total:,} "
-                                            "(once: the decoded images are kept in the cache folder)")
-    try:
-        return load_dataset(spec, cache_dir=cache_dir or None, progress=progress)
-    finally:
-        bar.empty()
 
 
 @st.cache_data(show_spinner="Examining every image: blank, duplicate, leaked, conflicting…", max_entries=8)

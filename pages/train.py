@@ -7,11 +7,11 @@ from typing import Any
 
 import streamlit as st
 
-from fer_core import config_form, distributed, doctor, jobs, runs, ui_data
+from fer_core import config_form, distributed, doctor, jobs, runs, settings, ui_data
 from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, TrainConfig, config_from_preset
 from fer_core.errors import FerError
 from pages._shared import (DATA_SOURCE_KEY, SELECTED_RUN_KEY, checkpoints_dir, known_datasets,
-                           literal, require_router, runs_dir, state_badge, synthetic_badge,
+                           literal, load_source, require_router, runs_dir, state_badge, synthetic_badge,
                            take_selected_run)
 
 require_router()
@@ -67,6 +67,46 @@ def keep_submitted_values() -> None:
             values[field.name] = st.session_state[field.key]
 
 
+def time_estimate(preset: str, data: str, values: dict[str, Any]) -> None:
+    """How long the run in the form would take here: a speed measured on this machine (a few
+    training steps, on request, then kept) times the dataset's split counts."""
+    from fer_core import estimate
+    try:
+        config = config_from_preset(preset, data=data, **config_form.overrides_from_form(values))
+    except FerError:
+        return  # the form says what is wrong when it is submitted
+    speed = estimate.known_speed(config)
+    if speed is None:
+        if st.button("Estimate the time on this machine", icon=":material/timer:", key="train_estimate",
+                     help="Times a few training steps of this recipe here (seconds on a fast machine, a "
+                          "minute on a slow one): machines differ too much for a quoted figure."):
+            with st.spinner("Timing a few training steps on this machine…"):
+                estimate.measure_speed(config)
+            st.rerun()
+        return
+    counts = split_counts(data, config)
+    if counts is None:
+        return
+    seconds = estimate.estimate_seconds(config, counts, speed)
+    st.caption(f"About **{estimate.format_duration(seconds)}** on this machine: {config.epochs} epochs of "
+               f"{counts['train']:,} training images at {speed.train_images_per_second:,.0f} img/s (measured "
+               "here for these settings), validation and the final test included.")
+
+
+def split_counts(data: str, config: TrainConfig) -> dict[str, int] | None:
+    """Images per split for this config, as training will split them (exclusions aside)."""
+    from fer_core.data import assign_splits, cap_training_images
+    try:
+        dataset = load_source(data, str(settings.cache_dir()))
+        splits = assign_splits(dataset, test_fraction=config.test_fraction, val_fraction=config.val_fraction,
+                               seed=config.seed)
+    except (FerError, OSError):
+        return None
+    if config.max_per_class:
+        splits = cap_training_images(dataset, splits, config.max_per_class, config.seed)
+    return {split: int((splits == split).sum()) for split in ("train", "val", "test")}
+
+
 def draw_field(field: config_form.FormField, value: Any) -> None:
     """One widget, entirely as the field's setting describes it, starting at `value`."""
     if field.widget == "toggle":
@@ -116,6 +156,7 @@ with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:"
         fill_form_from_preset()
     form_values = st.session_state[FORM_VALUES_KEY]
     st.info(f"**{preset}**: {PRESET_DESCRIPTIONS.get(preset, '')}", icon=":material/tune:")
+    time_estimate(preset, data, form_values)
     if form_values.get("exclude"):
         left_out, problem = doctor.exclusion_summary(form_values["exclude"])
         if problem:

@@ -227,6 +227,27 @@ def test_train_preset_follows_the_data_and_fills_the_form(env, app_data):
     assert at.radio(key="tf_mode").value == PRESETS["reference"]["mode"]
 
 
+def test_train_page_estimates_the_time_from_a_speed_measured_on_this_machine(env, app_data, monkeypatch):
+    """No figure until this machine's speed is measured (on request); then the duration of the
+    form's recipe on the dataset's split. cpu-fast on the tiny dataset (35 train, 7 validation,
+    14 test images; 30 epochs; ten test views) at 10 img/s training and 30 img/s evaluation:
+    30 x (35/10 + 7/30) + 14 x 10/30 = 116.7 s, about 2 min."""
+    from fer_core import estimate
+
+    measured: dict[str, estimate.Speed] = {}
+    monkeypatch.setattr(estimate, "known_speed", lambda config, folder=None: measured.get(estimate.speed_key(config)))
+    monkeypatch.setattr(estimate, "measure_speed", lambda config, **_: measured.setdefault(
+        estimate.speed_key(config), estimate.Speed(10.0, 30.0, "cpu", time.time())))
+    at = open_page("train")
+    at.selectbox(key="train_data").set_value(str(app_data.tiny)).run(timeout=TIMEOUT)
+    assert "on this machine:" not in page_text(at) and not measured
+    at.button(key="train_estimate").click().run(timeout=TIMEOUT)
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(measured) == 1
+    caption = next(c.value for c in at.caption if "on this machine:" in c.value)
+    assert caption.startswith("About **2 min** on this machine: 30 epochs of 35 training images at 10 img/s")
+
+
 def train_form(at: AppTest) -> dict:
     """The Train form's widgets (keys tf_<field>) as the user sees them: field -> widget."""
     widgets = [*at.text_input, *at.number_input, *at.toggle, *at.radio, *at.selectbox]

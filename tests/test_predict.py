@@ -180,6 +180,8 @@ def test_a_colour_run_crops_faces_in_its_own_size_and_colour(tmp_path: Path, ast
     torch_predictor = Predictor.from_checkpoint(checkpoint, num_threads=1)
     onnx_predictor = Predictor.load(checkpoint, backend="onnx", num_threads=1)
     assert torch_predictor.image_format == onnx_predictor.image_format == ImageFormat(96, "rgb")
+    for predictor in (torch_predictor, onnx_predictor):  # what GET /model tells a REST client
+        assert (predictor.describe()["face_size"], predictor.describe()["colour"]) == (96, "rgb")
     faces = [p.predict(astronaut_jpeg).faces[0] for p in (torch_predictor, onnx_predictor)]
     assert all(face.crop.mode == "RGB" and face.crop.size == (96, 96) for face in faces)
     for name in CLASSES:
