@@ -248,6 +248,24 @@ def test_train_page_estimates_the_time_from_a_speed_measured_on_this_machine(env
     assert caption.startswith("About **2 min** on this machine: 30 epochs of 35 training images at 10 img/s")
 
 
+def test_the_train_form_launches_a_colour_run_at_its_stored_size(env, app_data, monkeypatch):
+    from fer_core import jobs
+
+    launched = []
+    monkeypatch.setattr(jobs, "launch", lambda config, *, max_concurrent=1: launched.append(config) or (
+        env.runs / "2040-01-01_00-00-00" / config.experiment / runs.MODEL_NAME / config.mode))
+    at = open_page("train")
+    at.selectbox(key="train_data").set_value(str(app_data.tiny)).run(timeout=TIMEOUT)
+    form = train_form(at)
+    assert (form["colour"].value, form["store_size"].value) == ("grey", 48)
+    form["colour"].set_value("rgb")
+    form["store_size"].set_value(96)
+    at.button(key="FormSubmitter:train_form-Launch training").click().run(timeout=TIMEOUT)
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    (config,) = launched
+    assert (config.colour, config.store_size, config.data) == ("rgb", 96, str(app_data.tiny))
+
+
 def train_form(at: AppTest) -> dict:
     """The Train form's widgets (keys tf_<field>) as the user sees them: field -> widget."""
     widgets = [*at.text_input, *at.number_input, *at.toggle, *at.radio, *at.selectbox]
