@@ -70,18 +70,21 @@ def eval_transform(images: torch.Tensor, img_size: int) -> torch.Tensor:
 def train_transform(images: torch.Tensor, img_size: int, generator: torch.Generator,
                     aug: AugmentConfig = AugmentConfig()) -> torch.Tensor:
     """Random scale, rotation, translation and flip in one affine resample, then photometric
-    jitter and random erasing, all on the whole batch."""
+    jitter and random erasing, all on the whole batch, on the images' device (a GPU when the
+    trainer keeps the dataset there). The draws come from `generator` on the CPU, so a seed
+    gives the same augmentation on any device."""
     n = images.shape[0]
     x = _as_unit_nchw(images)
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(n, generator=generator) * (high - low) + low
+        return (torch.rand(n, generator=generator) * (high - low) + low).to(x.device)
 
     scale = uniform(*aug.scale)
     angle = uniform(-aug.max_rotation_deg, aug.max_rotation_deg) * math.pi / 180.0
     tx = uniform(-aug.max_translate, aug.max_translate) * 2
     ty = uniform(-aug.max_translate, aug.max_translate) * 2
-    flip = (torch.rand(n, generator=generator) < 0.5).float() * 2 - 1 if aug.hflip else torch.ones(n)
+    flip = ((torch.rand(n, generator=generator) < 0.5).float() * 2 - 1).to(x.device) if aug.hflip \
+        else torch.ones(n, device=x.device)
     # affine_grid maps output coords to input coords: zoom-in by `scale` means sampling a smaller area.
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([
@@ -117,7 +120,7 @@ def _random_erase(x: torch.Tensor, prob: float, generator: torch.Generator) -> t
             & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1))
             & chosen.view(n, 1, 1))
     noise = torch.rand(x.shape, generator=generator)
-    return torch.where(mask.unsqueeze(1), noise, x)
+    return torch.where(mask.unsqueeze(1).to(x.device), noise.to(x.device), x)
 
 
 def tta_views(x: torch.Tensor, shift: int | None = None) -> list[torch.Tensor]:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -294,3 +295,27 @@ def test_a_colour_dataset_with_eight_classes_trains_evaluates_and_predicts_in_co
     assert predictor.image_format == ImageFormat(64, "rgb")
     face = predictor.predict(next(data.rglob("*.png")).read_bytes()).faces[0]
     assert face.crop.mode == "RGB" and face.crop.size == (64, 64)
+
+
+def test_the_gpu_preset_trains_tiny_on_the_cpu(tiny_demo, tmp_path):
+    """The gpu preset is only measured on a GPU (none was lent here): on the CPU it must at least
+    train end to end; its GPU-only parts (images kept on the device, float16 AMP) are skipped
+    or turned off there by the trainer itself."""
+    from fer_core.config import config_from_preset
+    config = config_from_preset("gpu", data=str(tiny_demo), epochs=1, batch_size=16, img_size=32, val_fraction=0.2,
+                                runs_dir=str(tmp_path / "runs"), checkpoints_dir=str(tmp_path / "published"),
+                                num_threads=2)
+    assert (config.amp, config.pretrained, config.stem) == (True, False, "small")
+    run_dir = fit(config)
+    assert runs.read_json(run_dir / "status.json")["state"] == "completed"
+
+
+def test_images_on_the_device_keep_labels_home_and_a_shared_split_shared():
+    from fer_core.train import SplitTensors, images_on_device
+    images, labels = torch.zeros(4, 48, 48, dtype=torch.uint8), torch.arange(4)
+    data = SplitTensors(["a"], images, labels, images[:2], labels[:2], images[:2], labels[:2], ["p", "q"],
+                        False, "test")
+    data = dataclasses.replace(data, val_x=data.test_x)  # no validation split: selection on test
+    moved = images_on_device(data, torch.device("meta"))
+    assert moved.train_x.device.type == moved.test_x.device.type == "meta"
+    assert moved.val_x is moved.test_x and moved.train_y.device.type == "cpu"

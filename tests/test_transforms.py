@@ -65,3 +65,11 @@ def test_tta_views_are_ten_same_size_shifted_and_mirrored_copies():
     assert len({v.sum().item() for v in views}) > 5  # genuinely different views
     # a corner-shifted view is the image moved by the shift (3 px at 48 px)
     assert torch.equal(views[4][..., :-6, :-6], x[..., 3:-3, 3:-3])
+
+
+def test_augmentation_runs_where_the_images_are():
+    """The gpu preset keeps images on the GPU: every augmentation step must stay on the images'
+    device (the meta device stands in for a GPU here, and mixing devices would raise)."""
+    images = torch.randint(0, 256, (4, 48, 48), dtype=torch.uint8).to("meta")
+    x = train_transform(images, 40, torch.Generator().manual_seed(0))
+    assert x.device.type == "meta" and x.shape == (4, 1, 40, 40)
