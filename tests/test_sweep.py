@@ -52,7 +52,7 @@ def test_the_three_forms_of_a_search_space_become_optuna_distributions():
 @pytest.mark.parametrize("text, message", [
     ("", "the search space is empty"),
     ("lr", "write name=LOW..HIGH"),
-    ("colour=1..2", "unknown field 'colour'; tunable fields: mode, stem, epochs, batch_size, lr"),
+    ("flavour=1..2", "unknown field 'flavour'; tunable fields: mode, stem, epochs, batch_size, lr"),
     ("seed=1..3", "seed cannot be tuned (it changes the validation images"),
     ("lr=20..30", "learning rate must be in [1e-07, 10] (got 20.0)"),
     ("lr=0.3..0.01", "the low end must be below the high end"),
