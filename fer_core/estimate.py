@@ -14,6 +14,7 @@ import functools
 import os
 import platform
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,11 @@ def machine() -> str:
 
 
 def _cpu_model() -> str:
-    try:
+    """The CPU's model name (Linux), else what the platform says (other systems have no cpuinfo)."""
+    with suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
