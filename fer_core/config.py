@@ -157,7 +157,8 @@ class ConfigField:
             if s.zero_means and s.min_value and s.min_value > 0:
                 text += f", or 0 ({s.zero_means})"
             return text
-        return f"in {'(' if s.min_open else '['}{low}, {high}{')' if s.max_open else ']'}{unit}"
+        text = f"in {'(' if s.min_open else '['}{low}, {high}{')' if s.max_open else ']'}{unit}"
+        return text + (f", or 0 ({s.zero_means})" if s.zero_means and s.min_value and s.min_value > 0 else "")
 
     def problem(self, value: Any) -> str | None:
         """Why `value` cannot be this field's value, in one line naming the field; None if it can."""
@@ -380,6 +381,22 @@ class TrainConfig:
     augment: bool = setting(
         True, group="data", label="Augmentation",
         help="Random crops, flips, small rotations, brightness/contrast and erasing while training.")
+    mixup: float = setting(
+        0.0, group="data", label="MixUp alpha (0 = off)", noun="MixUp alpha", min_value=0.01, max_value=10.0,
+        zero_means="off", step=0.1, format="%g", metavar="ALPHA",
+        help="Blend pairs of training faces and mix their labels alike (torchvision's MixUp); the "
+             "blend's share is drawn from Beta(alpha, alpha), e.g. 0.2. A regulariser for long runs.")
+    cutmix: float = setting(
+        0.0, group="data", label="CutMix alpha (0 = off)", noun="CutMix alpha", min_value=0.01, max_value=10.0,
+        zero_means="off", step=0.1, format="%g", metavar="ALPHA",
+        help="Paste a patch of one training face into another, labels mixed by area (torchvision's "
+             "CutMix), e.g. 1.0. With MixUp on too, each batch uses one of the two.")
+    ema_decay: float = setting(
+        0.0, group="optimisation", label="Weight averaging: EMA decay (0 = off)", noun="EMA decay",
+        min_value=0.5, max_value=1.0, max_open=True, zero_means="off", step=0.0001, format="%g", metavar="D",
+        help="Keep an exponential moving average of the weights, updated every step with this decay "
+             "(e.g. 0.999, about the last 1,000 steps), and validate, test and publish the average "
+             "instead of the last weights.")
     tta: bool = setting(
         False, group="advanced", label="Test-time augmentation (10 views)", noun="TTA",
         help="Test-time augmentation: average the prediction over ten views (the face and its mirror, "
@@ -440,6 +457,10 @@ class TrainConfig:
         if both_fine and self.warmup_epochs > self.epochs:
             problems.append(f"warm-up epochs must not exceed epochs ({_number(self.warmup_epochs)} > "
                             f"{self.epochs})")
+        mixing = any(isinstance(v, (int, float)) and v > 0 for v in (self.mixup, self.cutmix))
+        if mixing and self.mode == "head_only" and not self.augment:
+            problems.append("MixUp and CutMix mix images, and head-only training without augmentation trains "
+                            "on features computed once: turn augmentation on, or MixUp and CutMix off")
         problems += self._distributed_problems()
         if problems:
             raise ConfigError("; ".join(problems))

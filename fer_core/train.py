@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.tensorboard import SummaryWriter
 
 from . import distributed, runs
@@ -32,6 +33,7 @@ from .config import TrainConfig
 from .data import (Dataset, assign_splits, cap_training_images, display_path, load_dataset,
                    read_split_manifest, split_table, write_split_manifest)
 from .distributed import Processes
+from .ema import weight_average
 from .errors import FerError
 from .runs import RunLayout, TrainerStatusWriter
 from .store import Progress, select_rows
@@ -41,7 +43,7 @@ from .inference import probabilities as model_probabilities
 from .models import (CHECKPOINT_FORMAT, build_model, freeze_batchnorm_if_head_only, load_checkpoint, load_weights,
                      parameter_groups, resnet_from_state, save_checkpoint_file, set_trainable,
                      weights_are_finite)
-from .transforms import denormalise, eval_transform, train_transform
+from .transforms import BatchMixer, denormalise, eval_transform, train_transform
 
 log = logging.getLogger("fer_core.train")
 STATUS_INTERVAL_S = 1.0
@@ -275,12 +277,14 @@ def _train(config: TrainConfig, layout: RunLayout | None, status: TrainerStatusW
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    averaged = weight_average(model, config.ema_decay) if config.ema_decay else None
+    mixer = BatchMixer(len(data.classes), config.mixup, config.cutmix) if config.mixup or config.cutmix else None
     weights = class_weights(data, config)
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                     label_smoothing=config.label_smoothing)
     state = TrainState()
     if checkpoint is not None:
-        state = restore_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
+        state = restore_checkpoint(checkpoint, model, optimizer, scheduler, scaler, averaged)
         if writer_rank:
             runs.rewrite_metrics(run_dir, state.history)  # drop any epoch logged after last.pt
 
@@ -292,12 +296,12 @@ def _train(config: TrainConfig, layout: RunLayout | None, status: TrainerStatusW
 
     if uses_feature_cache(config):
         status.update(phase="computing the frozen backbone's features (once)")
-    source = batch_source(model, config, device, data, processes)
+    source = batch_source(model, config, device, data, processes, averaged)
     status.update(phase="training")
     for epoch in range(state.epoch + 1, config.epochs + 1):
         progress = _ProgressReporter(status, epoch, config.epochs, steps_per_epoch, on_progress)
         train_result = train_one_epoch(source, data, config, epoch, optimizer, scheduler, scaler,
-                                       criterion, device, run_dir, progress, processes)
+                                       criterion, device, run_dir, progress, processes, mixer)
         stop_reason = None
         if writer_rank:  # the model is replicated: rank 0 validates, logs and saves for all
             stop_reason = _end_epoch_on_rank_0(source, data, config, device, epoch, steps_per_epoch, train_result,
@@ -343,7 +347,7 @@ def _end_epoch_on_rank_0(source: "BatchSource", data: SplitTensors, config: Trai
     runs.append_metrics(run_dir, row)
     log_epoch(writer, row)
     save_checkpoints(run_dir, source.model, optimizer, scheduler, scaler, state, config, data.classes,
-                     val_loss, improved)
+                     val_loss, improved, source.averaged)
     status.update(epoch=epoch, batch=steps_per_epoch, best_val_acc=state.best_val_acc, best_epoch=state.best_epoch)
     log.info("epoch %d/%d  train loss %.4f acc %.3f | %s loss %.4f acc %.3f | %.0f img/s",
              epoch, config.epochs, row["train_loss"], row["train_acc"], data.selection_split,
@@ -541,10 +545,12 @@ class ImageBatches:
     """Batches of images through the whole network, augmented on the fly when training."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors,
-                 processes: Processes = distributed.ONE_PROCESS):
-        # validation, evaluation and checkpoints use the plain model: no collective in them,
-        # so rank 0 can run them alone
+                 processes: Processes = distributed.ONE_PROCESS, averaged: AveragedModel | None = None):
+        # validation, evaluation and checkpoints use the plain model (or its moving average):
+        # no collective in them, so rank 0 can run them alone
         self.model, self.config, self.device, self.data = model, config, device, data
+        self.averaged = averaged
+        self.evaluated: nn.Module = averaged.module if averaged is not None else model
         self.trainer = data_parallel(model, device, processes)
 
     def train_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -557,7 +563,7 @@ class ImageBatches:
         return eval_transform(self.data.val_x[start:stop], self.config.img_size).to(self.device, non_blocking=True)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs)
+        return self.evaluated(inputs)
 
     def train_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.trainer(inputs)
@@ -571,8 +577,11 @@ class FeatureBatches:
     """Head-only training without augmentation: the frozen backbone's output never changes, so
     it is computed once per image and every epoch only trains the linear head on it."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors):
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors,
+                 averaged: AveragedModel | None = None):
         self.model, self.config, self.device = model, config, device
+        self.averaged = averaged
+        self.evaluated: nn.Module = averaged.module if averaged is not None else model
         self.train_features = self._backbone_features(data.train_x)
         self.val_features = self._backbone_features(data.val_x)
 
@@ -597,16 +606,16 @@ class FeatureBatches:
         return self.val_features[start:stop]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model.fc(inputs)
+        return self.evaluated.fc(inputs)
 
     def train_forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.forward(inputs)  # one process only (TrainConfig.validate)
+        return self.model.fc(inputs)  # one process only (TrainConfig.validate)
 
     @torch.inference_mode()
     def test_probabilities(self, data: SplitTensors) -> np.ndarray:
         """Test-split probabilities from the head alone; selecting on test reuses its features."""
         features = self.val_features if data.selection_split == "test" else self._backbone_features(data.test_x)
-        self.model.eval()
+        self.evaluated.eval()
         with autocast_context(self.device, self.config.amp):
             return self.forward(features).float().softmax(1).cpu().numpy()
 
@@ -623,18 +632,20 @@ def uses_feature_cache(config: TrainConfig) -> bool:
 
 
 def batch_source(model: nn.Module, config: TrainConfig, device: torch.device, data: SplitTensors,
-                 processes: Processes = distributed.ONE_PROCESS) -> BatchSource:
+                 processes: Processes = distributed.ONE_PROCESS, averaged: AveragedModel | None = None) -> BatchSource:
     if uses_feature_cache(config):
-        return FeatureBatches(model, config, device, data)
-    return ImageBatches(model, config, device, data, processes)
+        return FeatureBatches(model, config, device, data, averaged)
+    return ImageBatches(model, config, device, data, processes, averaged)
 
 
 def train_one_epoch(source: BatchSource, data: SplitTensors, config: TrainConfig, epoch: int,
                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
                     criterion: nn.Module, device: torch.device, run_dir: Path | None,
-                    progress: "_ProgressReporter", processes: Processes = distributed.ONE_PROCESS) -> EpochResult:
+                    progress: "_ProgressReporter", processes: Processes = distributed.ONE_PROCESS,
+                    mixer: BatchMixer | None = None) -> EpochResult:
     """One pass over the epoch's seeded permutation in global batches; each rank trains on its
-    share of every batch, so N processes take the steps one process takes."""
+    share of every batch, so N processes take the steps one process takes. Accuracy counts the
+    faces' own labels, also when MixUp/CutMix trains on mixed ones."""
     source.set_train_mode()
     generator = epoch_generator(config.seed, epoch)
     order = torch.randperm(len(data.train_x), generator=generator)
@@ -648,9 +659,12 @@ def train_one_epoch(source: BatchSource, data: SplitTensors, config: TrainConfig
         index = distributed.rank_share(batch, processes)
         x = source.train_batch(index, augmentation)
         y = data.train_y[index].to(device, non_blocking=True)
+        targets = y
+        if mixer is not None:
+            x, targets = mixer(x, y, augmentation)
         with autocast_context(device, config.amp):
             logits = source.train_forward(x)
-            loss = criterion(logits.float(), y) * distributed.share_weight(len(index), len(batch), processes)
+            loss = criterion(logits.float(), targets) * distributed.share_weight(len(index), len(batch), processes)
         # the global batch's mean loss, the same on every rank: all stop together if it is not finite
         loss_value = distributed.global_sums(processes, [loss.item()])[0] / processes.world_size
         if not math.isfinite(loss_value):  # before the step: last.pt and the weights stay finite
@@ -660,6 +674,8 @@ def train_one_epoch(source: BatchSource, data: SplitTensors, config: TrainConfig
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if source.averaged is not None:
+            source.averaged.update_parameters(source.model)
         total_loss += loss_value * len(batch)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(batch)
@@ -685,7 +701,7 @@ def diverged_message(epoch: int, batch: int, loss: float, config: TrainConfig) -
 @torch.inference_mode()
 def validate(source: BatchSource, data: SplitTensors, config: TrainConfig,
              device: torch.device) -> tuple[float, float]:
-    source.model.eval()
+    source.evaluated.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(data.val_x), 256):
         x = source.val_batch(start, start + 256)
@@ -725,11 +741,14 @@ class _ProgressReporter:
 
 def checkpoint_payload(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                        scaler: torch.amp.GradScaler, state: TrainState, config: TrainConfig,
-                       classes: list[str], val_loss: float) -> dict[str, Any]:
-    """Everything needed to resume or to predict; only tensors and plain types (weights_only)."""
-    return {
+                       classes: list[str], val_loss: float,
+                       averaged: AveragedModel | None = None) -> dict[str, Any]:
+    """Everything needed to resume or to predict; only tensors and plain types (weights_only).
+    `model_state` holds the weights that predict: the moving average when there is one, with
+    the trained weights beside it for a resume."""
+    payload = {
         "format": CHECKPOINT_FORMAT,
-        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_state": _cpu_state(averaged.module if averaged is not None else model),
         "optimizer_state": optimizer.state_dict(),
         "scheduler_state": scheduler.state_dict(),
         "scaler_state": scaler.state_dict(),
@@ -742,12 +761,21 @@ def checkpoint_payload(model: nn.Module, optimizer: torch.optim.Optimizer, sched
         "config": config.to_dict(),
         "class_names": list(classes),
     }
+    if averaged is not None:
+        payload["trained_model_state"] = _cpu_state(model)
+        payload["average_updates"] = int(averaged.n_averaged)
+    return payload
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def save_checkpoints(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                      scaler: torch.amp.GradScaler, state: TrainState, config: TrainConfig,
-                     classes: list[str], val_loss: float, improved: bool) -> None:
-    payload = checkpoint_payload(model, optimizer, scheduler, scaler, state, config, classes, val_loss)
+                     classes: list[str], val_loss: float, improved: bool,
+                     averaged: AveragedModel | None = None) -> None:
+    payload = checkpoint_payload(model, optimizer, scheduler, scaler, state, config, classes, val_loss, averaged)
     folder = run_dir / runs.CHECKPOINT_DIR
     save_checkpoint_file(folder / runs.LAST_CHECKPOINT, payload)
     if improved:  # the same bytes: a hard link instead of a second 45 MB write
@@ -755,8 +783,12 @@ def save_checkpoints(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
 
 
 def restore_checkpoint(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                       scheduler: Any, scaler: torch.amp.GradScaler) -> TrainState:
-    load_weights(model, checkpoint["model_state"])
+                       scheduler: Any, scaler: torch.amp.GradScaler,
+                       averaged: AveragedModel | None = None) -> TrainState:
+    load_weights(model, checkpoint.get("trained_model_state", checkpoint["model_state"]))
+    if averaged is not None:
+        load_weights(averaged.module, checkpoint["model_state"])
+        averaged.n_averaged.fill_(int(checkpoint.get("average_updates", 0)))
     optimizer.load_state_dict(checkpoint["optimizer_state"])
     scheduler.load_state_dict(checkpoint["scheduler_state"])
     if checkpoint.get("scaler_state"):
@@ -776,6 +808,7 @@ def evaluate_best(run_dir: Path, model: nn.Module, data: SplitTensors, config: T
     layout = RunLayout(run_dir)
     best = torch.load(layout.best_checkpoint, map_location="cpu", weights_only=True)
     load_weights(model, best["model_state"])
+    source.evaluated = model  # the best weights (averaged ones, when averaging) are now the model's
     if isinstance(source, FeatureBatches) and not config.tta and data.selection_split == "test":
         # the test split's backbone features are already cached (they were the selection
         # split): the head alone scores them, a whole forward pass saved

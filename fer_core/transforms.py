@@ -123,6 +123,37 @@ def _random_erase(x: torch.Tensor, prob: float, generator: torch.Generator) -> t
     return torch.where(mask.unsqueeze(1).to(x.device), noise.to(x.device), x)
 
 
+class BatchMixer:
+    """MixUp (blend two faces) and CutMix (paste a patch of one face into another), torchvision's,
+    on a model-input batch: each face is paired with its neighbour in the shuffled batch, and the
+    labels become the two one-hot labels mixed in the same proportion. With both on, each batch
+    uses one of the two at even odds (timm's default).
+
+    torchvision draws from torch's global generator; the draws are seeded from the epoch's
+    augmentation generator instead, so a seed gives the same mixing in every run and resume."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float):
+        from torchvision.transforms import v2
+
+        choices = []
+        if mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        if not choices:
+            raise ValueError("a BatchMixer needs MixUp or CutMix (an alpha above 0)")
+        self.transform = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mixed images, soft labels (N, classes)) for images (N, C, S, S) and labels (N,)."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            mixed, targets = self.transform(images, labels)
+        return mixed.contiguous(memory_format=torch.channels_last), targets
+
+
 def tta_views(x: torch.Tensor, shift: int | None = None) -> list[torch.Tensor]:
     """Test-time views of a model-input batch: the image and its mirror, each centred and
     shifted by ~6% towards the four corners (a "ten-crop" that keeps the full size)."""

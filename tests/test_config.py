@@ -18,10 +18,19 @@ from fer_core.errors import ConfigError
     ("lr", 0.0, "learning rate"), ("lr", math.nan, "learning rate"), ("img_size", 8, "image size"),
     ("img_size", 4096, "image size"), ("val_fraction", 0.7, "validation"), ("mode", "all", "mode"),
     ("experiment", "../x", "experiment"), ("label_smoothing", 1.5, "smoothing"),
+    ("ema_decay", 1.0, "EMA decay"), ("ema_decay", 0.2, "EMA decay"), ("mixup", -0.2, "MixUp alpha"),
+    ("cutmix", 11.0, "CutMix alpha"),
 ])
 def test_invalid_values_are_refused_with_the_reason(field, value, words):
     with pytest.raises(ConfigError, match=words):
         TrainConfig(**{field: value}).validate()
+
+
+def test_mixing_is_refused_where_training_sees_cached_features_and_not_images():
+    with pytest.raises(ConfigError, match="MixUp and CutMix mix images"):
+        TrainConfig(mode="head_only", augment=False, cutmix=1.0).validate()
+    TrainConfig(mode="head_only", augment=True, cutmix=1.0, mixup=0.2).validate()
+    TrainConfig(mode="finetune", augment=False, mixup=0.2).validate()
 
 
 def test_round_trip_through_dict_ignores_unknown_keys():

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -181,6 +182,36 @@ def test_same_config_and_seed_give_the_same_metrics(tiny_demo, tmp_path):
     measured = ("seconds", "images_per_second", "peak_rss_mb")  # of the machine and the process, not the run
     strip = lambda rows: [{k: v for k, v in r.items() if k not in measured} for r in rows]
     assert strip(runs.read_metrics(first)[0]) == strip(runs.read_metrics(second)[0])
+
+
+def test_a_run_with_weight_averaging_and_mixing_resumes_exactly_and_publishes_the_average(tiny_demo, tmp_path):
+    """EMA, MixUp and CutMix on; one run goes straight through, the other is cancelled after its
+    first epoch and resumed: the same losses, the same average, the same update count."""
+    recipe = dict(epochs=2, ema_decay=0.9, mixup=0.2, cutmix=1.0)
+    straight = fit(tiny_config(tiny_demo, tmp_path / "straight", **recipe))
+    config = tiny_config(tiny_demo, tmp_path / "resumed", **recipe)
+
+    def cancel_in_epoch_2(event):
+        if event.get("epoch") == 2:
+            (next(Path(config.runs_dir).glob("*/*/*/*")) / runs.CANCEL_FILE).touch()
+    resumed = fit(config, on_progress=cancel_in_epoch_2)
+    assert runs.read_json(resumed / "status.json")["state"] == "cancelled"
+    resume(resumed)
+
+    measured = ("seconds", "images_per_second", "peak_rss_mb")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in measured} for r in rows]
+    assert strip(runs.read_metrics(straight)[0]) == strip(runs.read_metrics(resumed)[0])
+    last, again = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (straight, resumed))
+    steps = 2 * math.ceil(runs.read_json(straight / "environment.json")["num_train"] / 16)
+    assert last["average_updates"] == again["average_updates"] == steps
+    for key, value in last["model_state"].items():
+        assert torch.equal(value, again["model_state"][key]), key
+    # what predicts is the average, not the trained weights; publishing keeps the average alone
+    assert not torch.equal(last["model_state"]["fc.weight"], last["trained_model_state"]["fc.weight"])
+    published = load_checkpoint(runs.read_json(straight / "status.json")["published_checkpoint"])
+    assert "trained_model_state" not in published
+    best = torch.load(straight / "checkpoints" / "best.pt", weights_only=True)
+    assert torch.equal(published["model_state"]["fc.weight"], best["model_state"]["fc.weight"])
 
 
 def test_head_only_trains_only_the_classifier(tiny_demo, tmp_path):

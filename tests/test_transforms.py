@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fer_core.transforms import (GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, denormalise, eval_transform,
-                                 train_transform)
+from fer_core.transforms import (GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, BatchMixer, denormalise,
+                                 eval_transform, train_transform)
 
 
 @pytest.mark.parametrize("shape,channels", [((4, 48, 48), 1), ((4, 48, 48, 3), 3)])
@@ -73,3 +73,48 @@ def test_augmentation_runs_where_the_images_are():
     images = torch.randint(0, 256, (4, 48, 48), dtype=torch.uint8).to("meta")
     x = train_transform(images, 40, torch.Generator().manual_seed(0))
     assert x.device.type == "meta" and x.shape == (4, 1, 40, 40)
+
+
+def mixing_batch(n: int = 8, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each face a constant image of its own value, so every output pixel tells its sources."""
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 16, 16).contiguous()
+    return images, torch.arange(n) % classes
+
+
+def test_mixup_blends_each_face_with_its_neighbour_and_mixes_the_labels_alike():
+    images, labels = mixing_batch()
+    mixed, targets = BatchMixer(4, mixup_alpha=0.4, cutmix_alpha=0)(images, labels, torch.Generator().manual_seed(3))
+    share = targets[0, labels[0]].item()  # the first face's own label's share
+    assert 0 < share < 1
+    expected = share * images + (1 - share) * images.roll(1, 0)
+    torch.testing.assert_close(mixed, expected)
+    own = torch.nn.functional.one_hot(labels, 4).float()
+    torch.testing.assert_close(targets, share * own + (1 - share) * own.roll(1, 0))
+
+
+def test_cutmix_pastes_one_patch_and_the_labels_follow_its_area():
+    images, labels = mixing_batch()
+    mixed, targets = BatchMixer(4, mixup_alpha=0, cutmix_alpha=1.0)(images, labels, torch.Generator().manual_seed(5))
+    own = mixed == images
+    pasted = mixed == images.roll(1, 0)
+    assert bool((own | pasted).all())  # every pixel is the face's own or its neighbour's
+    kept = own[0, 0].float().mean().item()
+    assert 0 < kept < 1
+    torch.testing.assert_close(targets[0, labels[0]], torch.tensor(kept))
+    assert torch.equal(own, own[:1].expand_as(own))  # one box, the same place in every face
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+
+
+def test_mixing_is_seeded_by_the_generator_and_leaves_torchs_global_generator_alone():
+    images, labels = mixing_batch()
+    mixer = BatchMixer(4, mixup_alpha=0.4, cutmix_alpha=1.0)
+    global_state = torch.random.get_rng_state()
+    runs = [mixer(images, labels, torch.Generator().manual_seed(seed))[1] for seed in (1, 1, 2, 3, 4)]
+    assert torch.equal(torch.random.get_rng_state(), global_state)
+    assert torch.equal(runs[0], runs[1])
+    assert any(not torch.equal(runs[0], other) for other in runs[2:])
+
+
+def test_a_mixer_without_mixup_or_cutmix_is_refused():
+    with pytest.raises(ValueError, match="MixUp or CutMix"):
+        BatchMixer(4, mixup_alpha=0, cutmix_alpha=0)
