@@ -26,10 +26,17 @@ def row(run_dir: Path) -> str:
     name = f"{config.get('preset') or 'custom'}: {config['mode']}, stem {config['stem']}, {config['optimizer']} " \
            f"lr {config['lr']}, {config['scheduler']}, ls {config['label_smoothing']}, " \
            f"aug {'on' if config['augment'] else 'off'}, TTA {'on' if config.get('tta') else 'off'}, " \
-           f"val {config['val_fraction']}" + (", class weights" if config.get("class_weights") else "")
+           f"val {config['val_fraction']}" + (", class weights" if config.get("class_weights") else "") + levers(config)
     return (f"| {name} | {config.get('weights_source')} | {config['img_size']} | {len(run.metrics)} "
             f"| {minutes:.1f} | {evaluation.get('accuracy', 0) * 100:.1f}% | {evaluation.get('macro_f1', 0) * 100:.1f} "
             f"| {recalls} | {peak:.0f} |")
+
+
+def levers(config: dict) -> str:
+    """The optional levers a run turned on, named as the CLI names them (none: "")."""
+    shown = [f"{flag} {config[key]:g}" for key, flag in (("ema_decay", "EMA"), ("mixup", "MixUp"), ("cutmix", "CutMix"))
+             if config.get(key)]
+    return "".join(f", {item}" for item in shown)
 
 
 if __name__ == "__main__":
