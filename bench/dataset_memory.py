@@ -95,7 +95,7 @@ def measure(label_file: Path, cache_dir: Path, backing: str, max_batches: int | 
     from torch import nn
 
     from fer_core.data import load_dataset
-    from fer_core.inference import ImageFormat
+    from fer_core.image_format import ImageFormat
     from fer_core.store import ImageArray
     from fer_core.transforms import train_transform
 

@@ -248,7 +248,7 @@ def calibrate_run(run_dir: Path, *, checkpoints_dir: Path | None = None) -> dict
     validation split (fit) and test split (report), with its recorded TTA setting; returns
     the report written to calibration.json."""
     from .data import display_path, load_dataset, read_split_manifest
-    from .inference import ImageFormat
+    from .image_format import ImageFormat
     from .inference import probabilities as model_probabilities
     from .models import load_checkpoint, model_from_checkpoint
     from .runs import RunLayout

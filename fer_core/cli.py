@@ -103,7 +103,13 @@ def add_doctor_arguments(doctor: argparse.ArgumentParser) -> None:
                         help="write the exclusion list (into the cache folder) that `train --exclude` reads")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the `command` a command line names, the options of the other
+    subcommands that would load torch, FastAPI or scikit-learn to declare them are left out,
+    so `fer --help` and a refused flag answer in a fraction of a second."""
+    def declared(name: str) -> bool:
+        return command is None or command == name
+
     # the console script says `fer`; `python -m fer_core` runs __main__.py
     prog = "fer" if Path(sys.argv[0]).name == "fer" else "python -m fer_core"
     parser = argparse.ArgumentParser(prog=prog, description="Facial emotion recognition: "
@@ -115,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
 
     sweep = commands.add_parser("sweep", help="search hyper-parameters with Optuna (one run per trial)")
-    add_sweep_arguments(sweep)
+    if declared("sweep"):
+        add_sweep_arguments(sweep)
 
     evaluate = commands.add_parser("evaluate", help="score a run's best model on its test split")
     evaluate.add_argument("run_dir")
@@ -128,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     combining = commands.add_parser("ensemble", help="average two or more completed runs into one model, "
                                                      "scored on their common test split and published")
-    from .ensemble import add_ensemble_arguments
-    add_ensemble_arguments(combining)
+    if declared("ensemble"):
+        from .ensemble import add_ensemble_arguments
+        add_ensemble_arguments(combining)
 
     download = commands.add_parser("download", help="download a dataset with the Kaggle API")
     download.add_argument("--dataset", default=None, help="Kaggle slug (default msambare/fer2013)")
@@ -143,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="find unreadable, blank, duplicate, leaked and conflicting "
                                                 "images and class imbalance in a dataset")
-    add_doctor_arguments(doctor)
+    if declared("doctor"):
+        add_doctor_arguments(doctor)
 
     exporting = commands.add_parser("export", help="export a run's best model as ONNX or TorchScript")
     exporting.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
@@ -154,21 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
                            help="default: RUN_DIR/exports/model.onnx, or beside the checkpoint")
 
     serving = commands.add_parser("serve", help="serve a model over HTTP (REST; OpenAPI docs at /docs)")
-    from .serve import add_serve_arguments
-    add_serve_arguments(serving)
+    if declared("serve"):
+        from .serve import add_serve_arguments
+        add_serve_arguments(serving)
 
     predict = commands.add_parser("predict", help="classify the faces in images or URLs")
-    try:
-        from .predict import add_predict_arguments
-        add_predict_arguments(predict)
-    except ImportError:  # prediction extras unavailable: the subcommand explains itself
-        predict.add_argument("rest", nargs="*")
+    if declared("predict"):
+        try:
+            from .predict import add_predict_arguments
+            add_predict_arguments(predict)
+        except ImportError:  # prediction extras unavailable: the subcommand explains itself
+            predict.add_argument("rest", nargs="*")
     return parser
 
 
+def named_command(argv: Sequence[str]) -> str | None:
+    """The subcommand a command line names: its first word that is not an option (the only
+    top-level option, -v, takes no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # other machines' ranks get them as given
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(named_command(given) or "").parse_args(given)
+    args.argv = given  # other machines' ranks get them as given
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         stream=sys.stdout)
     try:
@@ -236,7 +254,6 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":
 
 def train_command(args: argparse.Namespace) -> int:
     from . import distributed
-    from .train import fit, resume
 
     launch = {name: getattr(args, name) for name in LAUNCH_FIELDS if getattr(args, name, None) is not None}
     if args.resume:
@@ -253,6 +270,8 @@ def train_command(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     if distributed.needs_launcher(config):
         return launch_command(args, config)
+    from .train import fit, resume  # after the config: a refused value need not wait for the trainer
+
     worker_of_many = distributed.under_torchrun() and os.environ.get("RANK", "0") != "0"
     progress = None if worker_of_many else _terminal_progress()
     try:

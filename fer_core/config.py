@@ -18,16 +18,19 @@ from typing import Any, Callable
 
 from . import settings
 from .errors import ConfigError
-from .inference import COLOURS, STORE_SIZE
-from .models import MODES, STEMS
+from .image_format import COLOURS, STORE_SIZE
 
 
 def visible_gpu_count() -> int:
     """One training process per visible GPU by default; 1 on a machine without CUDA."""
-    import torch  # already loaded through .models; named here for what it answers
+    import torch  # only here: the config itself loads without torch (`fer --help` stays fast)
 
     return max(1, torch.cuda.device_count())
 
+MODES = ("head_only", "finetune")
+# "imagenet": the torchvision stem (7x7 stride-2 conv + max-pool), made for 224 px.
+# "small": the same without the max-pool, so a 48-64 px face keeps a usable feature map.
+STEMS = ("imagenet", "small")
 SCHEDULERS = ("cosine", "onecycle", "none")
 OPTIMIZERS = ("adamw", "sgd")
 MIN_IMG_SIZE, MAX_IMG_SIZE = 32, 512

@@ -4,7 +4,7 @@ Accepted sources: "demo" (built in, synthetic), a folder of class folders (one p
 split 75/25), a folder with train/ and test/ class folders (split as given), a fer2013.csv, or
 a list of "image label" lines (RAF-DB's list_patition_label.txt, or the folder holding it).
 Class names go through `classes.canonical_class`, so "Anger" and "angry" are one class.
-Images are stored as uint8 in the run's `inference.ImageFormat`: 48 px grey by default,
+Images are stored as uint8 in the run's `image_format.ImageFormat`: 48 px grey by default,
 FER2013's native format, or larger and RGB for colour datasets.
 """
 
@@ -30,7 +30,8 @@ from sklearn.model_selection import train_test_split
 from . import fer2013_csv, settings
 from .classes import CLASS_NAMES, FER2013_CODES, canonical_class, code_table
 from .errors import DataError
-from .inference import DEFAULT_FORMAT, STORE_SIZE, ImageFormat, reduce_jpeg_decode, to_stored
+from .image_format import DEFAULT_FORMAT, STORE_SIZE, ImageFormat
+from .inference import reduce_jpeg_decode, to_stored
 from .store import ImageArray, Progress, build_store
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from . import runs
 from .calibration import (MIN_PROBABILITY, Calibration, apply_temperature, calibration_report, fit_calibration,
                           record_calibration)
 from .errors import FerError
-from .inference import ImageFormat
+from .image_format import ImageFormat
 from .store import select_rows
 from .runs import RunLayout
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from . import settings
 from .config import TrainConfig
-from .inference import ImageFormat, autocast_context
+from .image_format import ImageFormat
+from .inference import autocast_context
 from .models import build_model
 from .runs import atomic_write_json, read_json
 from .transforms import eval_transform, train_transform

@@ -16,7 +16,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from torch import nn
 
 from .data import display_path
-from .inference import ImageFormat
+from .image_format import ImageFormat
 from .store import select_rows
 from .inference import probabilities as model_probabilities
 from .runs import RunLayout, atomic_write_json, atomic_write_text

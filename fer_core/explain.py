@@ -41,7 +41,8 @@ from PIL import Image
 from torch import nn
 
 from .errors import FerError
-from .inference import DEFAULT_FORMAT, ImageFormat, to_stored
+from .image_format import DEFAULT_FORMAT, ImageFormat
+from .inference import to_stored
 from .transforms import eval_transform
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from torch import nn
 from . import __version__, settings
 from .calibration import Calibration
 from .errors import CheckpointError, FerError
-from .inference import DEFAULT_FORMAT, ImageFormat
+from .image_format import DEFAULT_FORMAT, ImageFormat
 from .models import load_checkpoint, model_from_checkpoint
 from .runs import CHECKPOINT_DIR, RunLayout, atomic_write_bytes, atomic_write_json, read_json
 from .transforms import channel_statistics

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +24,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from .image_format import DEFAULT_FORMAT, ImageFormat
 from .transforms import eval_transform, tta_views
 
-STORE_SIZE = 48
-"""Default side of the stored uint8 faces: FER2013's native 48 px."""
-COLOURS = ("grey", "rgb")
 DECODE_SIDE = 1600
 """Large JPEGs decode at 1/2-1/8 scale down to this longest side, in datasets as in photos: the
 DCT scaling changes pixels, so both paths must use the same scale to give the same crop. Face
@@ -103,43 +100,6 @@ def high_depth_to_grey(image: Image.Image) -> Image.Image:
     else:
         scaled = (values - low) * (255.0 / max(high - low, 1e-12))
     return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8))  # 2-D uint8 is "L"
-
-
-@dataclass(frozen=True)
-class ImageFormat:
-    """How faces are stored, in datasets and in prediction crops alike: side in pixels and
-    colour. Grey arrays are (side, side); RGB arrays are (side, side, 3), PIL's own layout."""
-
-    size: int = STORE_SIZE
-    colour: str = "grey"
-
-    def __post_init__(self) -> None:
-        if self.colour not in COLOURS:
-            raise ValueError(f"colour must be one of {COLOURS}, got {self.colour!r}")
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 16 <= self.size <= 512:
-            raise ValueError(f"stored image size must be an integer from 16 to 512 px, got {self.size!r}")
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.colour == "grey" else 3
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.size, self.size) if self.colour == "grey" else (self.size, self.size, 3)
-
-    def empty_batch(self) -> torch.Tensor:
-        return torch.empty((0, *self.shape), dtype=torch.uint8)
-
-    @classmethod
-    def of(cls, config: Mapping | object) -> ImageFormat:
-        """The format a run's config (a TrainConfig, or a checkpoint's config dict) names; runs
-        from before the choice existed were 48 px grey."""
-        get = config.get if isinstance(config, Mapping) else lambda key, default: getattr(config, key, default)
-        return cls(size=get("store_size", STORE_SIZE), colour=get("colour", "grey"))
-
-
-DEFAULT_FORMAT = ImageFormat()
-"""48 px grey: FER2013's own format, and every run's before the choice existed."""
 
 
 def to_stored(image: Image.Image, image_format: ImageFormat = DEFAULT_FORMAT) -> np.ndarray:

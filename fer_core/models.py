@@ -12,17 +12,14 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from .config import MODES, STEMS
 from .errors import CheckpointError
-from .inference import DEFAULT_FORMAT, ImageFormat
+from .image_format import DEFAULT_FORMAT, ImageFormat
 from .runs import atomic_write_bytes
 from .transforms import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-MODES = ("head_only", "finetune")
-# "imagenet": the torchvision stem (7x7 stride-2 conv + max-pool), made for 224 px.
-# "small": the same without the max-pool, so a 48-64 px face keeps a usable feature map.
-STEMS = ("imagenet", "small")
 CHECKPOINT_FORMAT = "fer_core.checkpoint/1"
 WEIGHTS_DOWNLOAD_TIMEOUT_S = 15.0
 

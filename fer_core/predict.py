@@ -28,7 +28,8 @@ from .calibration import Calibration, apply_temperature
 from .errors import CheckpointError, FerError
 from .faces import DETECTORS, FaceBox, crop_face, detect_faces
 from .images import ImageSource, PixelBudget, load_image
-from .inference import DECODE_SIDE, DEFAULT_FORMAT, ImageFormat, averaged_probabilities, to_stored
+from .image_format import DEFAULT_FORMAT, ImageFormat
+from .inference import DECODE_SIDE, averaged_probabilities, to_stored
 from .models import load_checkpoint, model_from_checkpoint
 from .runs import RunLayout
 

@@ -38,7 +38,8 @@ from .errors import FerError
 from .runs import RunLayout, TrainerStatusWriter
 from .store import Progress, select_rows
 from .evaluate import confusion_figure, evaluate_model
-from .inference import ImageFormat, amp_dtype, autocast_context
+from .image_format import ImageFormat
+from .inference import amp_dtype, autocast_context
 from .inference import probabilities as model_probabilities
 from .models import (CHECKPOINT_FORMAT, build_model, freeze_batchnorm_if_head_only, load_checkpoint, load_weights,
                      parameter_groups, resnet_from_state, save_checkpoint_file, set_trainable,

@@ -54,6 +54,32 @@ def test_errors_exit_non_zero_with_one_line(tmp_path, args, words):
         assert not (tmp_path / "runs").exists()
 
 
+HEAVY_MODULES = ("torch", "torchvision", "sklearn", "fastapi", "optuna", "cv2")
+
+
+def test_help_and_subcommand_names_answer_without_loading_torch_or_the_servers(capsys):
+    """`fer --help` lists every subcommand without importing the heavy libraries (it once took
+    9 s on a 2-core machine); a subcommand's own help still shows its options."""
+    probe = ("import contextlib, io, sys\n"
+             "from fer_core import cli\n"
+             "out = io.StringIO()\n"
+             "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+             "    cli.main(['--help'])\n"
+             f"print([m for m in {HEAVY_MODULES!r} if m in sys.modules])\n"
+             "print(out.getvalue())\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    loaded, _, listing = result.stdout.partition("\n")
+    assert loaded == "[]", result.stdout + result.stderr
+    for command in ("train", "sweep", "ensemble", "doctor", "serve", "predict", "export"):
+        assert command in listing
+    from fer_core.cli import main  # in this process: torch is loaded here anyway
+    for command, option in (("serve", "--backend"), ("doctor", "--near-threshold"), ("sweep", "--trials"),
+                            ("ensemble", "--name"), ("predict", "--top-k")):
+        with pytest.raises(SystemExit) as ended:
+            main([command, "--help"])
+        assert ended.value.code == 0 and option in capsys.readouterr().out, command
+
+
 def test_resume_of_a_missing_run_and_resume_with_other_settings_are_refused(tmp_path):
     missing = cli("train", "--resume", str(tmp_path / "no-run"), timeout=120)
     assert missing.returncode != 0 and "cannot resume" in missing.stderr

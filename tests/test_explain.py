@@ -25,7 +25,7 @@ from streamlit.testing.v1 import AppTest
 from fer_core import explain
 from fer_core.explain import ExplainError, GradCam, mass_share, overlay, overlay_on_box
 from fer_core.faces import FaceBox
-from fer_core.inference import DEFAULT_FORMAT, ImageFormat
+from fer_core.image_format import DEFAULT_FORMAT, ImageFormat
 from fer_core.models import build_model
 from markdown_safety import MALICIOUS_IMAGE, active_markdown
 from test_app_pages import keep_torch_threads  # noqa: F401  (the pages set torch's threads: restored per module)

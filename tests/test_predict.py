@@ -21,10 +21,10 @@ import fer_core
 from fer_core.errors import CheckpointError, ImageInputError
 from fer_core.inference import autocast_context
 from fer_core.models import build_model
-from fer_core.inference import STORE_SIZE
+from fer_core.image_format import STORE_SIZE
 from fer_core.predict import (NO_FACE_MESSAGE, Predictor, add_predict_arguments,
                               describe_checkpoint, newest_checkpoint, predict_command)
-from fer_core.inference import DEFAULT_FORMAT, ImageFormat
+from fer_core.image_format import DEFAULT_FORMAT, ImageFormat
 from fer_core.transforms import eval_transform, tta_views
 
 CLASSES = list(fer_core.CLASS_NAMES)

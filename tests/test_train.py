@@ -303,7 +303,7 @@ def test_a_colour_dataset_with_eight_classes_trains_evaluates_and_predicts_in_co
     from conftest import write_class_folders
     from fer_core.cli import build_parser, config_from_args
     from fer_core.evaluate import evaluate_run
-    from fer_core.inference import ImageFormat
+    from fer_core.image_format import ImageFormat
     from fer_core.predict import Predictor
 
     classes = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
