@@ -8,6 +8,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8501
 # The inner loop: unit tests only (registered markers in pyproject.toml).
 FAST := not train and not subprocess and not browser and not slow
+# pytest-xdist workers; a module's tests stay together (they share its fixtures). The tests
+# give each worker its share of the cores (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-fast lint install install-dev train-demo clean
 
@@ -35,7 +38,7 @@ run: $(STAMP)
 	$(BIN)/streamlit run streamlit_app.py --server.address $(HOST) --server.port $(PORT)
 
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests -m "$(FAST)"

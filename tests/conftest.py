@@ -16,6 +16,18 @@ from PIL import Image
 
 os.environ.setdefault("FER_TEST", "1")
 
+# `make test` runs two pytest workers (pytest-xdist). Each gets its share of the cores, and so
+# do the trainers it starts: oversubscribed OpenMP threads spin and crawl on a 2-core machine.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worker_threads() -> None:
+    import torch
+    torch.set_num_threads(THREADS)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -49,7 +61,7 @@ def tiny_config(data: Path | str, tmp_path: Path, **overrides):
     from fer_core.config import TrainConfig
     values = dict(data=str(data), epochs=2, img_size=32, batch_size=16, val_fraction=0.2,
                   pretrained=False, runs_dir=str(tmp_path / "runs"),
-                  checkpoints_dir=str(tmp_path / "published"), num_threads=2, lr=2e-3)
+                  checkpoints_dir=str(tmp_path / "published"), num_threads=THREADS, lr=2e-3)
     values.update(overrides)
     return TrainConfig(**values).validate()
 
