@@ -46,7 +46,7 @@ REAL_MODEL_SHOTS = {"evaluate.png", "predict.png", "evaluate-dark.png", "predict
 # and the confusion matrix in the screenshots show a model that learns. The run is float32 (AMP
 # off): on a CPU without native bfloat16 (no AVX-512 BF16/AMX, like an AMD EPYC with AVX2 only)
 # bfloat16 autocast is emulated and about 8x slower than float32.
-EPOCHS, IMG_SIZE, MAX_PER_CLASS = 6, 32, 50
+EPOCHS, IMG_SIZE, MAX_PER_CLASS = 5, 32, 50
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); browser test skipped",
