@@ -243,17 +243,26 @@ def test_schedules_start_low_or_at_base_and_end_near_zero(schedule):
         assert factors[0] < 0.1
 
 
-def test_cached_head_only_features_give_the_same_results_as_the_plain_loop(tiny_demo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_cached_head_only_features_give_the_same_results_as_the_plain_loop(tiny_demo, tmp_path, monkeypatch,
+                                                                            ema_decay):
     """Head-only without augmentation trains on cached backbone features; the numbers must
-    match recomputing the backbone for every batch."""
+    match recomputing the backbone for every batch, with the weights' average validated and
+    tested as well."""
     from fer_core import train as train_module
-    config = dict(epochs=2, mode="head_only", augment=False, amp=False)
+    config = dict(epochs=2, mode="head_only", augment=False, amp=False, ema_decay=ema_decay)
     cached = fit(tiny_config(tiny_demo, tmp_path / "cached", **config))
     monkeypatch.setattr(train_module, "uses_feature_cache", lambda config: False)
     plain = fit(tiny_config(tiny_demo, tmp_path / "plain", **config))
     for a, b in zip(runs.read_metrics(cached)[0], runs.read_metrics(plain)[0]):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    from fer_core.evaluate import read_predictions
+    tested = [read_predictions(run / "predictions.csv") for run in (cached, plain)]
+    assert [row["path"] for row in tested[0]] == [row["path"] for row in tested[1]]
+    for a, b in zip(*tested):  # the test split scored with the same (best, averaged) weights
+        assert [a[k] for k in a if k.startswith("p_")] == pytest.approx([b[k] for k in b if k.startswith("p_")],
+                                                                         abs=1e-4)
 
 
 THREE_TRAINING_STEPS = """
