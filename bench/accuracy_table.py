@@ -33,7 +33,7 @@ def row(run_dir: Path) -> str:
 
 
 def levers(config: dict) -> str:
-    """The optional levers a run turned on, named as the CLI names them (none: "")."""
+    """The optional levers a run turned on, each with its value (none: "")."""
     shown = [f"{flag} {config[key]:g}" for key, flag in (("ema_decay", "EMA"), ("mixup", "MixUp"), ("cutmix", "CutMix"))
              if config.get(key)]
     return "".join(f", {item}" for item in shown)

@@ -104,9 +104,10 @@ def add_doctor_arguments(doctor: argparse.ArgumentParser) -> None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole parser; given the `command` a command line names, the options of the other
-    subcommands that would load torch, FastAPI or scikit-learn to declare them are left out,
-    so `fer --help` and a refused flag answer in a fraction of a second."""
+    """The parser. `command` is the subcommand a command line names ("" for none): the options
+    of the other subcommands whose declaration loads torch, FastAPI or scikit-learn are left
+    out, so `fer --help` and a refused flag answer in a fraction of a second. None declares
+    every subcommand's options."""
     def declared(name: str) -> bool:
         return command is None or command == name
 

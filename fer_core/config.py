@@ -153,15 +153,13 @@ class ConfigField:
             return ""
         low, high = _number(s.min_value), _number(s.max_value)
         unit = f" {s.unit}" if s.unit else ""
+        # a 0 that means something ("off", "all") below the range is named after it
+        zero_apart = f", or 0 ({s.zero_means})" if s.zero_means and s.min_value and s.min_value > 0 else ""
         if self.kind is int and not s.min_open and not s.max_open:
             if s.zero_means and s.min_value == 0:
                 low = f"0 ({s.zero_means})"
-            text = f"{low} to {high}{unit}"
-            if s.zero_means and s.min_value and s.min_value > 0:
-                text += f", or 0 ({s.zero_means})"
-            return text
-        text = f"in {'(' if s.min_open else '['}{low}, {high}{')' if s.max_open else ']'}{unit}"
-        return text + (f", or 0 ({s.zero_means})" if s.zero_means and s.min_value and s.min_value > 0 else "")
+            return f"{low} to {high}{unit}{zero_apart}"
+        return f"in {'(' if s.min_open else '['}{low}, {high}{')' if s.max_open else ']'}{unit}{zero_apart}"
 
     def problem(self, value: Any) -> str | None:
         """Why `value` cannot be this field's value, in one line naming the field; None if it can."""
