@@ -31,8 +31,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.subprocess, pytest.mark.train]
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
-# Screenshots refresh the README's pictures only when asked, so `make test` leaves git clean.
-DOCS = ROOT / "docs" if os.environ.get("FER_UPDATE_SCREENSHOTS") else Path(tempfile.gettempdir()) / "fer-screenshots"
+# Screenshots refresh the README's pictures only when asked, so `make test` leaves git clean;
+# otherwise no picture is taken (each costs a second's wait for the page to settle).
+UPDATING_DOCS = bool(os.environ.get("FER_UPDATE_SCREENSHOTS"))
+DOCS = ROOT / "docs"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SERVER_START_TIMEOUT_S = 90
@@ -40,13 +42,16 @@ TRAINING_TIMEOUT_S = 420  # a tiny run; generous because the CPU is shared with 
 SHOT_SIZE = {"width": 1400, "height": 1500}
 NARROW = {"width": 400, "height": 900}  # a phone
 NARROW_SHOT_SIZE = {"width": 400, "height": 1000}
+# The README shows these from a model trained on FER2013, not this tiny one; the test keeps
+# its tiny model's in the temporary folder.
 REAL_MODEL_SHOTS = {"evaluate.png", "predict.png", "evaluate-dark.png", "predict-dark.png", "calibration.png",
-                    "gradcam.png"}
-# Small enough for a minute or two of training on one busy core, big enough that the curves
-# and the confusion matrix in the screenshots show a model that learns. The run is float32 (AMP
-# off): on a CPU without native bfloat16 (no AVX-512 BF16/AMX, like an AMD EPYC with AVX2 only)
-# bfloat16 autocast is emulated and about 8x slower than float32.
-EPOCHS, IMG_SIZE, MAX_PER_CLASS = 5, 32, 50
+                    "gradcam.png", "live.png"}
+# For the screenshots: small enough for a minute or two of training on one busy core, big enough
+# that the curves and the confusion matrix show a model that learns. Otherwise the run only has to
+# pass through every stage (queued, running, tested, calibrated, published), in a quarter of the
+# time. The run is float32 (AMP off): on a CPU without native bfloat16 (no AVX-512 BF16/AMX, like
+# an AMD EPYC with AVX2 only) bfloat16 autocast is emulated and about 8x slower than float32.
+EPOCHS, IMG_SIZE, MAX_PER_CLASS = (5, 32, 50) if UPDATING_DOCS else (2, 32, 20)
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); browser test skipped",
@@ -94,14 +99,13 @@ def stop_training_processes(runs_dir: Path) -> None:
 
 @contextlib.contextmanager
 def serve_app(tmp_path: Path, with_demo: bool):
-    """The app on a free port, with its runs/checkpoints/cache/demo folders under tmp_path."""
-    from fer_core.demo import DEFAULT_PER_CLASS, generate_demo_dataset
+    """The app on a free port, with its runs/checkpoints/cache/data folders under tmp_path."""
+    from fer_core.demo import ensure_demo_dataset
 
-    demo_dir = tmp_path / "demo"
-    if with_demo:
-        # The default-size demo, so neither the app nor the trainer has to draw it; the form's
-        # "max images per class" keeps the training itself tiny.
-        generate_demo_dataset(demo_dir, per_class=DEFAULT_PER_CLASS)
+    # The default-size demo, drawn once per test process (conftest's FER_DEMO_DIR), so neither
+    # the app nor the trainer has to draw it; the form's "max images per class" keeps the
+    # training itself tiny. Without it the app starts with no demo at all.
+    demo_dir = ensure_demo_dataset() if with_demo else tmp_path / "demo"
     runs_dir = tmp_path / "runs"
     env = {**os.environ, "FER_RUNS_DIR": str(runs_dir), "FER_CHECKPOINTS_DIR": str(tmp_path / "checkpoints"),
            "FER_CACHE_DIR": str(tmp_path / "cache"), "FER_DEMO_DIR": str(demo_dir),
@@ -214,12 +218,19 @@ def wait_until_idle(page, timeout_s: float = 60) -> None:
 
 
 def screenshot(page, name: str, size: dict | None = None) -> None:
-    # docs/evaluate.png and docs/predict.png show a real FER2013 model, not this test's tiny one
+    """Docs' picture `name` at `size` when refreshing them; the window takes that size either way,
+    so the steps that follow see the same layout."""
+    page.set_viewport_size(size or SHOT_SIZE)
+    if not UPDATING_DOCS:
+        return
+    time.sleep(1.0)
+    page.screenshot(path=str(shot_path(name)))
+
+
+def shot_path(name: str) -> Path:
     folder = DOCS if name not in REAL_MODEL_SHOTS else Path(tempfile.gettempdir()) / "fer-screenshots"
     folder.mkdir(parents=True, exist_ok=True)
-    page.set_viewport_size(size or SHOT_SIZE)
-    time.sleep(1.0)
-    page.screenshot(path=str(folder / name))
+    return folder / name
 
 
 def set_toggle(page, label: str, on: bool) -> None:
@@ -564,12 +575,13 @@ def video_pixels(stream, box: tuple[int, int, int, int]) -> tuple[float, float, 
 def live_screenshot(page, name: str) -> None:
     """A screenshot between two refreshes of the live panel: while the panel reruns, Streamlit
     fades its elements (data-stale), which a picture must not show."""
-    DOCS.mkdir(parents=True, exist_ok=True)
+    if not UPDATING_DOCS:
+        return
     time.sleep(1.0)
     deadline = time.monotonic() + 30
     while page.locator("[data-stale='true']").count() and time.monotonic() < deadline:
         time.sleep(0.05)
-    page.screenshot(path=str(DOCS / name))
+    page.screenshot(path=str(shot_path(name)))
 
 
 def test_live_mode_streams_the_fake_camera_back_annotated_with_fps_and_a_per_face_timeline(
@@ -606,9 +618,9 @@ def test_live_mode_streams_the_fake_camera_back_annotated_with_fps_and_a_per_fac
         chart = page.locator("[data-testid='stPlotlyChart']").last
         chart.get_by_text("Face 1:").wait_for()
         chart.get_by_text("Face 2:").wait_for()
-        time.sleep(8)  # some seconds of timeline for the picture
-        readings = live_readings(page)
-        assert readings["fps"] > 0 and readings["frames"] >= 3
+        if UPDATING_DOCS:
+            time.sleep(8)  # some seconds of timeline for the picture
+        readings = wait_for_live(page, lambda r: r["fps"] > 0 and r["frames"] >= 3, "fps and three frames")
         print(f"live mode in the browser: {readings}")
         page.mouse.move(0, 0)
         page.set_viewport_size(LIVE_SHOT_SIZE)

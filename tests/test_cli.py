@@ -17,10 +17,10 @@ def cli(*args: str, env_extra: dict | None = None, timeout: float = 600) -> subp
 
 
 def test_train_on_demo_end_to_end_prints_the_run_dir_last(tmp_path):
-    demo_env = {"FER_DEMO_DIR": str(tmp_path / "demo")}
+    # the demo is the test process's own (conftest's FER_DEMO_DIR): drawn once, whoever asks first
     result = cli("train", "--data", "demo", "--epochs", "2", "--img-size", "32", "--max-per-class", "10",
                  "--batch-size", "16", "--no-pretrained", "--runs-dir", str(tmp_path / "runs"),
-                 "--checkpoints-dir", str(tmp_path / "ckpt"), "--experiment", "cli", env_extra=demo_env)
+                 "--checkpoints-dir", str(tmp_path / "ckpt"), "--experiment", "cli")
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     assert run_dir.is_dir() and run_dir.parts[-3:] == ("cli", "resnet18", "finetune")
@@ -33,7 +33,7 @@ def test_train_on_demo_end_to_end_prints_the_run_dir_last(tmp_path):
     listing = cli("runs", "--runs-dir", str(tmp_path / "runs"))
     assert "completed" in listing.stdout and str(run_dir) in listing.stdout
 
-    evaluated = cli("evaluate", str(run_dir), env_extra=demo_env)
+    evaluated = cli("evaluate", str(run_dir))
     assert evaluated.returncode == 0 and "test accuracy" in evaluated.stdout
 
 
