@@ -1,8 +1,8 @@
 """Print bench/accuracy.md rows for finished runs, read from their run directories.
 
-Usage: python bench/accuracy_table.py RUN_DIR [RUN_DIR ...]
+Usage: python bench/accuracy_table.py [--calibration] RUN_DIR [RUN_DIR ...]
 Every number comes from the run's own files (config.json, status.json, evaluation.json,
-metrics.jsonl); nothing is estimated.
+metrics.jsonl, and with --calibration calibration.json); nothing is estimated.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fer_core.runs import load_run
+from fer_core.runs import RunLayout, load_run, read_json
 
 HEADER = ("| configuration | weights | input px | epochs | train minutes | test acc | macro-F1 "
           "| recall angry/disgust/fear/happy/neutral/sad/surprise | peak RSS MB |\n"
@@ -32,6 +32,21 @@ def row(run_dir: Path) -> str:
             f"| {recalls} | {peak:.0f} |")
 
 
+CALIBRATION_HEADER = ("| run | test acc | temperature | test ECE before → after | test NLL before → after "
+                      "| uncertain below | test faces flagged |\n"
+                      "|---|---|---|---|---|---|---|")
+
+
+def calibration_row(run_dir: Path) -> str:
+    """Temperature scaling's effect on the test split (ECE over 15 bins, NLL), from calibration.json."""
+    run = load_run(run_dir)
+    report = read_json(RunLayout(run_dir).calibration_file)
+    return (f"| {run.experiment}, {len(run.metrics)} epochs | {(run.evaluation or {}).get('accuracy', 0) * 100:.1f}% "
+            f"| {report['temperature']:.3f} | {report['ece_before'] * 100:.1f}% → {report['ece_after'] * 100:.1f}% "
+            f"| {report['nll_before']:.3f} → {report['nll_after']:.3f} | {report['uncertain_below'] * 100:.0f}% "
+            f"| {report['flagged_share_after'] * 100:.0f}% |")
+
+
 def levers(config: dict) -> str:
     """The optional levers a run turned on, each with its value (none: "")."""
     shown = [f"{flag} {config[key]:g}" for key, flag in (("ema_decay", "EMA"), ("mixup", "MixUp"), ("cutmix", "CutMix"))
@@ -40,6 +55,7 @@ def levers(config: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(HEADER)
-    for path in sys.argv[1:]:
-        print(row(Path(path)))
+    calibration = "--calibration" in sys.argv[1:]
+    print(CALIBRATION_HEADER if calibration else HEADER)
+    for path in (a for a in sys.argv[1:] if a != "--calibration"):
+        print((calibration_row if calibration else row)(Path(path)))

@@ -35,7 +35,8 @@ from torchvision import datasets, transforms
 from torchvision.models import resnet18
 
 from fer_core.config import TrainConfig
-from fer_core.train import fit, keep_freed_memory_for_reuse
+from fer_core.memory import keep_freed_memory_for_reuse
+from fer_core.train import fit
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -34,6 +34,7 @@ from .data import (Dataset, assign_splits, cap_training_images, display_path, lo
                    read_split_manifest, split_table, write_split_manifest)
 from .distributed import Processes
 from .ema import weight_average
+from .memory import keep_freed_memory_for_reuse, peak_rss_mb
 from .errors import FerError
 from .runs import RunLayout, TrainerStatusWriter
 from .store import Progress, select_rows
@@ -367,34 +368,6 @@ def remove_unfinished_saves(layout: RunLayout) -> None:
     for folder in (layout.path, layout.checkpoint_dir):
         for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
             leftover.unlink(missing_ok=True)
-
-
-def keep_freed_memory_for_reuse() -> bool:
-    """Make glibc keep freed memory in the heap instead of handing it back to the OS.
-
-    Every training step allocates and frees the same few hundred MB of activations. By default
-    glibc serves each large block with a fresh mmap and unmaps it on free, so every step pays
-    page faults to zero new pages (over 100,000 per 64-image batch at 224 px). Serving large
-    blocks from the heap and never trimming it made 224 px training here 1.1-1.2x faster in
-    bfloat16 and about 1.5x in fp32 (bench/train_speed.py), for a resident size that stays at
-    its peak; at 48 px the blocks are small and nothing changes. It is process-wide,
-    so it is applied in the training process only. Returns False where libc is not glibc.
-    """
-    import ctypes
-    try:
-        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
-            return False
-        libc = ctypes.CDLL("libc.so.6")
-    except (AttributeError, ValueError, OSError):  # not a glibc system
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---- data -----------------------------------------------------------------------------

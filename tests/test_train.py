@@ -268,7 +268,7 @@ def test_cached_head_only_features_give_the_same_results_as_the_plain_loop(tiny_
 THREE_TRAINING_STEPS = """
 import resource, sys, torch
 from torch import nn
-from fer_core.train import keep_freed_memory_for_reuse
+from fer_core.memory import keep_freed_memory_for_reuse
 if sys.argv[1] == "tuned":
     assert keep_freed_memory_for_reuse()
 torch.manual_seed(0)
