@@ -31,7 +31,7 @@ BINS = 15
 MIN_PROBABILITY = 1e-12  # log(0) guard: a stored probability may be rounded to 0
 LOG_TEMPERATURE_BOUNDS = (math.log(0.05), math.log(20.0))
 MORE_OFTEN_WRONG = 0.5
-"""Flagged faces, taken together, were right less often than this on the validation split."""
+"""Readings this sure were right less often than this on the validation split (the fitted rate)."""
 
 ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 
@@ -133,20 +133,26 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
 
 
 def uncertain_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """The confidence below which predictions were, taken together, right less than half the
-    time: the largest cut c such that the validation faces with confidence below c have an
-    accuracy under 50%. 0 when no such cut exists (nothing is flagged).
+    """The confidence below which readings were more often wrong than right: on the validation
+    faces, how often a reading was right is fitted as a non-decreasing function of its
+    confidence (isotonic regression), and the cut falls where that fit first reaches 50%.
+    0 when it never falls below (nothing is flagged).
 
-    Taken together rather than per bin: one noisy bin of a few faces cannot move it far, and
-    it says something a user can check: "of the faces flagged like this one, most were wrong".
+    A fit rather than the faces taken together below a cut: for a weak model the many unsure,
+    mostly wrong faces outweigh the few sure ones, and every face up to 95% was once flagged,
+    a 90% "happy" that such models almost always get right included. The fit pools adjacent
+    faces until rightness rises with confidence, so one noisy stretch of a few faces cannot
+    move the cut far either.
     """
+    from sklearn.isotonic import IsotonicRegression
+
     probabilities, labels = _checked(probabilities, labels)
     confidence = probabilities.max(axis=1)
     order = np.argsort(confidence, kind="stable")
     sorted_confidence = confidence[order]
-    correct = (probabilities.argmax(axis=1) == labels)[order]
-    running_accuracy = np.cumsum(correct) / np.arange(1, len(correct) + 1)
-    below = np.flatnonzero(running_accuracy < MORE_OFTEN_WRONG)
+    correct = (probabilities.argmax(axis=1) == labels)[order].astype(np.float64)
+    rightness = IsotonicRegression(increasing=True, y_min=0.0, y_max=1.0).fit_transform(sorted_confidence, correct)
+    below = np.flatnonzero(rightness < MORE_OFTEN_WRONG)  # a prefix: the fit never decreases
     if len(below) == 0:
         return 0.0
     last = int(below[-1])  # faces 0..last are flagged; the cut lies between them and the next

@@ -106,7 +106,7 @@ def confidence_section(run: runs.RunInfo) -> None:
                    f"punishes confident mistakes). Before: {report['nll_before']:.3f}.")
     c4.metric("Uncertain below", f"{report['uncertain_below']:.0%}", border=True,
               help="Predict flags a face uncertain below this calibrated confidence: on the validation "
-                   "images, the faces below it were, taken together, right less than half the time.")
+                   "images, readings this unsure were more often wrong than right.")
     st.plotly_chart(ui_data.reliability_figure(report), key=f"eval_reliability::{run.id}",
                     config={"displayModeBar": False})
     st.caption("Each point is a confidence bin: how sure the model said it was (across) against how often "

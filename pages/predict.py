@@ -57,8 +57,8 @@ UPLOAD_LABEL = "Upload a checkpoint file…"
 BACKEND_LABELS = {"torch": "PyTorch", "onnx": "ONNX Runtime"}
 UNCERTAIN_HELP_CALIBRATED = (
     "A face whose top emotion has less calibrated confidence than this is flagged uncertain. The "
-    "default was chosen on this model's validation images: the faces it flags there were, taken "
-    "together, right less than half the time.")
+    "default was chosen on this model's validation images: readings less sure than this were "
+    "more often wrong than right there.")
 UNCERTAIN_HELP = (
     "A face whose top emotion has less probability than this is flagged uncertain. This model is "
     "not calibrated (calibrate its run on the Evaluate page), so 40% is only a rule of thumb.")
@@ -281,8 +281,8 @@ def uncertain_help(uncertain_below: float) -> str:
     its validation faces showed."""
     said = f"The top emotion has less than {uncertain_below:.0%} confidence"
     if predictor.calibration and round(uncertain_below, 2) == round(predictor.uncertain_below, 2):
-        return (said + ". On this model's validation faces, readings this unsure were, taken together, "
-                "right less than half the time: treat it as a guess.")
+        return (said + ". On this model's validation faces, readings this unsure were more often wrong "
+                "than right: treat it as a guess.")
     return said + ": the model is not sure."
 
 
