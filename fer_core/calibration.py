@@ -31,6 +31,9 @@ BINS = 15
 MIN_PROBABILITY = 1e-12  # log(0) guard: a stored probability may be rounded to 0
 LOG_TEMPERATURE_BOUNDS = (math.log(0.05), math.log(20.0))
 MORE_OFTEN_WRONG = 0.5
+UNCERTAIN_RULE = "isotonic"
+"""calibration.json's name for how `uncertain_threshold` chose the threshold; reports without
+it were chosen by the rule before it (the faces below the cut, taken together)."""
 """Readings this sure were right less often than this on the validation split (the fitted rate)."""
 
 ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
@@ -175,7 +178,8 @@ def calibration_report(calibration: Calibration, probabilities: np.ndarray, labe
     both reliability diagrams' bins."""
     probabilities, labels = _checked(probabilities, labels)
     calibrated = apply_temperature(probabilities, calibration.temperature)
-    return {**calibration.to_dict(), "scored_on": split, "scored_images": int(len(labels)), "bins": BINS,
+    return {**calibration.to_dict(), "uncertain_rule": UNCERTAIN_RULE, "scored_on": split,
+            "scored_images": int(len(labels)), "bins": BINS,
             "ece_before": expected_calibration_error(probabilities, labels),
             "ece_after": expected_calibration_error(calibrated, labels),
             "nll_before": negative_log_likelihood(probabilities, labels),

@@ -80,17 +80,8 @@ def confidence_section(run: runs.RunInfo) -> None:
         if (run.config.get("val_fraction") or 0) <= 0:
             st.info("This run has no validation split, so it cannot be calibrated without touching its "
                     "test images.", icon=":material/info:")
-        elif st.button("Calibrate now", icon=":material/tune:", key=f"eval_calibrate::{run.id}",
-                       disabled=run.status.active,
-                       help="Runs the best model on the validation and test splits (about as long as "
-                            "evaluating them) and updates its checkpoint and published model."):
-            with st.spinner("Calibrating on the validation split…"):
-                try:
-                    calibration.calibrate_run(run.path, checkpoints_dir=checkpoints_dir())
-                except (FerError, OSError) as exc:
-                    st.error(f"Not calibrated: {literal(exc)}", icon=":material/error:")
-                    return
-            st.rerun()
+        else:
+            calibrate_button(run, "Calibrate now", "eval_calibrate")
         return
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Temperature", f"{report['temperature']:.2f}", border=True,
@@ -107,10 +98,32 @@ def confidence_section(run: runs.RunInfo) -> None:
     c4.metric("Uncertain below", f"{report['uncertain_below']:.0%}", border=True,
               help="Predict flags a face uncertain below this calibrated confidence: on the validation "
                    "images, readings this unsure were more often wrong than right.")
+    if report.get("uncertain_rule") != calibration.UNCERTAIN_RULE:
+        st.info("**Uncertain below** was chosen by the rule used before 2026-12-02 (the validation faces "
+                "below it were, taken together, right less than half the time). For a weak model it can "
+                "flag even sure readings. Refitting keeps the temperature and chooses the threshold where "
+                "readings this sure were more often wrong than right.", icon=":material/update:")
+        calibrate_button(run, "Refit with today's rule", "eval_recalibrate")
     st.plotly_chart(ui_data.reliability_figure(report), key=f"eval_reliability::{run.id}",
                     config={"displayModeBar": False})
     st.caption("Each point is a confidence bin: how sure the model said it was (across) against how often "
                "it was right (up). On the dashed line a confidence of 70% means right 70% of the time.")
+
+
+def calibrate_button(run: runs.RunInfo, label: str, key: str) -> None:
+    """A button that (re)calibrates the run on its validation split, then redraws the page."""
+    from fer_core import calibration
+
+    if st.button(label, icon=":material/tune:", key=f"{key}::{run.id}", disabled=run.status.active,
+                 help="Runs the best model on the validation and test splits (about as long as "
+                      "evaluating them) and updates its checkpoint and published model."):
+        with st.spinner("Calibrating on the validation split…"):
+            try:
+                calibration.calibrate_run(run.path, checkpoints_dir=checkpoints_dir())
+            except (FerError, OSError) as exc:
+                st.error(f"Not calibrated: {literal(exc)}", icon=":material/error:")
+                return
+        st.rerun()
 
 
 def predictions_of(run: runs.RunInfo, data: str | None = None) -> list[dict]:

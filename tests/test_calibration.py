@@ -200,7 +200,21 @@ def test_the_evaluate_page_shows_the_reliability_diagram_and_calibrates_an_old_r
     button = at.button(key=f"eval_calibrate::{layout.id}")
     button.click().run(timeout=120)
     assert not at.exception
-    assert metric(at, "Temperature") == f"{runs.read_json(layout.calibration_file)['temperature']:.2f}"
+    refitted = runs.read_json(layout.calibration_file)
+    assert metric(at, "Temperature") == f"{refitted['temperature']:.2f}"
+    assert refitted["uncertain_rule"] == calibration.UNCERTAIN_RULE
+    assert not [b for b in at.button if b.key == f"eval_recalibrate::{layout.id}"]  # today's rule: nothing to refit
+
+    # a threshold chosen by the rule before 2026-12-02: said, and one click refits it
+    old = {key: value for key, value in refitted.items() if key != "uncertain_rule"}
+    layout.calibration_file.write_text(json.dumps({**old, "uncertain_below": 0.95}))
+    at = open_page("evaluate")
+    assert "rule used before 2026-12-02" in page_text(at)
+    assert metric(at, "Uncertain below") == "95%"
+    at.button(key=f"eval_recalibrate::{layout.id}").click().run(timeout=120)
+    assert not at.exception
+    assert runs.read_json(layout.calibration_file)["uncertain_rule"] == calibration.UNCERTAIN_RULE
+    assert metric(at, "Uncertain below") == f"{refitted['uncertain_below']:.0%}"
 
     layout.calibration_file.write_text('{"temperature": "hot"}')  # damaged: said, not raised
     at = open_page("evaluate")
