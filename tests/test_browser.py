@@ -254,6 +254,15 @@ def set_number(page, label: str | re.Pattern, value: int) -> None:
     field.press("Tab")  # commit the value without submitting anything
 
 
+def settled_number(page, label: str, expected: float, timeout_s: float = 30) -> float:
+    """The number field's value once it shows `expected`, or after `timeout_s` whatever it shows."""
+    field = page.get_by_role("spinbutton", name=label, exact=True)
+    deadline = time.monotonic() + timeout_s
+    while float(field.input_value()) != expected and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return float(field.input_value())
+
+
 def test_train_from_the_form_then_see_the_confusion_matrix(app_server):
     url, runs_dir = app_server
     requests: list[str] = []  # every URL any page of this test asks for
@@ -501,10 +510,10 @@ def test_the_train_form_opened_while_the_page_loads_holds_the_preset(app_server,
         page.get_by_role("option", name="reference", exact=True).click()
         wait_until_idle(page)
         reference = config_form.preset_form_values("reference")
-        assert page.get_by_role("textbox", name="Experiment name").input_value() == "reference"
-        assert float(page.get_by_role("spinbutton", name="Epochs", exact=True).input_value()) == reference["epochs"]
-        assert float(page.get_by_role("spinbutton", name="Image size (px)", exact=True).input_value()) \
-            == reference["img_size"]
+        # as a user sees it once the page settles (a loaded machine may start the rerun late)
+        sync_api.expect(page.get_by_role("textbox", name="Experiment name")).to_have_value("reference")
+        assert settled_number(page, "Epochs", reference["epochs"]) == reference["epochs"]
+        assert settled_number(page, "Image size (px)", reference["img_size"]) == reference["img_size"]
 
 
 # ---- live mode (issue #15): Chromium's fake camera streams to the app over WebRTC -------------
