@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fer_core.runs import RunLayout, load_run, read_json
+from fer_core.calibration import read_report
+from fer_core.runs import RunLayout, load_run
 
 HEADER = ("| configuration | weights | input px | epochs | train minutes | test acc | macro-F1 "
           "| recall angry/disgust/fear/happy/neutral/sad/surprise | peak RSS MB |\n"
@@ -40,7 +41,9 @@ CALIBRATION_HEADER = ("| run | test acc | temperature | test ECE before → afte
 def calibration_row(run_dir: Path) -> str:
     """Temperature scaling's effect on the test split (ECE over 15 bins, NLL), from calibration.json."""
     run = load_run(run_dir)
-    report = read_json(RunLayout(run_dir).calibration_file)
+    report, problem = read_report(RunLayout(run_dir).calibration_file)
+    if report is None:
+        raise SystemExit(f"{run_dir}: {problem or 'not calibrated (fer calibrate RUN_DIR)'}")
     return (f"| {run.experiment}, {len(run.metrics)} epochs | {(run.evaluation or {}).get('accuracy', 0) * 100:.1f}% "
             f"| {report['temperature']:.3f} | {report['ece_before'] * 100:.1f}% → {report['ece_after'] * 100:.1f}% "
             f"| {report['nll_before']:.3f} → {report['nll_after']:.3f} | {report['uncertain_below'] * 100:.0f}% "

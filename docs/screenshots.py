@@ -15,66 +15,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the live shot's camera: the browser test's two-face video
+sys.path.insert(0, str(ROOT / "tests"))  # the browser test's app server and its two-face camera video
+from served_app import CHROMIUM, CHROMIUM_ARGS, FAKE_CAMERA_ARGS, served_app  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 PAGE_SIZE = {"width": 1400, "height": 1500}
 LIVE_SIZE = {"width": 1400, "height": 1000}
 SHOTS = ("evaluate", "calibration", "predict", "gradcam", "live")
 DEFAULT_SHOTS = ("gradcam", "calibration", "live")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(runs_dir: Path, scratch: Path) -> Iterator[str]:
-    """The app on a free local port, showing `runs_dir`; its URL."""
-    env = {**os.environ, "FER_RUNS_DIR": str(runs_dir), "FER_CHECKPOINTS_DIR": str(scratch / "checkpoints"),
-           "FER_CACHE_DIR": str(scratch / "cache"), "FER_DEMO_DIR": str(scratch / "demo"),
-           "FER_DATA_HOME": str(scratch / "data")}
-    port = free_port()
-    with open(scratch / "streamlit.log", "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.address", "127.0.0.1",
-             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.read().strip() == b"ok":
-                        break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the app did not start: see {scratch / 'streamlit.log'}")
-            time.sleep(0.5)
+    """The app showing `runs_dir`, its other folders in `scratch`; its URL."""
+    folders = {"FER_RUNS_DIR": str(runs_dir), "FER_CHECKPOINTS_DIR": str(scratch / "checkpoints"),
+               "FER_CACHE_DIR": str(scratch / "cache"), "FER_DEMO_DIR": str(scratch / "demo"),
+               "FER_DATA_HOME": str(scratch / "data")}
+    with served_app(folders, scratch / "streamlit.log") as url:
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def settle(page) -> None:
@@ -126,8 +93,8 @@ def shoot_live(browser_type, url: str, out: Path, scratch: Path) -> None:
 
     frames = [two_face_frame(shift) for shift in (*range(0, 16, 2), *range(16, 0, -2))]
     video = write_y4m(scratch / "two-faces.y4m", frames)
-    browser = browser_type.launch(executable_path=CHROMIUM,
-                                  args=[*CHROMIUM_ARGS, f"--use-file-for-fake-video-capture={video}"])
+    camera = [*FAKE_CAMERA_ARGS, f"--use-file-for-fake-video-capture={video}"]
+    browser = browser_type.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, *camera])
     try:
         page = browser.new_page(viewport=LIVE_SIZE)
         page.set_default_timeout(120_000)
@@ -169,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         face = scratch / "astronaut.jpg"
         Image.fromarray(skdata.astronaut()).save(face, quality=90)
         with serve(args.runs_dir.resolve(), scratch) as url, sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page(viewport=PAGE_SIZE)
                 page.set_default_timeout(120_000)

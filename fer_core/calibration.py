@@ -154,7 +154,7 @@ def uncertain_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
     order = np.argsort(confidence, kind="stable")
     sorted_confidence = confidence[order]
     correct = (probabilities.argmax(axis=1) == labels)[order].astype(np.float64)
-    rightness = IsotonicRegression(increasing=True, y_min=0.0, y_max=1.0).fit_transform(sorted_confidence, correct)
+    rightness = IsotonicRegression(increasing=True).fit_transform(sorted_confidence, correct)
     below = np.flatnonzero(rightness < MORE_OFTEN_WRONG)  # a prefix: the fit never decreases
     if len(below) == 0:
         return 0.0

@@ -15,29 +15,22 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import tempfile
-import sys
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+from served_app import CHROMIUM, CHROMIUM_ARGS, FAKE_CAMERA_ARGS, ROOT, served_app
 
 # Chromium, a Streamlit server, and a model trained from the Train form
 pytestmark = [pytest.mark.browser, pytest.mark.subprocess, pytest.mark.train]
 
-CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parent.parent
 # Screenshots refresh the README's pictures only when asked, so `make test` leaves git clean;
 # otherwise no picture is taken (each costs a second's wait for the page to settle).
 UPDATING_DOCS = bool(os.environ.get("FER_UPDATE_SCREENSHOTS"))
 DOCS = ROOT / "docs"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-SERVER_START_TIMEOUT_S = 90
 TRAINING_TIMEOUT_S = 420  # a tiny run; generous because the CPU is shared with other jobs
 SHOT_SIZE = {"width": 1400, "height": 1500}
 NARROW = {"width": 400, "height": 900}  # a phone
@@ -57,28 +50,6 @@ if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); browser test skipped",
                 allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_health(url: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"streamlit exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.read().strip() == b"ok":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"streamlit did not answer /_stcore/health in {SERVER_START_TIMEOUT_S} s:\n"
-                f"{log.read_text()[-3000:]}")
 
 
 def stop_training_processes(runs_dir: Path) -> None:
@@ -107,31 +78,14 @@ def serve_app(tmp_path: Path, with_demo: bool):
     # training itself tiny. Without it the app starts with no demo at all.
     demo_dir = ensure_demo_dataset() if with_demo else tmp_path / "demo"
     runs_dir = tmp_path / "runs"
-    env = {**os.environ, "FER_RUNS_DIR": str(runs_dir), "FER_CHECKPOINTS_DIR": str(tmp_path / "checkpoints"),
-           "FER_CACHE_DIR": str(tmp_path / "cache"), "FER_DEMO_DIR": str(demo_dir),
-           "FER_DATA_HOME": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
-    port = free_port()
-    log = tmp_path / "streamlit.log"
-    with open(log, "wb") as handle:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.address", "127.0.0.1",
-             "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
-             "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(url, server, log)
-        yield url, runs_dir
-    finally:
-        stop_training_processes(runs_dir)
+    folders = {"FER_RUNS_DIR": str(runs_dir), "FER_CHECKPOINTS_DIR": str(tmp_path / "checkpoints"),
+               "FER_CACHE_DIR": str(tmp_path / "cache"), "FER_DEMO_DIR": str(demo_dir),
+               "FER_DATA_HOME": str(tmp_path / "data")}
+    with served_app(folders, tmp_path / "streamlit.log") as url:
         try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        except ProcessLookupError:
-            pass
+            yield url, runs_dir
+        finally:
+            stop_training_processes(runs_dir)
 
 
 @pytest.fixture
@@ -518,7 +472,6 @@ def test_the_train_form_opened_while_the_page_loads_holds_the_preset(app_server,
 
 # ---- live mode (issue #15): Chromium's fake camera streams to the app over WebRTC -------------
 
-FAKE_CAMERA_ARGS = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 LIVE_TIMEOUT_S = 180  # the first frames wait for ICE, DTLS and the model on a shared 2-core CPU
 BANNER_RGB = (71, 85, 105)  # fer_core.live.BANNER_COLOUR, behind the "no face" label
 LIVE_SHOT_SIZE = {"width": 1400, "height": 1000}
