@@ -133,7 +133,9 @@ def test_processes_give_the_same_bytes_as_one_process(tmp_path, grey):
                            chunk_size=4, workers=2, progress=lambda done, total: calls.append((done, total)))
     serial = build_store(files, decode_png, (8, 8), tmp_path / "serial", chunk_size=4, workers=1)
     pids = {line.split()[0] for line in log.read_text().splitlines()}
-    assert str(os.getpid()) not in pids and len(pids) == 2
+    # Which of the two workers decodes which chunk is up to the scheduler: on a loaded machine the
+    # first one started can take every chunk before the second is up.
+    assert str(os.getpid()) not in pids and 1 <= len(pids) <= 2
     assert ((tmp_path / "parallel" / DATA_FILE).read_bytes() == (tmp_path / "serial" / DATA_FILE).read_bytes())
     assert torch.equal(parallel.images, expected_tensor(pixels)) and parallel.bad == serial.bad
     assert [done for done, _ in calls] == sorted(done for done, _ in calls) and calls[-1] == (40, 40)
