@@ -300,10 +300,13 @@ def _report_run(run_dir: Path) -> int:
 
 
 def resumed_config(run_dir: Path, launch: dict[str, Any]) -> "TrainConfig":
-    """The config a resume of `run_dir` trains with: its own, placed where `launch` says."""
+    """The config a resume of `run_dir` trains with: its own, placed where `launch` says.
+    Refused here, before the trainer is imported, when the folder is not a run."""
     from . import runs
     from .config import TrainConfig
-    values = read_config_file(run_dir / runs.CONFIG_FILE) if (run_dir / runs.CONFIG_FILE).is_file() else {}
+    if not (run_dir / runs.CONFIG_FILE).is_file():
+        raise ConfigError(f"cannot resume {run_dir}: it has no {runs.CONFIG_FILE}, so it is not a run folder")
+    values = read_config_file(run_dir / runs.CONFIG_FILE)
     return dataclasses.replace(TrainConfig.from_dict(values), **launch).validate()
 
 
