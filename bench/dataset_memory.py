@@ -14,13 +14,22 @@ memory is its own:
      (its memory is all taken when it loads).
 Peak RSS is the process's ru_maxrss (the decode workers are processes of their own). The net is
 small on purpose: this measures what grows with the dataset, the data path; a model's memory
-does not depend on N, and ResNet18 would make one 400k epoch take hours on 2 cores.
+does not depend on N (see --resnet18 below for a real ResNet18 run).
 
 Disk: about 2 x 12 KB per image (PNG + store row); the default sizes need about 13 GB.
 
+With --resnet18 it measures a real `fer train` instead, each size in a fresh process: ResNet18
+(torchvision's stem, random initialisation) at 64 px RGB, one epoch of at most MAX_PER_CLASS
+(default 1,500) training faces a class, so the training work is the same for every size and
+only the dataset grows, then validation and the whole test split, TTA off. The synthetic
+labels carry no signal (chance is 1/8): this measures memory and time, not accuracy. Peak RSS
+is the trainer's own and, apart, its decode workers' largest.
+
 Usage: python bench/dataset_memory.py [--sizes 20000 100000 400000] [--keep DIR]
+                                      [--resnet18 [MAX_PER_CLASS]]
 Smoke check: --sizes 2000 4000 (a minute or two on 2 cores).
-The last line is machine readable: peak RSS MB per size, file-backed then in memory.
+The last line is machine readable: peak RSS MB per size, file-backed then in memory (with
+--resnet18: the trainer's).
 """
 
 from __future__ import annotations
@@ -144,6 +153,49 @@ def measure_in_fresh_process(label_file: Path, cache_dir: Path, backing: str,
     return json.loads(output.strip().splitlines()[-1])
 
 
+def measure_training(label_file: Path, cache_dir: Path, max_per_class: int) -> dict[str, float]:
+    """`fer train` of ResNet18 on the label list, in this (fresh) process: see the module's
+    docstring. The store is the one measure() built for this size, when there is one."""
+    os.environ["FER_CACHE_DIR"] = str(cache_dir)
+    from fer_core import runs
+    from fer_core.cli import main as fer
+
+    runs_dir = cache_dir / "runs"
+    started = time.perf_counter()
+    code = fer(["train", "--data", str(label_file), "--store-size", str(SIDE), "--colour", "rgb",
+                "--img-size", str(SIDE), "--stem", "imagenet", "--no-pretrained", "--epochs", "1",
+                "--max-per-class", str(max_per_class), "--batch-size", str(BATCH), "--no-tta",
+                "--experiment", label_file.stem, "--runs-dir", str(runs_dir),
+                "--checkpoints-dir", str(cache_dir / "published")])
+    seconds = time.perf_counter() - started
+    run = runs.load_run(sorted(runs.find_run_dirs(runs_dir))[-1])
+    assert code == 0 and run.state == "completed", run.status.error
+    report = runs.read_json(run.path / runs.DATA_REPORT_FILE)
+    split = report["split_table"]
+    epoch = run.metrics[-1]
+    return {"images": report["num_images"], "backing": "file" if is_file_backed(cache_dir) else "memory",
+            "train": sum(row["train"] for row in split), "test": sum(row["test"] for row in split),
+            "seconds": seconds, "train_img_s": epoch["images_per_second"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def is_file_backed(cache_dir: Path) -> bool:
+    """Whether training read the images from the store file (bigger than the in-memory limit)."""
+    from fer_core.store import DATA_FILE, in_memory_limit
+    stores = list(cache_dir.glob(f"store-*/{DATA_FILE}"))
+    return max(p.stat().st_size for p in stores) > in_memory_limit()
+
+
+def training_table(results: list[dict[str, float]]) -> str:
+    lines = ["| images | store | trained / test faces | wall s | train img/s | peak RSS MB | decode workers' peak MB |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['images']:,} | {'file-backed' if r['backing'] == 'file' else 'in memory'} "
+              f"| {r['train']:,} / {r['test']:,} | {r['seconds']:.0f} | {r['train_img_s']:.0f} "
+              f"| {r['peak_rss_mb']:,.0f} | {r['workers_peak_rss_mb']:,.0f} |" for r in results]
+    return "\n".join(lines)
+
+
 def table(results: list[dict[str, float]]) -> str:
     lines = ["| images | images kept | store GB | load s (first: decode) | batches | train img/s | peak RSS MB |",
              "|---:|---|---:|---:|---:|---:|---:|"]
@@ -153,10 +205,26 @@ def table(results: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def run(sizes: list[int], workers: int, folder: Path, baseline_batches: int) -> None:
+def run_training(sizes: list[int], folder: Path, max_per_class: int) -> None:
+    results = []
+    for count in sizes:
+        label_file, cache_dir = write_label_file(folder, count), folder / f"cache-{count}"
+        print(f"training on {count:,} images", file=sys.stderr, flush=True)
+        command = [sys.executable, __file__, "--measure-training", str(label_file), str(cache_dir), str(max_per_class)]
+        output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+    print(training_table(results))
+    print("peak_rss_mb=" + ",".join(f"{r['peak_rss_mb']:.4g}" for r in results)
+          + " images=" + ",".join(str(count) for count in sizes))
+
+
+def run(sizes: list[int], workers: int, folder: Path, baseline_batches: int, resnet18: int | None) -> None:
     started = time.perf_counter()
     generate(folder, max(sizes), workers)
     print(f"generated {max(sizes):,} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if resnet18:
+        run_training(sizes, folder, resnet18)
+        return
     results = []
     for count in sizes:
         label_file, cache_dir = write_label_file(folder, count), folder / f"cache-{count}"
@@ -177,6 +245,10 @@ def main() -> None:
         label_file, cache_dir, backing, max_batches = sys.argv[2:]
         print(json.dumps(measure(Path(label_file), Path(cache_dir), backing, int(max_batches) or None)))
         return
+    if len(sys.argv) == 5 and sys.argv[1] == "--measure-training":
+        label_file, cache_dir, max_per_class = sys.argv[2:]
+        print(json.dumps(measure_training(Path(label_file), Path(cache_dir), int(max_per_class))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 100000, 400000])
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
@@ -184,12 +256,15 @@ def main() -> None:
     parser.add_argument("--baseline-batches", type=int, default=100,
                         help="batches the in-memory baseline trains (its memory is taken when it loads)")
     parser.add_argument("--keep", type=Path, help="generate into (and reuse) this folder instead of a temporary one")
+    parser.add_argument("--resnet18", type=int, nargs="?", const=1500, metavar="MAX_PER_CLASS",
+                        help="measure a real `fer train` of ResNet18 instead, one epoch of at most "
+                             "MAX_PER_CLASS training faces a class (default 1500)")
     args = parser.parse_args()
     if args.keep:
-        run(args.sizes, args.workers, args.keep, args.baseline_batches)
+        run(args.sizes, args.workers, args.keep, args.baseline_batches, args.resnet18)
     else:
         with tempfile.TemporaryDirectory(prefix="dataset_memory_") as folder:
-            run(args.sizes, args.workers, Path(folder), args.baseline_batches)
+            run(args.sizes, args.workers, Path(folder), args.baseline_batches, args.resnet18)
 
 
 if __name__ == "__main__":
