@@ -23,10 +23,15 @@ With --resnet18 it measures a real `fer train` instead, each size in a fresh pro
 (default 1,500) training faces a class, so the training work is the same for every size and
 only the dataset grows, then validation and the whole test split, TTA off. The synthetic
 labels carry no signal (chance is 1/8): this measures memory and time, not accuracy. Peak RSS
-is the trainer's own and, apart, its decode workers' largest.
+is the trainer's own.
+
+With --decode-workers it measures the store's decode worker processes: two spawned workers
+decode the first of --sizes images, each noting its own peak RSS (VmHWM, which starts afresh
+at exec); the baseline, in the same run, is the same workers with torch and scikit-learn
+imported, as they were until the decoder moved to the torch-free `fer_core.pixels`.
 
 Usage: python bench/dataset_memory.py [--sizes 20000 100000 400000] [--keep DIR]
-                                      [--resnet18 [MAX_PER_CLASS]]
+                                      [--resnet18 [MAX_PER_CLASS] | --decode-workers]
 Smoke check: --sizes 2000 4000 (a minute or two on 2 cores).
 The last line is machine readable: peak RSS MB per size, file-backed then in memory (with
 --resnet18: the trainer's).
@@ -176,8 +181,7 @@ def measure_training(label_file: Path, cache_dir: Path, max_per_class: int) -> d
     return {"images": report["num_images"], "backing": "file" if is_file_backed(cache_dir) else "memory",
             "train": sum(row["train"] for row in split), "test": sum(row["test"] for row in split),
             "seconds": seconds, "train_img_s": epoch["images_per_second"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def is_file_backed(cache_dir: Path) -> bool:
@@ -188,12 +192,61 @@ def is_file_backed(cache_dir: Path) -> bool:
 
 
 def training_table(results: list[dict[str, float]]) -> str:
-    lines = ["| images | store | trained / test faces | wall s | train img/s | peak RSS MB | decode workers' peak MB |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| images | store | trained / test faces | wall s | train img/s | peak RSS MB |",
+             "|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['images']:,} | {'file-backed' if r['backing'] == 'file' else 'in memory'} "
               f"| {r['train']:,} / {r['test']:,} | {r['seconds']:.0f} | {r['train_img_s']:.0f} "
-              f"| {r['peak_rss_mb']:,.0f} | {r['workers_peak_rss_mb']:,.0f} |" for r in results]
+              f"| {r['peak_rss_mb']:,.0f} |" for r in results]
     return "\n".join(lines)
+
+
+def peak_rss_of_this_process_mb() -> float:
+    """VmHWM: unlike ru_maxrss it starts afresh at exec, so a spawned worker's figure is its own
+    and not the parent's pages it was forked with."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def decode_noting_peak(path: Path, notes: Path, with_torch: bool) -> tuple[np.ndarray | None, str | None]:
+    """A store worker's decode (fer_core.pixels.decode_file at 64 px RGB) that notes its process's
+    peak RSS; `with_torch` first imports what the decoder's module imported until 2026-12-02."""
+    if with_torch:
+        import sklearn.model_selection  # noqa: F401
+        import torch  # noqa: F401
+    from fer_core.image_format import ImageFormat
+    from fer_core.pixels import decode_file
+    result = decode_file(path, ImageFormat(SIDE, "rgb"))
+    (notes / str(os.getpid())).write_text(f"{peak_rss_of_this_process_mb():.1f}")
+    return result
+
+
+def measure_decode_workers(folder: Path, count: int) -> None:
+    """The store's decode workers: 2 spawned processes decode `count` images, as they are and,
+    as the baseline, with torch and scikit-learn imported in each (which they were before)."""
+    import functools
+
+    from fer_core.store import build_store  # torch-free, so this process stays light too
+
+    files = [image_path(folder, i) for i in range(count)]
+    rows = []
+    for with_torch in (False, True):
+        with tempfile.TemporaryDirectory(prefix="decode_workers_") as scratch:
+            notes = Path(scratch) / "notes"
+            notes.mkdir()
+            started = time.perf_counter()
+            build_store(files, functools.partial(decode_noting_peak, notes=notes, with_torch=with_torch),
+                        (SIDE, SIDE, 3), Path(scratch) / "store", workers=2, chunk_size=512)
+            seconds = time.perf_counter() - started
+            peaks = [float(note.read_text()) for note in notes.iterdir()]
+        rows.append((with_torch, seconds, max(peaks)))
+    print(f"| a decode worker imports | 2 workers start and decode {count:,} images | a worker's peak RSS |")
+    print("|---|---:|---:|")
+    for with_torch, seconds, peak in rows:
+        imports = "numpy, Pillow, fer_core.store, fer_core.pixels" + (" + torch, scikit-learn" if with_torch else "")
+        print(f"| {imports} | {seconds:.1f} s | {peak:,.0f} MB |")
+    print(f"worker_peak_mb={rows[0][2]:.4g},{rows[1][2]:.4g} seconds={rows[0][1]:.3g},{rows[1][1]:.3g}")
 
 
 def table(results: list[dict[str, float]]) -> str:
@@ -218,12 +271,16 @@ def run_training(sizes: list[int], folder: Path, max_per_class: int) -> None:
           + " images=" + ",".join(str(count) for count in sizes))
 
 
-def run(sizes: list[int], workers: int, folder: Path, baseline_batches: int, resnet18: int | None) -> None:
+def run(sizes: list[int], workers: int, folder: Path, baseline_batches: int, resnet18: int | None,
+        decode_workers: bool) -> None:
     started = time.perf_counter()
     generate(folder, max(sizes), workers)
     print(f"generated {max(sizes):,} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if resnet18:
         run_training(sizes, folder, resnet18)
+        return
+    if decode_workers:
+        measure_decode_workers(folder, min(sizes))
         return
     results = []
     for count in sizes:
@@ -259,12 +316,14 @@ def main() -> None:
     parser.add_argument("--resnet18", type=int, nargs="?", const=1500, metavar="MAX_PER_CLASS",
                         help="measure a real `fer train` of ResNet18 instead, one epoch of at most "
                              "MAX_PER_CLASS training faces a class (default 1500)")
+    parser.add_argument("--decode-workers", action="store_true",
+                        help="measure the store's decode worker processes instead, on the first of --sizes images")
     args = parser.parse_args()
     if args.keep:
-        run(args.sizes, args.workers, args.keep, args.baseline_batches, args.resnet18)
+        run(args.sizes, args.workers, args.keep, args.baseline_batches, args.resnet18, args.decode_workers)
     else:
         with tempfile.TemporaryDirectory(prefix="dataset_memory_") as folder:
-            run(args.sizes, args.workers, Path(folder), args.baseline_batches, args.resnet18)
+            run(args.sizes, args.workers, Path(folder), args.baseline_batches, args.resnet18, args.decode_workers)
 
 
 if __name__ == "__main__":

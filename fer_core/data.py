@@ -17,28 +17,25 @@ import io
 import logging
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from . import fer2013_csv, settings
 from .classes import CLASS_NAMES, FER2013_CODES, canonical_class, code_table
 from .errors import DataError
 from .image_format import DEFAULT_FORMAT, STORE_SIZE, ImageFormat
-from .inference import reduce_jpeg_decode, to_stored
+from .pixels import decode_file, to_stored
 from .store import ImageArray, Progress, build_store
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 CACHE_VERSION = 3  # 3: the file-backed store; 2: 16-bit by type range, no grey JPEG draft
-MAX_SOURCE_PIXELS = 40_000_000
 
 
 @dataclass
@@ -333,30 +330,6 @@ def display_path(path: str | Path) -> str:
     """A path as text that can always be written (undecodable bytes in a file name become
     backslash escapes); manifests and reports store this form."""
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
-
-
-def decode_file(path: Path, image_format: ImageFormat = DEFAULT_FORMAT) -> tuple[np.ndarray | None, str | None]:
-    """Decode one image file to its stored uint8 array, or return why it cannot be used.
-
-    The pixels are `inference.to_stored`'s, exactly what a photo of the same file gives the
-    model at prediction time.
-    """
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return None, f"not an image file extension ({path.suffix or 'none'})"
-    try:
-        if path.stat().st_size == 0:
-            return None, "empty file (0 bytes)"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_SOURCE_PIXELS:
-                    return None, f"image too large ({image.width}x{image.height})"
-                reduce_jpeg_decode(image)  # the photo path's decode scale, so the pixels match
-                return to_stored(image, image_format), None
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return None, f"not a readable image ({type(exc).__name__})"
-    except (OSError, ValueError, SyntaxError) as exc:
-        return None, f"unreadable ({str(exc).splitlines()[0][:120]})"
 
 
 def read_fer2013_csv(path: Path, image_format: ImageFormat = DEFAULT_FORMAT) -> Dataset:

@@ -1,7 +1,7 @@
 """Why did the model say "sad"? Grad-CAM heat maps over the 48x48 face and over its box in the photo.
 
 The method is Captum's (`captum.attr.LayerGradCam`, upsampled with `LayerAttribution.interpolate`);
-this module only feeds it exactly what prediction feeds the model (`inference.to_stored`, then
+this module only feeds it exactly what prediction feeds the model (`pixels.to_stored`, then
 `transforms.eval_transform` at the checkpoint's img_size), picks the layer, and paints the result.
 
 Which layer: Grad-CAM's map has the resolution of the layer it reads, and ResNet18 halves it in
@@ -42,7 +42,7 @@ from torch import nn
 
 from .errors import FerError
 from .image_format import DEFAULT_FORMAT, ImageFormat
-from .inference import to_stored
+from .pixels import to_stored
 from .transforms import eval_transform
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from urllib3.util import parse_url
 
 from .errors import ImageInputError
-from .inference import flatten, reduce_jpeg_decode, upright
+from .pixels import flatten, reduce_jpeg_decode, upright
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
 
@@ -192,7 +192,7 @@ def _normalise(image: Image.Image, name: str, reduce_to: int | None = None,
                budget: PixelBudget | None = None) -> Image.Image:
     """Check the size, load the first frame, apply EXIF orientation, convert to RGB.
 
-    The colour rules (transparency, 16-bit and float grey) are `inference.flatten`'s, the ones
+    The colour rules (transparency, 16-bit and float grey) are `pixels.flatten`'s, the ones
     the model's crops are made with, so a face's grey values match a dataset file's.
     """
     width, height = image.size

@@ -1,6 +1,6 @@
 """Prediction: image -> faces -> crops in the run's stored format (48 px grey by default) -> emotion probabilities.
 
-The crops go through exactly the path the model was evaluated on: `inference.to_stored` (how
+The crops go through exactly the path the model was evaluated on: `pixels.to_stored` (how
 every dataset image is stored) and then `inference.probabilities` at the checkpoint's img_size.
 """
 
@@ -29,7 +29,8 @@ from .errors import CheckpointError, FerError
 from .faces import DETECTORS, FaceBox, crop_face, detect_faces
 from .images import ImageSource, PixelBudget, load_image
 from .image_format import DEFAULT_FORMAT, ImageFormat
-from .inference import DECODE_SIDE, averaged_probabilities, to_stored
+from .inference import averaged_probabilities
+from .pixels import DECODE_SIDE, to_stored
 from .models import load_checkpoint, model_from_checkpoint
 from .runs import RunLayout
 
@@ -297,7 +298,7 @@ def _to_original(box: FaceBox, decoded: tuple[int, int], original: tuple[int, in
 
 
 def to_model_crop(region: Image.Image, image_format: ImageFormat = DEFAULT_FORMAT) -> Image.Image:
-    """Any face region -> the stored-format image the model sees (`inference.to_stored`)."""
+    """Any face region -> the stored-format image the model sees (`pixels.to_stored`)."""
     return Image.fromarray(to_stored(region, image_format))  # "L" for grey, "RGB" for colour
 
 

@@ -17,7 +17,9 @@ decodes only the chunks not yet recorded. Anything in the folder that does not m
 JSON, another shape or count, a short data file) starts the store over.
 
 Large builds decode in worker processes started with "spawn": a forked child would inherit the
-parent's torch/OpenMP thread pools in whatever state they were, which can deadlock.
+parent's torch/OpenMP thread pools in whatever state they were, which can deadlock. A worker
+imports this module and the decode function's (`pixels`), so neither imports torch at the top:
+torch is imported where tensors are made, and a worker costs tens of megabytes, not a torch.
 
 Reads use os.preadv into fresh buffers, not np.memmap: every memmap page a process touches counts
 in its resident memory until unmapped, so an epoch over a memmap grows RSS to the size of the
@@ -34,13 +36,15 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import torch
 
 from .errors import ConfigError
 from .runs import atomic_write_json, exclusive_lock, read_json
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 DATA_FILE = "images.u8"
@@ -49,8 +53,8 @@ LOCK_FILE = "lock"
 DEFAULT_IN_MEMORY_BYTES = 1 << 30
 IN_MEMORY_ENV = "FER_STORE_IN_MEMORY_MB"
 MAX_DEFAULT_WORKERS = 8
-# Starting a spawned worker costs seconds (it imports numpy and torch) while an image decodes in
-# about a millisecond, so by default a build of fewer images than this stays in-process.
+# Starting a spawned worker costs about a second (it imports numpy and Pillow) while an image
+# decodes in about a millisecond, so by default a build of fewer images than this stays in-process.
 MIN_FILES_FOR_PROCESSES = 2048
 
 # A picklable top-level function (or functools.partial of one): (uint8 array of item_shape, None)
@@ -255,7 +259,6 @@ class ImageArray:
     Only the path, the rows and the shape are pickled; each process opens the file on first read.
     """
 
-    dtype = torch.uint8
     _fd: int | None = None  # opened on first read, by the process that reads
     _fd_pid = 0
 
@@ -279,11 +282,17 @@ class ImageArray:
     def __repr__(self) -> str:
         return f"ImageArray(shape={self.shape}, dtype=uint8, path={str(self.path)!r})"
 
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+        return torch.uint8
+
     def __getitem__(self, index: Any) -> torch.Tensor:
         """An int gives one image; a slice, integer indices (tensor, numpy array or list, any order,
         repeats allowed) or a boolean mask give a (k, *item_shape) batch."""
         rows, single = self._file_rows(index)
         images = self._read(rows)
+        import torch
         return torch.from_numpy(images[0] if single else images)
 
     def subset(self, index: Any) -> ImageArray:
@@ -294,6 +303,7 @@ class ImageArray:
         return self._read(self.rows)
 
     def materialize(self) -> torch.Tensor:
+        import torch
         return torch.from_numpy(self.numpy())
 
     def to(self, device: torch.device | str) -> torch.Tensor:
@@ -314,8 +324,10 @@ class ImageArray:
         """The file rows `index` selects, and whether it names a single image."""
         if isinstance(index, slice):
             return self.rows[index], False
-        if isinstance(index, torch.Tensor):
-            index = index.detach().cpu().numpy()
+        if not isinstance(index, (slice, int, list, np.ndarray, np.integer)):
+            import torch
+            if isinstance(index, torch.Tensor):
+                index = index.detach().cpu().numpy()
         if isinstance(index, np.ndarray) and index.ndim == 0:
             index = index.item()
         if isinstance(index, (int, np.integer)) and not isinstance(index, bool):

@@ -73,8 +73,8 @@ def photo_and_scale(data: bytes) -> tuple[Image.Image, float] | None:
 
 
 def _as_stored(faces: Sequence[Image.Image | np.ndarray], image_format) -> np.ndarray:
-    """Faces as the model sees them: `inference.to_stored` in the run's format, uint8."""
-    from fer_core.inference import to_stored
+    """Faces as the model sees them: `pixels.to_stored` in the run's format, uint8."""
+    from fer_core.pixels import to_stored
     return np.stack([to_stored(face if isinstance(face, Image.Image) else Image.fromarray(face), image_format)
                      for face in faces])
 

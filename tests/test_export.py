@@ -22,7 +22,7 @@ from fer_core import cli, export
 from fer_core.errors import CheckpointError, FerError
 from fer_core.demo import render_face
 from fer_core.backends import OnnxClassifier
-from fer_core.inference import to_stored
+from fer_core.pixels import to_stored
 from fer_core.models import GreyAsRGB, build_model, load_checkpoint
 from fer_core.predict import Predictor
 from fer_core.runs import RunLayout, read_json

@@ -15,11 +15,12 @@ from PIL import Image
 from fer_core import runs
 from fer_core.calibration import apply_temperature
 from fer_core.cli import main as cli_main
-from fer_core.data import decode_file, display_path, load_dataset
+from fer_core.data import display_path, load_dataset
 from fer_core.evaluate import evaluate_run
 from fer_core.images import load_image
 from fer_core.image_format import STORE_SIZE
-from fer_core.inference import DECODE_SIDE, autocast_context, probabilities, to_stored
+from fer_core.inference import autocast_context, probabilities
+from fer_core.pixels import DECODE_SIDE, decode_file, to_stored
 from fer_core.models import build_model
 from fer_core.predict import Predictor
 
