@@ -184,6 +184,28 @@ def test_same_config_and_seed_give_the_same_metrics(tiny_demo, tmp_path):
     assert strip(runs.read_metrics(first)[0]) == strip(runs.read_metrics(second)[0])
 
 
+def test_a_dataset_over_the_in_memory_limit_trains_from_the_store_file_exactly_as_from_memory(
+        tiny_demo, tmp_path, monkeypatch):
+    """A dataset larger than FER_STORE_IN_MEMORY_MB stays in its file (AffectNet-sized data):
+    splits are views, each batch is read from the file. The run must be the same run."""
+    import fer_core.train
+    from fer_core.store import ImageArray
+    loaded = []
+    real_load = fer_core.train.load_dataset
+    monkeypatch.setattr(fer_core.train, "load_dataset",
+                        lambda *args, **kwargs: loaded.append(real_load(*args, **kwargs)) or loaded[-1])
+    in_memory = fit(tiny_config(tiny_demo, tmp_path / "memory", epochs=1, tta=True))
+    monkeypatch.setenv("FER_STORE_IN_MEMORY_MB", "0")
+    from_file = fit(tiny_config(tiny_demo, tmp_path / "file", epochs=1, tta=True))
+    assert [type(dataset.images) for dataset in loaded] == [torch.Tensor, ImageArray]
+    measured = ("seconds", "images_per_second", "peak_rss_mb")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in measured} for r in rows]
+    assert strip(runs.read_metrics(in_memory)[0]) == strip(runs.read_metrics(from_file)[0])
+    assert (in_memory / "predictions.csv").read_text() == (from_file / "predictions.csv").read_text()
+    evaluations = [json.loads((run / runs.EVALUATION_FILE).read_text()) for run in (in_memory, from_file)]
+    assert evaluations[0]["confusion_matrix"] == evaluations[1]["confusion_matrix"]
+
+
 def test_a_run_with_weight_averaging_and_mixing_resumes_exactly_and_publishes_the_average(tiny_demo, tmp_path):
     """EMA, MixUp and CutMix on; one run goes straight through, the other is cancelled after its
     first epoch and resumed: the same losses, the same average, the same update count."""
