@@ -30,8 +30,8 @@ from .faces import DETECTORS, FaceBox, crop_face, detect_faces
 from .images import ImageSource, PixelBudget, load_image
 from .image_format import DEFAULT_FORMAT, ImageFormat
 from .inference import averaged_probabilities
-from .pixels import DECODE_SIDE, to_stored
 from .models import load_checkpoint, model_from_checkpoint
+from .pixels import DECODE_SIDE, to_stored
 from .runs import RunLayout
 
 FACE_MARGIN = 0.0
