@@ -12,7 +12,7 @@ Rules, each stated once here:
 - near duplicates: perceptual hashes (`imagehash.phash` of the 48x48 image, 64 bits) at most
   NEAR_THRESHOLD bits apart, between images whose pixels differ (exact copies are not reported
   again as near ones). Found by multi-index hashing, not by comparing all pairs.
-- images linked by exact or near matches form one group (union-find), so a chain a~b~c is one
+- images linked by exact or near matches form one group (connected components), so a chain a~b~c is one
   group even when a and c are further apart than the threshold. Each group is reported once,
   under the first of: label conflict (more than one label), train/test leak (in both splits of
   a dataset's own split), duplicate. Blank images are left out of the duplicate search (every
@@ -27,6 +27,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -332,10 +333,10 @@ def examine(dataset: Dataset, spec: str, *, near_threshold: int = NEAR_THRESHOLD
 
     hashes = perceptual_hashes(dataset.images.numpy()[[m[0] for m in members]])
     lap("phash")
-    pairs = near_pairs(hashes, near_threshold)
+    components = near_components(hashes, near_threshold)
     lap("near search")
 
-    findings = _classify(members, pairs, describe)
+    findings = _classify(members, components, describe)
     findings["unreadable"] = unreadable
     findings["blank"] = blank
     counts = dataset.class_counts()
@@ -373,23 +374,11 @@ class _Describer:
                      sorted((self.paths[i] for i in dropped), key=path_order), match, detail)
 
 
-def _classify(members: list[list[int]], pairs: np.ndarray, describe: _Describer) -> dict[str, list[Group]]:
-    """Group contents linked by near pairs (union-find) and report each group once."""
-    parent = list(range(len(members)))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in pairs.tolist():
-        root_a, root_b = find(a), find(b)
-        if root_a != root_b:
-            parent[max(root_a, root_b)] = min(root_a, root_b)
+def _classify(members: list[list[int]], near: np.ndarray, describe: _Describer) -> dict[str, list[Group]]:
+    """Report each group of contents linked by near pairs (`near`: each content's component) once."""
     components: dict[int, list[int]] = {}
-    for content in range(len(members)):
-        components.setdefault(find(content), []).append(content)
+    for content, component in enumerate(near.tolist()):
+        components.setdefault(component, []).append(content)
 
     findings: dict[str, list[Group]] = {"exact_duplicate": [], "near_duplicate": [], "leak": [], "conflict": []}
     for contents in components.values():
@@ -449,14 +438,59 @@ def perceptual_hashes(images: np.ndarray) -> np.ndarray:
 
 def near_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
     """Every pair (i < j) of 64-bit hashes at most `threshold` bits apart, as an (n, 2) array.
+    It holds them all: the doctor itself uses `near_components`, which does not."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    return np.unique(np.concatenate([np.empty((0, 2), dtype=np.int64), *_near_pair_blocks(hashes, threshold)]),
+                     axis=0)
+
+
+def near_components(hashes: np.ndarray, threshold: int, *, merge_every: int = 1 << 22) -> np.ndarray:
+    """Each hash's near-duplicate component, named by its smallest index: hashes linked by a
+    chain of pairs at most `threshold` bits apart share it.
+
+    The pairs are merged into the components as they are found, `merge_every` new links at a
+    time (scipy's connected components), and never held together: on 400,000 synthetic
+    gradients, which phash finds much alike, they were about a hundred million, and holding
+    them took the doctor past 13 GB."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    count = len(hashes)
+    components = np.arange(count)
+    pending: list[np.ndarray] = []
+    waiting = 0
+
+    def merge() -> np.ndarray:
+        links = np.concatenate(pending)
+        rows = np.concatenate([np.arange(count), links[:, 0]])  # each hash to its component's name,
+        cols = np.concatenate([components, links[:, 1]])        # and the names the new pairs link
+        graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(count, count))
+        _, found = connected_components(graph, directed=False)
+        smallest = np.full(found.max() + 1, count)
+        np.minimum.at(smallest, found, np.arange(count))
+        return smallest[found]
+
+    for block in _near_pair_blocks(hashes, threshold):
+        first, second = components[block[:, 0]], components[block[:, 1]]
+        new = first != second  # a pair inside one component adds nothing
+        if new.any():
+            pending.append(np.stack([first[new], second[new]], axis=1))
+            waiting += int(new.sum())
+            if waiting >= merge_every:
+                components, pending, waiting = merge(), [], 0
+    return merge() if pending else components
+
+
+def _near_pair_blocks(hashes: np.ndarray, threshold: int) -> Iterator[np.ndarray]:
+    """The pairs (i < j) within `threshold` bits, in (k, 2) blocks of bounded size; a pair comes
+    once for each part its two hashes share.
 
     Multi-index hashing: the 64 bits are cut into threshold+1 parts, so two hashes within
     `threshold` bits agree exactly on at least one part (pigeonhole). Only hashes sharing a
     part's value are compared, with a vectorised popcount."""
-    hashes = np.asarray(hashes, dtype=np.uint64)
-    found = [np.empty((0, 2), dtype=np.int64)]
     if len(hashes) < 2:
-        return found[0]
+        return
     bounds = np.linspace(0, HASH_BITS, threshold + 2).astype(int)
     for low, high in zip(bounds[:-1], bounds[1:]):
         keys = (hashes >> np.uint64(HASH_BITS - high)) & np.uint64((1 << int(high - low)) - 1)
@@ -465,8 +499,8 @@ def near_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
         sizes = np.diff(np.r_[starts, len(order)])
         large = sizes > SMALL_BUCKET
-        for start, size in zip(starts[large], sizes[large]):  # a large bucket: one block of popcounts
-            found.append(_close_pairs(np.sort(order[start:start + size]), hashes, threshold))
+        for start, size in zip(starts[large], sizes[large]):  # a large bucket: blocks of popcounts
+            yield from _close_pairs(np.sort(order[start:start + size]), hashes, threshold)
         # the many small buckets at once: compare each hash with the one m places on in key order
         small = np.repeat(sizes <= SMALL_BUCKET, sizes)
         largest_small = int(sizes[sizes <= SMALL_BUCKET].max(initial=1))
@@ -474,21 +508,21 @@ def near_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
             same = (sorted_keys[shift:] == sorted_keys[:-shift]) & small[shift:]
             first, second = order[:-shift][same], order[shift:][same]
             close = np.bitwise_count(hashes[first] ^ hashes[second]) <= threshold
-            found.append(np.sort(np.stack([first[close], second[close]], axis=1), axis=1))
-    return np.unique(np.concatenate(found), axis=0)
+            yield np.sort(np.stack([first[close], second[close]], axis=1), axis=1)
 
 
-def _close_pairs(bucket: np.ndarray, hashes: np.ndarray, threshold: int, rows: int = 2048) -> np.ndarray:
-    """Pairs within `threshold` bits among the (sorted) indices of one bucket."""
-    found = []
+def _close_pairs(bucket: np.ndarray, hashes: np.ndarray, threshold: int,
+                 cells: int = 1 << 24) -> Iterator[np.ndarray]:
+    """Pairs within `threshold` bits among the (sorted) indices of one bucket, a block of rows at
+    a time: at most `cells` popcounts (and so pairs) per block, however large the bucket."""
     values = hashes[bucket]
+    rows = max(1, cells // len(bucket))
     for start in range(0, len(bucket), rows):
         block = np.bitwise_count(values[start:start + rows, None] ^ values[None, :])
         a, b = np.nonzero(block <= threshold)
         a += start
         keep = a < b
-        found.append(np.stack([bucket[a[keep]], bucket[b[keep]]], axis=1))
-    return np.concatenate(found)
+        yield np.stack([bucket[a[keep]], bucket[b[keep]]], axis=1)
 
 
 # ---- exclusion lists -----------------------------------------------------------------

@@ -195,6 +195,29 @@ def test_multi_index_search_finds_exactly_the_pairs_that_all_pairs_would(thresho
         assert np.unique(hashes >> np.uint64(64 - first_part), return_counts=True)[1].max() > doctor.SMALL_BUCKET
 
 
+@pytest.mark.parametrize("merge_every", [1, 50, 1 << 22])
+def test_near_components_are_the_connected_components_of_all_near_pairs(merge_every):
+    """The doctor's grouping, merged a few links at a time (memory stays bounded), must be the
+    components of the whole pair graph, each named by its smallest index."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(11)
+    hashes = rng.integers(0, 2**63, 800, dtype=np.int64).astype(np.uint64) << np.uint64(1)
+    hashes[:300] = (hashes[:300] & np.uint64(2**20 - 1)) | np.uint64(0x5A5A5A5A5A5 << 20)  # one dense cloud
+    for k in range(300, 800, 5):  # and chains: k ~ k+1 ~ k+2, k and k+2 further apart
+        for step in (1, 2):
+            hashes[k + step] = hashes[k + step - 1] ^ np.uint64(sum(1 << int(f) for f in rng.choice(64, 3, False)))
+    pairs = doctor.near_pairs(hashes, 4)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(800, 800))
+    _, expected = connected_components(graph, directed=False)
+    found = doctor.near_components(hashes, 4, merge_every=merge_every)
+    for component in np.unique(expected):
+        members = np.flatnonzero(expected == component)
+        assert (found[members] == members.min()).all()
+    assert len(np.unique(found)) == len(np.unique(expected)) < 800 - 250
+
+
 def test_a_pooled_csv_dataset_gets_duplicates_and_conflicts_but_no_leaks(tmp_path, cache):
     """fer2013.csv rows are named 'fer2013.csv#LINE'; without a given split there is no leak."""
     rng = np.random.default_rng(6)
