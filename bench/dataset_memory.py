@@ -191,13 +191,20 @@ def is_file_backed(cache_dir: Path) -> bool:
     return max(p.stat().st_size for p in stores) > in_memory_limit()
 
 
+def markdown_table(header: str, align: str, rows: list[str]) -> str:
+    return "\n".join([header, align, *rows])
+
+
+def backing_label(result: dict[str, float]) -> str:
+    return "file-backed" if result["backing"] == "file" else "in memory"
+
+
 def training_table(results: list[dict[str, float]]) -> str:
-    lines = ["| images | store | trained / test faces | wall s | train img/s | peak RSS MB |",
-             "|---:|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['images']:,} | {'file-backed' if r['backing'] == 'file' else 'in memory'} "
-              f"| {r['train']:,} / {r['test']:,} | {r['seconds']:.0f} | {r['train_img_s']:.0f} "
-              f"| {r['peak_rss_mb']:,.0f} |" for r in results]
-    return "\n".join(lines)
+    return markdown_table(
+        "| images | store | trained / test faces | wall s | train img/s | peak RSS MB |",
+        "|---:|---|---:|---:|---:|---:|",
+        [f"| {r['images']:,} | {backing_label(r)} | {r['train']:,} / {r['test']:,} | {r['seconds']:.0f} "
+         f"| {r['train_img_s']:.0f} | {r['peak_rss_mb']:,.0f} |" for r in results])
 
 
 def peak_rss_of_this_process_mb() -> float:
@@ -250,12 +257,11 @@ def measure_decode_workers(folder: Path, count: int) -> None:
 
 
 def table(results: list[dict[str, float]]) -> str:
-    lines = ["| images | images kept | store GB | load s (first: decode) | batches | train img/s | peak RSS MB |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['images']:,} | {'in memory' if r['backing'] == 'memory' else 'file-backed'} "
-              f"| {r['store_gb']:.2f} | {r['load_s']:.0f} | {r['batches']:,} | {r['epoch_img_s']:,.0f} "
-              f"| {r['peak_rss_mb']:,.0f} |" for r in results]
-    return "\n".join(lines)
+    return markdown_table(
+        "| images | images kept | store GB | load s (first: decode) | batches | train img/s | peak RSS MB |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+        [f"| {r['images']:,} | {backing_label(r)} | {r['store_gb']:.2f} | {r['load_s']:.0f} | {r['batches']:,} "
+         f"| {r['epoch_img_s']:,.0f} | {r['peak_rss_mb']:,.0f} |" for r in results])
 
 
 def run_training(sizes: list[int], folder: Path, max_per_class: int) -> None:
