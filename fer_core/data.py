@@ -66,13 +66,28 @@ def default_cache_dir() -> Path:
     return settings.cache_dir()
 
 
+@dataclass(frozen=True)
+class _Decoding:
+    """How a dataset's files become its images: their stored format, the cache folder that
+    keeps the store, progress reports, and the largest store loaded into memory (None: the
+    store's own rule, `store.in_memory_limit()`)."""
+
+    image_format: ImageFormat
+    cache_dir: Path | None = None
+    progress: Progress | None = None
+    in_memory_bytes: int | None = None
+
+
 def load_dataset(spec: str, *, cache_dir: Path | None = None, image_format: ImageFormat = DEFAULT_FORMAT,
-                 progress: Progress | None = None) -> Dataset:
+                 progress: Progress | None = None, in_memory_bytes: int | None = None) -> Dataset:
     """Load the dataset named by `spec` ("demo", a folder, a fer2013.csv or a label list), its
-    images stored in `image_format`. `progress(done, total)` follows the decoding of files."""
+    images stored in `image_format`. `progress(done, total)` follows the decoding of files.
+    Decoded images larger than `in_memory_bytes` (default: `store.in_memory_limit()`) stay in
+    the file-backed store instead of memory."""
+    decoding = _Decoding(image_format, cache_dir, progress, in_memory_bytes)
     if spec == "demo":
         from .demo import ensure_demo_dataset
-        dataset = _load_folder(ensure_demo_dataset(), cache_dir, image_format, progress)
+        dataset = _load_folder(ensure_demo_dataset(), decoding)
         dataset.synthetic = True
         dataset.source = "demo (synthetic)"
     else:
@@ -81,9 +96,9 @@ def load_dataset(spec: str, *, cache_dir: Path | None = None, image_format: Imag
             dataset = read_fer2013_csv(path, image_format)
         elif path.is_file() and path.suffix.lower() == ".txt":
             root = path.parent.parent if path.parent.name == "EmoLabel" else path.parent
-            dataset = _load_label_file(path, root, cache_dir, image_format, progress)
+            dataset = _load_label_file(path, root, decoding)
         elif path.is_dir():
-            dataset = _load_folder(path, cache_dir, image_format, progress)
+            dataset = _load_folder(path, decoding)
         elif path.exists():
             raise DataError(f"{path} is neither a folder of class folders, a fer2013.csv nor a "
                             "label list (.txt of 'image label' lines)")
@@ -134,11 +149,10 @@ def _link_target(path: Path) -> Path:
         return path
 
 
-def _load_folder(root: Path, cache_dir: Path | None, image_format: ImageFormat,
-                 progress: Progress | None = None) -> Dataset:
+def _load_folder(root: Path, decoding: _Decoding) -> Dataset:
     label_file = find_label_file(root)
     if label_file is not None:
-        return _load_label_file(label_file, root, cache_dir, image_format, progress)
+        return _load_label_file(label_file, root, decoding)
     has_own_split = describe_layout(root) == "train_test"
     real_root = root.resolve()
     links: list[dict[str, str]] = []  # symbolic links that lead outside: reported, not read
@@ -159,17 +173,15 @@ def _load_folder(root: Path, cache_dir: Path | None, image_format: ImageFormat,
                         + (f"; {len(links)} symbolic link(s) outside it were not followed" if links else ""))
     renamed = {d.name: canonical_class(d.name) for d in folders if canonical_class(d.name) != d.name}
     classes = sorted({canonical_class(d.name) for d in folders})  # an empty folder is still a class
-    return _decoded_dataset(listing, classes, str(root), has_own_split, cache_dir, links, renamed, image_format,
-                            progress)
+    return _decoded_dataset(listing, classes, str(root), has_own_split, links, renamed, decoding)
 
 
 def _decoded_dataset(listing: list[tuple[Path, str, str | None]], classes: list[str], source: str,
-                     has_own_split: bool, cache_dir: Path | None, bad: list[dict[str, str]],
-                     renamed: dict[str, str], image_format: ImageFormat,
-                     progress: Progress | None = None) -> Dataset:
+                     has_own_split: bool, bad: list[dict[str, str]], renamed: dict[str, str],
+                     decoding: _Decoding) -> Dataset:
     """Decode the (file, class name, given split) listing into a Dataset; files that cannot be
     decoded join `bad`."""
-    images, kept, undecodable = _decode_cached([f for f, _, _ in listing], cache_dir, image_format, progress)
+    images, kept, undecodable = _decode_cached([f for f, _, _ in listing], decoding)
     kept_set = set(kept)
     rows = [(str(f), classes.index(name), split) for f, name, split in listing if str(f) in kept_set]
     return Dataset(images=images, labels=torch.tensor([r[1] for r in rows], dtype=torch.int64),
@@ -243,8 +255,7 @@ def _listed_image(folder: Path, name: str) -> Path | None:
     return next((p for p in (plain, aligned) if p.is_file()), None)
 
 
-def _load_label_file(label_file: Path, root: Path, cache_dir: Path | None,
-                     image_format: ImageFormat, progress: Progress | None = None) -> Dataset:
+def _load_label_file(label_file: Path, root: Path, decoding: _Decoding) -> Dataset:
     """A dataset given as a list of "image label" lines (RAF-DB's list_patition_label.txt).
     Names starting with train/test (RAF-DB's "train_00001.jpg") keep that split; otherwise the
     images are pooled and split 75/25 like a folder of class folders."""
@@ -271,8 +282,7 @@ def _load_label_file(label_file: Path, root: Path, cache_dir: Path | None,
         split = ("test" if name.lower().startswith("test") else "train") if has_own_split else None
         listing.append((image, label, split))
     classes = sorted({label for _, label in entries})
-    return _decoded_dataset(listing, classes, str(root), has_own_split, cache_dir, bad, {}, image_format,
-                            progress)
+    return _decoded_dataset(listing, classes, str(root), has_own_split, bad, {}, decoding)
 
 
 def _list_files(class_dir: Path, real_root: Path | None = None,
@@ -305,21 +315,22 @@ def _cache_key(files: list[Path], image_format: ImageFormat) -> str:
     return digest.hexdigest()[:32]
 
 
-def _decode_cached(files: list[Path], cache_dir: Path | None, image_format: ImageFormat,
-                   progress: Progress | None = None
+def _decode_cached(files: list[Path], decoding: _Decoding
                    ) -> tuple[torch.Tensor | ImageArray, list[str], list[dict[str, str]]]:
     """Decode every file once into the cache folder's store (`fer_core.store`: in parallel,
     resumable, file-backed when larger than memory) and reuse it while the file list and the
     format are unchanged. A read-only or full cache folder falls back to the temporary folder."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = Path(decoding.cache_dir) if decoding.cache_dir else default_cache_dir()
+    image_format = decoding.image_format
     name = f"store-{_cache_key(files, image_format)}"
-    decode = functools.partial(decode_file, image_format=image_format)
+    store = functools.partial(build_store, files, functools.partial(decode_file, image_format=image_format),
+                              image_format.shape, progress=decoding.progress,
+                              in_memory_bytes=decoding.in_memory_bytes)
     try:
-        result = build_store(files, decode, image_format.shape, cache_dir / name, progress=progress)
+        result = store(cache_dir / name)
     except OSError as exc:
         log.warning("cannot keep decoded images in %s (%s); using the temporary folder", cache_dir, exc)
-        result = build_store(files, decode, image_format.shape, Path(tempfile.gettempdir()) / f"fer-{name}",
-                             progress=progress)
+        result = store(Path(tempfile.gettempdir()) / f"fer-{name}")
     for stale in cache_dir.glob("images-*.pt"):  # the whole-tensor caches from before the store
         stale.unlink(missing_ok=True)
     bad = [{"path": display_path(files[index]), "reason": reason} for index, reason in result.bad]

@@ -31,13 +31,18 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import runs, settings
 from .data import Dataset, display_path, load_dataset
 from .errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .store import ImageArray
 
 # In FER2013 the flattest real face has a pixel standard deviation of 9.1 grey levels; below
 # 5 there are only black or grey frames and one black frame with a speck (13 at 0-0.7, 1 at 4.1).
@@ -53,6 +58,9 @@ IMBALANCE_RATIO = 5.0
 EXCLUSIONS_FOLDER = "exclusions"
 EXCLUSIONS_FORMAT = 1
 HASH_BITS = 64
+# Images read at a time: a store too large for memory stays on disk (`store.ImageArray`), and
+# a float copy of a whole large dataset would be gigabytes.
+PIXEL_BLOCK = 4096
 SMALL_BUCKET = 64  # near_pairs: buckets up to this size are searched together, larger ones one by one
 
 KINDS = ("unreadable", "blank", "exact_duplicate", "near_duplicate", "leak", "conflict", "imbalance")
@@ -307,31 +315,35 @@ def examine(dataset: Dataset, spec: str, *, near_threshold: int = NEAR_THRESHOLD
     paths = [relative_path(p, root) for p in dataset.paths]
     labels = dataset.labels.numpy()
     splits = list(dataset.given_split) if dataset.given_split is not None else [""] * len(paths)
-    images = dataset.images.numpy().reshape(len(paths), -1)
     describe = _Describer(paths, labels, splits, dataset.classes)
 
     unreadable = [Group("unreadable", [p], dropped=[p], detail=bad["reason"])
                   for bad in dataset.bad_files for p in [relative_path(bad["path"], root)]]
     unreadable.sort(key=lambda g: path_order(g.paths[0]))
 
-    # in chunks: one float copy of a whole large dataset would be gigabytes
-    deviation = np.concatenate([images[start:start + 4096].std(axis=1, dtype=np.float32)
-                                for start in range(0, len(images), 4096)] or [np.empty(0, np.float32)])
+    deviation = np.empty(len(paths), dtype=np.float32)
+    digests: list[bytes] = []
+    for positions, block in pixel_blocks(dataset.images):
+        flat = block.reshape(len(block), -1)
+        deviation[positions] = flat.std(axis=1, dtype=np.float32)
+        digests.extend(hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat)
     is_blank = deviation < blank_std
     blank = [describe.group("blank", [i], dropped=[i] if splits[i] != "test" else [],
                             detail=f"pixel standard deviation {deviation[i]:.1f}")
              for i in sorted(np.flatnonzero(is_blank), key=lambda i: path_order(paths[i]))]
-    lap("blank")
+    lap("blank and digests")
 
     # exact: one content per distinct pixel array (blank images are left out of the search)
     order = sorted(np.flatnonzero(~is_blank).tolist(), key=lambda i: path_order(paths[i]))
     contents: dict[bytes, list[int]] = {}
     for i in order:
-        contents.setdefault(hashlib.blake2b(images[i].tobytes(), digest_size=16).digest(), []).append(i)
+        contents.setdefault(digests[i], []).append(i)
     members = list(contents.values())  # each in path order; member[0] represents the content
     lap("exact")
 
-    hashes = perceptual_hashes(dataset.images.numpy()[[m[0] for m in members]])
+    representatives = np.array([m[0] for m in members], dtype=np.int64)
+    hashes = np.concatenate([np.empty(0, dtype=np.uint64)] + [
+        perceptual_hashes(block) for _, block in pixel_blocks(dataset.images, representatives)])
     lap("phash")
     components = near_components(hashes, near_threshold)
     lap("near search")
@@ -422,6 +434,20 @@ def imbalance(counts: dict[str, int]) -> tuple[float | None, str | None]:
     return round(ratio, 2), (f"{largest} has {ratio:.1f} times as many images as {smallest} "
                              f"({counts[largest]:,} vs {counts[smallest]:,}): the model will rarely predict "
                              f"{smallest}; consider class weights or more {smallest} images")
+
+
+def pixel_blocks(images: torch.Tensor | ImageArray, positions: np.ndarray | None = None, *,
+                 block: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The images at `positions` (default: all, in order) as (positions, uint8 pixels) pairs of
+    at most `block` (default PIXEL_BLOCK) images, so that only one block is held at a time."""
+    block = block or PIXEL_BLOCK
+    if positions is None:
+        for start in range(0, len(images), block):
+            yield np.arange(start, min(start + block, len(images))), images[start:start + block].numpy()
+        return
+    for start in range(0, len(positions), block):
+        chunk = positions[start:start + block]
+        yield chunk, images[chunk].numpy()
 
 
 def perceptual_hashes(images: np.ndarray) -> np.ndarray:

@@ -63,6 +63,13 @@ def known_datasets() -> dict[str, str]:
     return labels
 
 
+# The app process holds at most this much of a dataset's decoded images in memory (FER2013 at
+# 48 px grey is 66 MB). A larger dataset's images stay in their store on disk and are read as
+# a page needs them: up to four datasets are kept loaded for every session, and training runs
+# in its own process with the store's own, larger limit.
+APP_IN_MEMORY_BYTES = 256 << 20
+
+
 @st.cache_resource(show_spinner="Loading the decoded images…", max_entries=4)
 def load_source(spec: str, cache_dir: str):
     """The decoded dataset for a source string; one copy shared by every session. A progress
@@ -76,7 +83,7 @@ def load_source(spec: str, cache_dir: str):
             bar.progress(done / total, text=f"Decoding images: {done:,} of {total:,} "
                                             "(once: the decoded images are kept in the cache folder)")
     try:
-        return load_dataset(spec, cache_dir=cache_dir or None, progress=progress)
+        return load_dataset(spec, cache_dir=cache_dir or None, progress=progress, in_memory_bytes=APP_IN_MEMORY_BYTES)
     finally:
         bar.empty()
 

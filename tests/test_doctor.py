@@ -16,6 +16,7 @@ from conftest import tiny_config, write_class_folders
 from fer_core import cli, doctor, runs
 from fer_core.data import Dataset, assign_splits, load_dataset, read_split_manifest
 from fer_core.errors import DataError
+from fer_core.store import ImageArray
 
 # What write_planted plants, as dataset-relative paths.
 UNREADABLE = "train/angry/broken.png"
@@ -127,6 +128,21 @@ def test_every_planted_defect_is_found_and_nothing_else(planted):
     assert {kind: c["groups"] for kind, c in report.counts().items()} == {
         "unreadable": 1, "blank": 2, "exact_duplicate": 1, "near_duplicate": 2, "leak": 2, "conflict": 1,
         "imbalance": 1}
+
+
+def test_a_dataset_kept_on_disk_is_read_a_block_at_a_time_with_the_same_findings(planted, tmp_path, monkeypatch):
+    in_memory = load_dataset(str(planted), cache_dir=tmp_path)
+    on_disk = load_dataset(str(planted), cache_dir=tmp_path, in_memory_bytes=0)
+    assert isinstance(in_memory.images, torch.Tensor) and isinstance(on_disk.images, ImageArray)
+    expected = doctor.examine(in_memory, str(planted)).findings
+
+    reads: list[int] = []
+    read = ImageArray._read
+    monkeypatch.setattr(ImageArray, "_read", lambda self, rows: reads.append(len(rows)) or read(self, rows))
+    monkeypatch.setattr(doctor, "PIXEL_BLOCK", 16)
+    assert doctor.examine(on_disk, str(planted)).findings == expected
+    # every image once for blanks and digests, then one per distinct content for phash
+    assert max(reads) == 16 and len(on_disk) < sum(reads) < 2 * len(on_disk)
 
 
 def test_a_clean_dataset_of_random_faces_has_no_findings(clean):
@@ -338,9 +354,17 @@ def test_the_data_page_examines_shows_and_leaves_out_and_train_uses_it(planted, 
 
     from markdown_safety import active_markdown
 
+    from pages import _shared
+
     for name, folder in (("FER_RUNS_DIR", "runs"), ("FER_CHECKPOINTS_DIR", "ckpt"), ("FER_DATA_HOME", "data_home"),
                          ("FER_DEMO_DIR", "demo")):
         monkeypatch.setenv(name, str(tmp_path / folder))
+    # as the app holds a dataset too large for its memory: in the store on disk
+    monkeypatch.setattr(_shared, "APP_IN_MEMORY_BYTES", 0)
+    examined = []
+    pixel_blocks = doctor.pixel_blocks
+    monkeypatch.setattr(doctor, "pixel_blocks", lambda images, *a, **k: examined.append(type(images))
+                        or pixel_blocks(images, *a, **k))
     at = AppTest.from_file("../streamlit_app.py", default_timeout=120)
     at.session_state["data_source"] = str(planted)
     at.switch_page("pages/data.py").run()
@@ -348,6 +372,7 @@ def test_the_data_page_examines_shows_and_leaves_out_and_train_uses_it(planted, 
     assert "Dataset doctor" in [s.value for s in at.subheader]
     at.button(key="data_doctor_run").click().run()
     assert not at.exception, [e.value for e in at.exception]
+    assert examined and set(examined) == {ImageArray}
     metrics = {m.label: m.value for m in at.metric}
     assert {k: metrics[doctor.KIND_TITLES[k]] for k in doctor.KINDS} == {
         "unreadable": "1", "blank": "2", "exact_duplicate": "1", "near_duplicate": "2", "leak": "2",
