@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .config import CONFIG_FIELDS, LAUNCH_FIELDS, PRESETS, ConfigField
+from .config import CONFIG_FIELDS, LAUNCH_FIELDS, PRESETS, ConfigField, require_dataset
 from .errors import ConfigError, FerError
 
 if TYPE_CHECKING:
@@ -269,6 +269,7 @@ def train_command(args: argparse.Namespace) -> int:
     else:
         # before the progress bar, so a bad value is one line and nothing is created
         config = config_from_args(args)
+    require_dataset(config.data)
     if distributed.needs_launcher(config):
         return launch_command(args, config)
     from .train import fit, resume  # after the config: a refused value need not wait for the trainer

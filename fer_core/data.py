@@ -28,6 +28,7 @@ from sklearn.model_selection import train_test_split
 
 from . import fer2013_csv, settings
 from .classes import CLASS_NAMES, FER2013_CODES, canonical_class, code_table
+from .config import require_dataset
 from .errors import DataError
 from .image_format import DEFAULT_FORMAT, STORE_SIZE, ImageFormat
 from .pixels import decode_file, to_stored
@@ -91,6 +92,7 @@ def load_dataset(spec: str, *, cache_dir: Path | None = None, image_format: Imag
         dataset.synthetic = True
         dataset.source = "demo (synthetic)"
     else:
+        require_dataset(spec)
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix.lower() == ".csv":
             dataset = read_fer2013_csv(path, image_format)
@@ -99,11 +101,9 @@ def load_dataset(spec: str, *, cache_dir: Path | None = None, image_format: Imag
             dataset = _load_label_file(path, root, decoding)
         elif path.is_dir():
             dataset = _load_folder(path, decoding)
-        elif path.exists():
+        else:
             raise DataError(f"{path} is neither a folder of class folders, a fer2013.csv nor a "
                             "label list (.txt of 'image label' lines)")
-        else:
-            raise DataError(f"dataset not found: {path}")
     _check_usable(dataset)
     return dataset
 

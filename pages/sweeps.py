@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from fer_core import jobs, runs, sweep, ui_data
-from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, config_from_preset
+from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, config_from_preset, require_dataset
 from fer_core.errors import FerError
 from pages._shared import (SELECTED_RUN_KEY, checkpoints_dir, known_datasets, literal, require_router,
                            runs_dir, state_badge)
@@ -71,8 +71,7 @@ def launch_form(first_sweep: bool) -> None:
 
 def launch(data: str, preset: str, study: str, trials: int, epochs: int, pruner: str, space: str) -> None:
     try:
-        if data != "demo" and not Path(data).exists():
-            raise FerError(f"dataset not found: {data}")
+        require_dataset(data)
         base = config_from_preset(preset, data=data, epochs=epochs, runs_dir=str(folder.resolve()),
                                   checkpoints_dir=str(checkpoints_dir().resolve()))
         sweep.launch_sweep(base, space, study=study, trials=trials, pruner=pruner, sweeps_dir=sweeps_root)

@@ -8,7 +8,7 @@ from typing import Any
 import streamlit as st
 
 from fer_core import config_form, distributed, doctor, jobs, runs, settings, ui_data
-from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, TrainConfig, config_from_preset
+from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, TrainConfig, config_from_preset, require_dataset
 from fer_core.errors import FerError
 from pages._shared import (DATA_SOURCE_KEY, SELECTED_RUN_KEY, checkpoints_dir, known_datasets,
                            literal, load_source, require_router, runs_dir, state_badge, synthetic_badge,
@@ -184,8 +184,7 @@ with st.expander(form_label, expanded=not all_runs, icon=":material/add_circle:"
     if submitted:
         values = config_form.overrides_from_form(st.session_state[FORM_VALUES_KEY])
         try:
-            if data != "demo" and not Path(data).exists():
-                raise FerError(f"dataset not found: {data}")
+            require_dataset(data)
             config = config_from_preset(preset, data=data, runs_dir=str(folder.resolve()),
                                         checkpoints_dir=str(checkpoints_dir().resolve()), **values)
             run_dir = jobs.launch(config, max_concurrent=1)

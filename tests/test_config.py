@@ -252,9 +252,29 @@ def test_fer_core_form_helpers_do_not_import_streamlit():
 
 
 @pytest.mark.parametrize("gpus, processes", [(0, 1), (1, 1), (4, 4)])
-def test_processes_per_machine_default_to_one_per_visible_gpu(monkeypatch, gpus, processes):
+def test_processes_per_machine_default_to_one_per_visible_gpu(monkeypatch, tmp_path, gpus, processes):
     import torch
 
+    from fer_core import config
+
+    driver = tmp_path / "nvidiactl"
+    driver.touch()
+    monkeypatch.setattr(config, "GPU_DEVICE_NODES", (str(tmp_path / "kfd"), str(driver)))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert TrainConfig().nproc_per_node == processes
     assert TrainConfig(nproc_per_node=2).nproc_per_node == 2
+
+
+def test_without_a_gpu_driver_on_linux_torch_is_not_asked(monkeypatch, tmp_path):
+    """No driver device node: one process, and no 4-second torch import to learn it."""
+    import torch
+
+    from fer_core import config
+
+    monkeypatch.setattr(config, "GPU_DEVICE_NODES", (str(tmp_path / "nvidiactl"), str(tmp_path / "kfd")))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: pytest.fail("torch was asked"))
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert TrainConfig().nproc_per_node == 1
+    monkeypatch.setattr(sys, "platform", "win32")  # no /dev there: torch is the one to ask
+    with pytest.raises(pytest.fail.Exception, match="torch was asked"):
+        TrainConfig()
