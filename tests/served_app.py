@@ -1,9 +1,11 @@
 """The app in its own Streamlit process on a free 127.0.0.1 port, and the Chromium that opens
-it: shared by the browser test and docs/screenshots.py (which shoots the real-model pictures)."""
+it: shared by the browser test, docs/screenshots.py (which shoots the real-model pictures) and
+bench/app_large_dataset.py."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -33,6 +35,13 @@ def free_port() -> int:
 def served_app(folders: dict[str, str], log: Path) -> Iterator[str]:
     """`streamlit run streamlit_app.py` with `folders` (FER_RUNS_DIR, ...) in its environment and
     its output in `log`; yields its URL once /_stcore/health answers, and stops it afterwards."""
+    with serving(folders, log) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serving(folders: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """served_app, yielding the server process too (bench/app_large_dataset.py reads its memory)."""
     port = free_port()
     env = {**os.environ, **folders, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as handle:
@@ -44,7 +53,7 @@ def served_app(folders: dict[str, str], log: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_health(url, server, log)
-        yield url
+        yield url, server
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)
@@ -54,6 +63,20 @@ def served_app(folders: dict[str, str], log: Path) -> Iterator[str]:
             server.wait()
         except ProcessLookupError:
             pass
+
+
+def stop_training_processes(runs_dir: Path) -> None:
+    """Kill the trainers and job runners the app started (each leads a session of its own)."""
+    for status_file in [*runs_dir.glob("*/*/*/*/status.json"), *runs_dir.glob("*/*/*/*/job.json")]:
+        try:
+            record = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("pid", "runner_pid", "trainer_pid"):
+            pid = record.get(key)
+            if isinstance(pid, int) and pid > 0:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 def wait_for_health(url: str, server: subprocess.Popen, log: Path) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import tempfile
 import time
 import urllib.parse
@@ -22,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from served_app import CHROMIUM, CHROMIUM_ARGS, FAKE_CAMERA_ARGS, ROOT, served_app
+from served_app import CHROMIUM, CHROMIUM_ARGS, FAKE_CAMERA_ARGS, ROOT, served_app, stop_training_processes
 
 # Chromium, a Streamlit server, and a model trained from the Train form
 pytestmark = [pytest.mark.browser, pytest.mark.subprocess, pytest.mark.train]
@@ -50,22 +49,6 @@ if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); browser test skipped",
                 allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-
-
-def stop_training_processes(runs_dir: Path) -> None:
-    """Kill any trainer/runner the test started through the app (each is its own session)."""
-    for status_file in runs_dir.glob("*/*/*/*/status.json"):
-        try:
-            status = json.loads(status_file.read_text())
-        except (OSError, ValueError):
-            continue
-        for key in ("pid", "runner_pid"):
-            pid = status.get(key)
-            if isinstance(pid, int) and pid > 0:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
 
 
 @contextlib.contextmanager
