@@ -205,20 +205,27 @@ from fer_core import doctor  # noqa: E402  (after the UI is up, as above)
 
 DOCTOR_FOR_KEY = "data_doctor_for"  # the source the doctor's report is shown for
 GROUPS_SHOWN = 4
+# Files shown of one group: on a large dataset a single group can hold 100,000s of look-alike
+# images (all of them are in the exclusion list and in `fer doctor DATA --json`).
+FILES_SHOWN = 12
 THUMBNAIL_PX = 96  # the 48x48 faces, doubled
 
 
 def draw_group(group: doctor.Group) -> None:
-    """One finding: its faces enlarged, then each file as plain text with what happens to it."""
+    """One finding: its first faces enlarged, then each of those files as plain text with what
+    happens to it, and how many more the group holds."""
     if group.indices:
-        st.image([dataset.images[i].numpy() for i in group.indices], width=THUMBNAIL_PX)
+        st.image([dataset.images[i].numpy() for i in group.indices[:FILES_SHOWN]], width=THUMBNAIL_PX)
     dropped = set(group.dropped)
     lines = []
-    for n, path in enumerate(group.paths):
+    for n, path in enumerate(group.paths[:FILES_SHOWN]):
         where = ", ".join(x for x in (group.labels[n] if group.labels else "", group.splits[n] if group.splits
                                       else "") if x)
         fate = "left out" if path in dropped else "kept"
         lines.append(f"{fate:8}  {path}" + (f"  ({where})" if where else ""))
+    if len(group.paths) > FILES_SHOWN:
+        lines.append(f"…and {len(group.paths) - FILES_SHOWN:,} more files in this group "
+                     f"({len(dropped):,} of the group's files left out)")
     if group.detail:
         lines.append(f"          {group.detail}")
     st.text("\n".join(lines))

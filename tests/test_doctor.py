@@ -348,6 +348,35 @@ def test_doctor_json_on_the_command_line(planted, cache, capsys):
 
 # ---- the Data and Train pages ----------------------------------------------------------
 
+def app_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, folder in (("FER_RUNS_DIR", "runs"), ("FER_CHECKPOINTS_DIR", "ckpt"), ("FER_DATA_HOME", "data_home"),
+                         ("FER_DEMO_DIR", "demo")):
+        monkeypatch.setenv(name, str(tmp_path / folder))
+
+
+def test_the_data_page_shows_the_first_files_of_a_large_group_and_counts_the_rest(tmp_path, cache, monkeypatch):
+    """On a large dataset one near-duplicate group can hold 100,000s of images: the page draws
+    the first FILES_SHOWN of a group, not a thumbnail per image."""
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    root = write_class_folders(tmp_path / "faces", {"angry": 6, "happy": 6}, seed=3)
+    copies = 20
+    for n in range(copies - 1):
+        (root / "happy" / f"copy_{n:02d}.png").write_bytes((root / "happy" / "happy_000.png").read_bytes())
+    app_folders(tmp_path, monkeypatch)
+    at = AppTest.from_file("../streamlit_app.py", default_timeout=120)
+    at.session_state["data_source"] = str(root)
+    at.switch_page("pages/data.py").run()
+    at.button(key="data_doctor_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = [t.value for t in at.text if "happy/copy_" in t.value or "happy/happy_000" in t.value]
+    assert len(shown) == 1, shown
+    assert len(shown[0].splitlines()) == 12 + 1 and "…and 8 more files in this group (19 of the group's files " \
+        "left out)" in shown[0]
+    assert len(at.image[-1].value) == 12  # the group's faces (the sample faces per class come first)
+
+
 def test_the_data_page_examines_shows_and_leaves_out_and_train_uses_it(planted, cache, tmp_path, monkeypatch):
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
@@ -356,9 +385,7 @@ def test_the_data_page_examines_shows_and_leaves_out_and_train_uses_it(planted, 
 
     from pages import _shared
 
-    for name, folder in (("FER_RUNS_DIR", "runs"), ("FER_CHECKPOINTS_DIR", "ckpt"), ("FER_DATA_HOME", "data_home"),
-                         ("FER_DEMO_DIR", "demo")):
-        monkeypatch.setenv(name, str(tmp_path / folder))
+    app_folders(tmp_path, monkeypatch)
     # as the app holds a dataset too large for its memory: in the store on disk
     monkeypatch.setattr(_shared, "APP_IN_MEMORY_BYTES", 0)
     examined = []
