@@ -349,22 +349,19 @@ def print_logs(work: Path) -> None:
 
 # ---- the report ---------------------------------------------------------------------------
 
-def megabytes(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
-
-
-def seconds(value: float | None) -> str:
+def whole(value: float | None) -> str:
+    """Megabytes or seconds, rounded, for the table ("-" when not measured)."""
     return "-" if value is None else f"{value:,.0f}"
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    rows = [f"| {r['images']:,} | {r.get('app', '?')} ({megabytes(r.get('app_store_mb'))} MB) "
-            f"| {r.get('trainer', '?')} ({megabytes(r.get('trainer_store_mb'))} MB) | {seconds(r['data_page_s'])} "
-            f"/ {seconds(r['data_page_idle_s'])} | {seconds(r['doctor_s'])} | {seconds(r['job_s'])} "
+    rows = [f"| {r['images']:,} | {r.get('app', '?')} ({whole(r.get('app_store_mb'))} MB) "
+            f"| {r.get('trainer', '?')} ({whole(r.get('trainer_store_mb'))} MB) | {whole(r['data_page_s'])} "
+            f"/ {whole(r['data_page_idle_s'])} | {whole(r['doctor_s'])} | {whole(r['job_s'])} "
             f"| {r['trained']:,} / {r['test']:,} | {r['test_accuracy']:.1%} "
-            f"| {megabytes(r['server_peak_after_data_page_mb'])} / {megabytes(r['server_peak_after_doctor_mb'])} "
-            f"/ **{megabytes(r['server_peak_rss_mb'])}** | {megabytes(r['trainer_epoch_peak_rss_mb'])} "
-            f"/ **{megabytes(r['trainer_peak_rss_mb'])}** |" for r in results]
+            f"| {whole(r['server_peak_after_data_page_mb'])} / {whole(r['server_peak_after_doctor_mb'])} "
+            f"/ **{whole(r['server_peak_rss_mb'])}** | {whole(r['trainer_epoch_peak_rss_mb'])} "
+            f"/ **{whole(r['trainer_peak_rss_mb'])}** |" for r in results]
     return "\n".join([
         "| images | app keeps (its 48 px grey store) | trainer keeps (its 64 px RGB store) "
         f"| data page s (overview / whole) | doctor s | job s (launch to finished) | trained / test faces "
@@ -392,7 +389,7 @@ def run(sizes: list[int], folder: Path, workers: int, options: Options) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 400000])
-    parser.add_argument("--keep", type=Path, default=Path("/work/bench_data/synth"),
+    parser.add_argument("--keep", type=Path, default=Path(tempfile.gettempdir()) / "fer_bench_synth",
                         help="where the synthetic images are generated (and reused)")
     parser.add_argument("--max-per-class", type=int, default=1500,
                         help="the form's Max training images per class: the same training work at every size")
