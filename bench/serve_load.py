@@ -16,7 +16,6 @@ import contextlib
 import io
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,17 +29,14 @@ import requests
 # bench/ is the script's folder, so it is on sys.path: reuse the latency benchmark's helpers
 from predict_latency import jpeg_bytes, make_checkpoint, percentile, portrait_640x480
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from served_app import free_port  # noqa: E402  (the servers' free 127.0.0.1 port, as the tests pick it)
+
 FER_TEST_DIR = Path("/work/shared/datasets/fer2013/test")
 STARTUP_TIMEOUT_S = 120.0
 
 
 # --------------------------------------------------------------------------- the server
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @contextlib.contextmanager
 def local_server(model: Path, server_args: list[str]) -> Iterator[str]:

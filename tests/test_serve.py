@@ -32,6 +32,7 @@ from fer_core import images, serve
 from fer_core.predict import NO_FACE_MESSAGE, Predictor
 from fer_core.serve import ServeSettings, create_app
 
+from served_app import free_port
 from test_predict import jpeg, save_checkpoint
 
 TOKEN = "s3cret-token"
@@ -400,14 +401,8 @@ def test_serve_says_where_it_serves_warns_when_public_and_hands_workers_their_se
 
 # --------------------------------------------------------------------------- a real server
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_real_server_process_answers_over_http(checkpoint: Path, grey_png: bytes) -> None:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, "-m", "fer_core.serve", str(checkpoint), "--port", str(port),
                                 "--max-body-mb", "1"],
