@@ -59,6 +59,22 @@ class OnnxClassifier:
         # exports from before the colour choice take grey faces on three ImageNet channels
         self.grey_as_rgb = GreyAsRGB() if inputs[0].shape[1] == 3 else None
 
+    def check_fits(self, num_classes: int, channels: int, size: int) -> None:
+        """Refuse, in words, a graph that does not take and give what its model card says (a
+        file from elsewhere, or a card edited by hand): otherwise every image would fail."""
+        _, in_channels, height, width = self.session.get_inputs()[0].shape
+        outputs = self.session.get_outputs()[0].shape
+        accepted = {channels, 3} if channels == 1 else {channels}  # grey exports of old took 3 channels
+        problems = []
+        if outputs and isinstance(outputs[-1], int) and outputs[-1] != num_classes:
+            problems.append(f"it gives {outputs[-1]} probabilities for the card's {num_classes} classes")
+        if isinstance(in_channels, int) and in_channels not in accepted:
+            problems.append(f"it takes {in_channels}-channel images, the card says {channels}")
+        if any(isinstance(side, int) and side != size for side in (height, width)):
+            problems.append(f"it takes {height}x{width} px images, the card says {size}")
+        if problems:
+            raise CheckpointError("the ONNX model does not match its model card: " + "; ".join(problems))
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if self.grey_as_rgb is not None and batch.shape[1] == 1:
             batch = self.grey_as_rgb(batch)

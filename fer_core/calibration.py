@@ -31,10 +31,10 @@ BINS = 15
 MIN_PROBABILITY = 1e-12  # log(0) guard: a stored probability may be rounded to 0
 LOG_TEMPERATURE_BOUNDS = (math.log(0.05), math.log(20.0))
 MORE_OFTEN_WRONG = 0.5
+"""Readings this sure were right less often than this on the validation split (the fitted rate)."""
 UNCERTAIN_RULE = "isotonic"
 """calibration.json's name for how `uncertain_threshold` chose the threshold; reports without
 it were chosen by the rule before it (the faces below the cut, taken together)."""
-"""Readings this sure were right less often than this on the validation split (the fitted rate)."""
 
 ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 
@@ -190,6 +190,7 @@ def calibration_report(calibration: Calibration, probabilities: np.ndarray, labe
 
 
 REPORT_NUMBERS = ("temperature", "uncertain_below", "ece_before", "ece_after", "nll_before", "nll_after")
+REPORT_COUNTS = ("images", "bins", "scored_images")
 
 
 def read_report(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -200,8 +201,8 @@ def read_report(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     report, problem = read_json_object(Path(path))
     if problem or report is None:
         return None, problem
-    bad = [key for key in REPORT_NUMBERS if not isinstance(report.get(key), (int, float))
-           or isinstance(report.get(key), bool) or not math.isfinite(report[key])]
+    bad = [key for key in REPORT_NUMBERS if not _is_number(report.get(key))]
+    bad += [key for key in REPORT_COUNTS if key in report and not _is_count(report[key])]
     for key in ("bins_before", "bins_after"):
         bins = report.get(key)
         if not isinstance(bins, list) or not all(_valid_bin(row) for row in bins):
@@ -216,7 +217,18 @@ def _valid_bin(row: Any) -> bool:
         return False
     numbers = [row.get(key) for key in ("lower", "upper")] + \
         ([row.get("confidence"), row.get("accuracy")] if row["count"] else [])
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers)
+    return all(_is_number(v) for v in numbers)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float; an integer too large for a float is not (math.isfinite would raise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _checked(probabilities: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -261,10 +273,11 @@ def calibrate_run(run_dir: Path, *, checkpoints_dir: Path | None = None) -> dict
     from .image_format import ImageFormat
     from .inference import probabilities as model_probabilities
     from .models import load_checkpoint, model_from_checkpoint
-    from .runs import RunLayout
+    from .runs import RunLayout, refuse_while_training
     from .store import select_rows
 
     layout = RunLayout(Path(run_dir))
+    refuse_while_training(layout.path, "calibrated")  # its trainer replaces best.pt and calibrates at the end
     checkpoint = load_checkpoint(layout.best_checkpoint)
     config = checkpoint["config"]
     if not layout.split_file.is_file():

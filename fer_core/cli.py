@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .config import CONFIG_FIELDS, LAUNCH_FIELDS, PRESETS, ConfigField, require_dataset
+from .config import CONFIG_FIELDS, LAUNCH_FIELDS, PRESETS, ConfigField, require_dataset, require_new_run_inputs
 from .errors import ConfigError, FerError
 
 if TYPE_CHECKING:
@@ -269,7 +269,12 @@ def train_command(args: argparse.Namespace) -> int:
     else:
         # before the progress bar, so a bad value is one line and nothing is created
         config = config_from_args(args)
-    require_dataset(config.data)
+    if args.resume or args.run_dir:
+        refuse_a_second_trainer(Path(args.resume or args.run_dir))
+    if args.resume:
+        require_dataset(config.data)
+    else:
+        require_new_run_inputs(config)
     if distributed.needs_launcher(config):
         return launch_command(args, config)
     from .train import fit, resume  # after the config: a refused value need not wait for the trainer
@@ -285,7 +290,8 @@ def train_command(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
         if not distributed.under_torchrun():  # the launcher moves the queue on for its ranks
-            _start_next_job(Path(args.run_dir or args.resume or "."))
+            given = args.run_dir or args.resume
+            _start_next_job(Path(given) if given else None, config)
     return 0 if worker_of_many else _report_run(run_dir)
 
 
@@ -298,6 +304,22 @@ def _report_run(run_dir: Path) -> int:
         print(f"run {run.status.state}" + (f": {run.status.error}" if run.status.error else ""))
     print(run_dir)
     return 0 if run.status.state in ("completed", "cancelled") else 1
+
+
+def refuse_a_second_trainer(run_dir: Path) -> None:
+    """One trainer per run folder: a queued or running run is trained by its job (or by the
+    terminal that started it), never also by a second `train --resume/--run-dir`."""
+    from . import distributed, runs
+    if distributed.under_torchrun():
+        return  # a rank of a launch that passed this check
+    status, _ = runs.run_status(run_dir)
+    if not status.active:
+        return
+    job, _ = runs.read_record(run_dir / runs.JOB_FILE, runs.JobRecord)
+    if job is not None and job.runner_pid == os.getppid():
+        return  # the job's own trainer, started by its runner
+    raise ConfigError(f"{run_dir} is {status.state}: it already has a trainer (or is queued for one). "
+                      "Cancel it first (Train page, or wait for it to end), then resume it")
 
 
 def resumed_config(run_dir: Path, launch: dict[str, Any]) -> "TrainConfig":
@@ -322,7 +344,7 @@ def launch_command(args: argparse.Namespace, config: "TrainConfig") -> int:
     try:
         failure = run_processes(config, worker_arguments(args, run_dir, config), run_dir)
     finally:
-        _start_next_job(Path(args.run_dir or args.resume or "."))
+        _start_next_job(run_dir, config)
     if run_dir is None or config.node_rank != 0:  # another machine: machine 0 has the run folder
         print(failure or "this machine's training processes finished")
         return 1 if failure else 0
@@ -370,15 +392,16 @@ def sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_next_job(run_dir: Path) -> None:
-    """A trainer started as a background job hands its slot on when it ends, so the queue
-    moves even if its runner was killed (and with no browser open)."""
+def _start_next_job(run_dir: Path | None, config: "TrainConfig") -> None:
+    """A trainer hands its slot on when it ends (`jobs.hand_on_slot`): one started as a job, so
+    the queue moves even if its runner was killed, and one started from a terminal, which the
+    queue counts as running too."""
     from . import jobs, runs
-    if (run_dir / runs.JOB_FILE).is_file():
-        try:
-            jobs.pump_queue(runs.RunLayout.of(run_dir).runs_dir)
-        except (FerError, OSError) as exc:  # the run itself is recorded; say why the queue waits
-            logging.getLogger("fer_core.jobs").warning("could not start the next queued job: %s", exc)
+    try:
+        runs_dir = runs.RunLayout.of(run_dir).runs_dir if run_dir is not None else Path(config.runs_dir)
+    except FerError:
+        return
+    jobs.hand_on_slot(runs_dir)
 
 
 class _TqdmProgress:

@@ -37,6 +37,16 @@ def require_dataset(spec: str) -> None:
         raise DataError(f"dataset not found: {Path(spec).expanduser()}")
 
 
+def require_new_run_inputs(config: "TrainConfig") -> None:
+    """`require_dataset`, and the other files a new run reads (a resume reads neither: its split
+    and weights are its own): the exclusion list and a local weights file. Refused before a run
+    folder is made, not after it."""
+    require_dataset(config.data)
+    for noun, value in (("exclusion list", config.exclude), ("weights file", config.weights)):
+        if value and not Path(value).expanduser().is_file():
+            raise DataError(f"{noun} not found: {Path(value).expanduser()}")
+
+
 def visible_gpu_count() -> int:
     """One training process per visible GPU by default; 1 on a machine without CUDA."""
     if sys.platform.startswith("linux") and not any(os.path.exists(node) for node in GPU_DEVICE_NODES):
@@ -78,7 +88,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                 amp=True, pretrained=False, patience=0),
     "reference": dict(mode="head_only", stem="imagenet", img_size=224, epochs=5, batch_size=64,
                       optimizer="adamw", lr=1e-3, weight_decay=0.0, scheduler="none",
-                      augment=False, label_smoothing=0.0, val_fraction=0.0, pretrained=True),
+                      augment=False, label_smoothing=0.0, val_fraction=0.0, pretrained=True,
+                      nproc_per_node=1),  # cached features train in one process, whatever the GPUs
 }
 
 PRESET_DESCRIPTIONS: dict[str, str] = {

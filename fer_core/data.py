@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -309,7 +310,10 @@ def _cache_key(files: list[Path], image_format: ImageFormat) -> str:
     for f in files:
         try:
             st = f.stat()
-            digest.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            # ctime too: a `chmod` that makes an unreadable file readable, or a copy that keeps
+            # size and mtime (`cp -p`), changes only it, and the store must not keep the old verdict
+            digest.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode(
+                "utf-8", "surrogateescape"))
         except OSError:
             digest.update(f"{f}\0missing\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:32]
@@ -332,7 +336,8 @@ def _decode_cached(files: list[Path], decoding: _Decoding
         log.warning("cannot keep decoded images in %s (%s); using the temporary folder", cache_dir, exc)
         result = store(Path(tempfile.gettempdir()) / f"fer-{name}")
     for stale in cache_dir.glob("images-*.pt"):  # the whole-tensor caches from before the store
-        stale.unlink(missing_ok=True)
+        with suppress(OSError):  # a read-only cache folder (the store went to the temporary folder)
+            stale.unlink(missing_ok=True)
     bad = [{"path": display_path(files[index]), "reason": reason} for index, reason in result.bad]
     return result.images, [str(files[index]) for index in result.kept], bad
 
@@ -496,7 +501,8 @@ def write_split_manifest(path: Path, dataset: Dataset, splits: np.ndarray) -> No
     writer = csv.writer(buffer)
     writer.writerow(["path", "label", "split"])
     for p, label, split in zip(dataset.paths, dataset.labels.tolist(), splits):
-        writer.writerow([display_path(Path(p)), dataset.classes[label], split])
+        # a class is a folder name too, and may not be valid UTF-8 (a zip made on Windows)
+        writer.writerow([display_path(Path(p)), display_path(dataset.classes[label]), split])
     atomic_write_text(path, buffer.getvalue())
 
 

@@ -7,18 +7,20 @@ missing, so credentials are checked first and the package is imported only when 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
 from . import settings
 from .errors import FerError
+from .runs import atomic_write_text
 
 DEFAULT_DATASET = "msambare/fer2013"
 CREDENTIALS_HELP = ("Kaggle credentials not found. Either create an API token at "
                     "https://www.kaggle.com/settings (API -> Create New Token) and save it as "
                     "~/.kaggle/access_token (or the legacy ~/.kaggle/kaggle.json), or set the "
                     "environment variable KAGGLE_API_TOKEN (or KAGGLE_USERNAME and KAGGLE_KEY); "
-                    "KAGGLE_CONFIG_DIR points to another folder holding those files.")
+                    "KAGGLE_CONFIG_DIR points to another folder holding kaggle.json.")
 
 
 def default_data_home() -> Path:
@@ -26,16 +28,30 @@ def default_data_home() -> Path:
 
 
 def find_credentials() -> str | None:
-    """Describe where Kaggle credentials were found, or None."""
+    """Where the kaggle package will find credentials, in its own order, or None: the
+    KAGGLE_API_TOKEN or KAGGLE_USERNAME/KAGGLE_KEY variables, an access token in ~/.kaggle (the
+    only folder kagglesdk reads it from), then kaggle.json in kaggle's config folder."""
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
         return "KAGGLE_USERNAME/KAGGLE_KEY"
-    folder = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
-    for name in ("access_token", "kaggle.json"):
-        if (folder / name).is_file():
-            return str(folder / name)
-    return None
+    for name in ("access_token", "access_token.txt"):
+        token = Path.home() / ".kaggle" / name
+        if token.is_file():
+            return str(token)
+    legacy = kaggle_config_dir() / "kaggle.json"
+    return str(legacy) if legacy.is_file() else None
+
+
+def kaggle_config_dir() -> Path:
+    """kaggle's folder for kaggle.json: $KAGGLE_CONFIG_DIR, else ~/.kaggle, else (on Linux, when
+    ~/.kaggle does not exist) $XDG_CONFIG_HOME/kaggle or ~/.config/kaggle."""
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return Path(os.environ["KAGGLE_CONFIG_DIR"]).expanduser()
+    folder = Path.home() / ".kaggle"
+    if sys.platform.startswith("linux") and not folder.exists():
+        return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"
+    return folder
 
 
 def dataset_dest(slug: str, dest: Path | None = None) -> Path:
@@ -75,6 +91,6 @@ def download_dataset(slug: str = DEFAULT_DATASET, dest: Path | None = None,
     except Exception as exc:
         raise FerError(f"Kaggle download of {slug} failed: {type(exc).__name__}: "
                        f"{str(exc).splitlines()[0] if str(exc) else ''} (no network?)") from exc
-    (folder / ".download-complete").write_text(slug + "\n")
+    atomic_write_text(folder / ".download-complete", slug + "\n")
     log(f"done: {folder}")
     return folder

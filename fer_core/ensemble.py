@@ -154,7 +154,13 @@ def create_ensemble(run_dirs: Sequence[Path | str], name: str, *, runs_dir: Path
     except BaseException as exc:
         status.finish("failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
-    status.finish("completed")
+    else:
+        # recorded as a trained run's is: Runs offers its download and export, and archiving or
+        # deleting the ensemble withdraws it from Predict
+        status.finish("completed", published_checkpoint=str(layout.published_checkpoint(published_dir)))
+    finally:
+        from .jobs import hand_on_slot
+        hand_on_slot(runs_root)  # the queue counted the ensemble as a running run
     return layout.path
 
 

@@ -86,8 +86,8 @@ def measure_speed(config: TrainConfig, *, steps: int = TIMED_STEPS, folder: Path
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     image_format = ImageFormat.of(config)
     previous_threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    # the trainer's threads, not this process's: the app itself computes on one thread
+    torch.set_num_threads(config.num_threads or trainer_default_threads())
     try:
         model, _, _ = build_model(7, config.mode, config.stem, pretrained=False, in_channels=image_format.channels)
         model = model.to(device, memory_format=torch.channels_last)
@@ -122,6 +122,18 @@ def measure_speed(config: TrainConfig, *, steps: int = TIMED_STEPS, folder: Path
     speeds[speed_key(config)] = asdict(speed)
     atomic_write_json(_speed_file(folder), speeds)
     return speed
+
+
+def trainer_default_threads() -> int:
+    """The threads a trainer started with "all cores" (num_threads 0) computes with: torch's
+    default in a fresh process, OMP_NUM_THREADS or the cores this process may use."""
+    with suppress(ValueError):
+        if int(os.environ.get("OMP_NUM_THREADS", "")) > 0:
+            return int(os.environ["OMP_NUM_THREADS"])
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _timed(step: Any, steps: int, device: torch.device) -> float:

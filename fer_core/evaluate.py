@@ -136,6 +136,10 @@ def evaluate_run(run_dir: Path, data: str | None = None) -> dict[str, Any]:
     from .data import load_dataset, read_split_manifest
     from .errors import FerError
     from .models import load_checkpoint, model_from_checkpoint
+    from .runs import refuse_while_training
+
+    if not data:  # its trainer writes the run's own evaluation.json (and replaces best.pt)
+        refuse_while_training(Path(run_dir), "evaluated on its test split")
 
     if data and data != "demo":  # recorded and named by the folder itself, not how it was typed
         data = str(Path(data).expanduser().resolve())

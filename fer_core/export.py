@@ -29,7 +29,8 @@ from .calibration import Calibration
 from .errors import CheckpointError, FerError
 from .image_format import DEFAULT_FORMAT, ImageFormat
 from .models import load_checkpoint, model_from_checkpoint
-from .runs import CHECKPOINT_DIR, RunLayout, atomic_write_bytes, atomic_write_json, read_json
+from .runs import (CHECKPOINT_DIR, RunLayout, atomic_write_bytes, atomic_write_json, evaluation_problem,
+                   read_json_object)
 from .transforms import channel_statistics
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,14 @@ def load_exportable(source: Path) -> tuple[dict[str, Any], str | None]:
             raise FerError(f"{source} has no best model yet ({CHECKPOINT_DIR}/best.pt): "
                            "export a run once it has finished an epoch")
         checkpoint = load_checkpoint(layout.best_checkpoint)
-        evaluation = read_json(layout.evaluation_file())
-        if isinstance(evaluation, dict):
+        # a run stopped before its test evaluation (or with a damaged one) exports without scores
+        evaluation, problem = read_json_object(layout.evaluation_file())
+        if evaluation is not None and not problem and evaluation_problem(evaluation) is None:
             checkpoint["evaluation"] = evaluation
         return checkpoint, layout.id
     checkpoint = load_checkpoint(source)
+    from .predict import describe_checkpoint  # its checks, before the card reads the same fields
+    describe_checkpoint(checkpoint)
     run_dir = checkpoint.get("run_dir")
     run_id = None
     if isinstance(run_dir, str):
@@ -186,8 +190,8 @@ def export_model(source: str | Path, fmt: str = "onnx", out: str | Path | None =
     if not source.exists():
         raise FerError(f"nothing to export at {source}: give a run folder or a .pt checkpoint")
     checkpoint, run_id = load_exportable(source)
+    network = exportable_network(checkpoint)  # first: a checkpoint from elsewhere is refused in words
     card = _card(checkpoint, run_id, fmt, source)
-    network = exportable_network(checkpoint)
     target = Path(out) if out is not None else default_output(source, fmt)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = _onnx_bytes(network, card) if fmt == "onnx" else _torchscript_bytes(network, card)
@@ -302,7 +306,7 @@ def read_card(model_path: str | Path) -> ModelCard:
     path = Path(model_path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         import onnx
         try:
             model = onnx.load(str(path), load_external_data=False)

@@ -59,6 +59,11 @@ _MAGIC = tuple(_SIGNATURES)
 
 # --------------------------------------------------------------------------- entry point
 
+class PixelBudgetSpent(ImageInputError):
+    """An image refused because the request it came in had already decoded its allowance: it is
+    not at fault itself (alone, or in a smaller request, it is decoded)."""
+
+
 class PixelBudget:
     """Decoded pixels left to one request; each image spends its (decoded) size before it is
     decoded, and an image that does not fit is refused without decoding it."""
@@ -68,7 +73,7 @@ class PixelBudget:
 
     def spend(self, pixels: int, name: str) -> None:
         if self.spent + pixels > self.limit:
-            raise ImageInputError(
+            raise PixelBudgetSpent(
                 f"{name} was not decoded: this request already decoded {self.spent / 1e6:.0f} of its "
                 f"{self.limit / 1e6:.0f} megapixels, and it needs {pixels / 1e6:.0f} more. "
                 "Send fewer or smaller images at a time.")
@@ -76,14 +81,16 @@ class PixelBudget:
 
 
 def load_image(source: ImageSource, *, allow_private_urls: bool = False,
-               reduce_to: int | None = None, budget: PixelBudget | None = None) -> Image.Image:
+               reduce_to: int | None = None, budget: PixelBudget | None = None,
+               fetch_timeout: float = DEFAULT_TOTAL_TIMEOUT) -> Image.Image:
     """Return `source` as an upright RGB image, or raise ImageInputError saying why not.
 
     `source` is raw bytes, a PIL image, a path, or a string: http(s) URLs are fetched, any other
     scheme is refused, a string without a scheme is a path. With `reduce_to`, large JPEGs decode
     at 1/2, 1/4 or 1/8 scale (much faster) while the longest side stays >= `reduce_to`;
     `image.info["original_size"]` always holds the full upright size. With `budget`, the
-    decoded pixels are spent from it first (`PixelBudget`: a cap per request).
+    decoded pixels are spent from it first (`PixelBudget`: a cap per request). A URL's whole
+    fetch takes at most `fetch_timeout` seconds.
     """
     if isinstance(source, Image.Image):
         with _pillow_warnings():
@@ -93,7 +100,8 @@ def load_image(source: ImageSource, *, allow_private_urls: bool = False,
     if isinstance(source, str):
         text = source.strip()
         if is_url(text):
-            return decode_image_bytes(fetch_image_bytes(text, allow_private=allow_private_urls),
+            return decode_image_bytes(fetch_image_bytes(text, allow_private=allow_private_urls,
+                                                        total_timeout=fetch_timeout),
                                       name=_short(text), reduce_to=reduce_to, budget=budget)
         _refuse_other_schemes(text)
         return decode_image_bytes(read_image_file(Path(source)), name=Path(source).name,

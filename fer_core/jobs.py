@@ -78,9 +78,12 @@ def launch(config: "TrainConfig", *, max_concurrent: int = 1) -> Path:
     Relative paths in the config are resolved against the caller's working directory (the
     trainer runs from the project root). Raises ConfigError before anything is written.
     """
+    from .config import require_new_run_inputs
+
     _check_max_concurrent(max_concurrent)
     config = with_absolute_paths(config)
     config.validate()
+    require_new_run_inputs(config)
     runs_dir = Path(config.runs_dir)
     with _queue_lock(runs_dir):
         layout = RunLayout.create(runs_dir, config.experiment, config.mode)
@@ -132,6 +135,21 @@ def pump_queue(runs_dir: Path, *, max_concurrent: int | None = None) -> list[Pat
         _check_max_concurrent(max_concurrent)
     with _queue_lock(Path(runs_dir)):
         return _pump_locked(Path(runs_dir), max_concurrent)
+
+
+def hand_on_slot(runs_dir: Path) -> None:
+    """Called by every process the queue counts as a running run (a job's trainer, a training
+    started from a terminal, an ensemble being built) as it ends: the oldest queued job starts
+    if a slot is now free, even with no runner and no browser left to do it. A runs folder in
+    which no job was ever queued has no lock file and nothing to start."""
+    runs_dir = Path(runs_dir)
+    if not (runs_dir / LOCK_FILE).is_file():
+        return
+    try:
+        pump_queue(runs_dir)
+    except (FerError, OSError) as exc:  # the run itself is recorded; say why the queue waits
+        import logging
+        logging.getLogger("fer_core.jobs").warning("could not start the next queued job: %s", exc)
 
 
 def active_runs(runs_dir: Path) -> list[RunInfo]:
@@ -191,8 +209,15 @@ def _pump_locked(runs_dir: Path, max_concurrent: int | None) -> list[Path]:
 
 
 def _start_runner(layout: RunLayout) -> None:
-    """Spawn the runner for a queued job and record it (the caller holds the lock)."""
-    pid = spawn_detached(["-m", "fer_core.jobs", "run", str(layout.path.resolve())], layout.log_file)
+    """Spawn the runner for a queued job and record it (the caller holds the lock). If it cannot
+    be spawned the job ends failed, saying why, rather than waiting in the queue to start on
+    some later pump after the caller was told that nothing started."""
+    try:
+        pid = spawn_detached(["-m", "fer_core.jobs", "run", str(layout.path.resolve())], layout.log_file)
+    except OSError as exc:
+        _update_job(layout, outcome="failed", outcome_error=f"could not start its runner: {exc}",
+                    ended_at=time.time())
+        raise
     _update_job(layout, runner_pid=pid, runner_started_at=time.time())
 
 
@@ -219,11 +244,17 @@ def _check_resumable(layout: RunLayout, epochs: int | None) -> runs.RunStatus:
         raise ConfigError(f"epochs must be a whole number of at least 1 (got {epochs})")
     trained = max((int(row.get("epoch", 0)) for row in runs.read_metrics(layout.path)[0]), default=0)
     config, _ = runs.read_json_object(layout.config_file)
-    planned = (config or {}).get("epochs")
+    planned = status.epochs or (config or {}).get("epochs")  # the latest attempt's total first
     target = epochs or (planned if isinstance(planned, int) else 0)
     if target < trained or (status.state == "completed" and target == trained):
         raise FerError(f"cannot resume {layout.id}: it has trained {trained} epochs; "
                        f"ask for more than {trained}")
+    if config is not None and epochs is not None:  # what the trainer would refuse, refused before it is queued
+        from .config import TrainConfig
+        try:
+            TrainConfig.from_dict({**config, "epochs": epochs}).validate()
+        except TypeError as exc:
+            raise FerError(f"cannot resume {layout.id}: its config.json does not hold together ({exc})") from exc
     return status
 
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .backends import BACKENDS, Classifier, OnnxClassifier, TorchClassifier
 from .calibration import Calibration, apply_temperature
 from .errors import CheckpointError, FerError
 from .faces import DETECTORS, FaceBox, crop_face, detect_faces
-from .images import ImageSource, PixelBudget, load_image
+from .images import DEFAULT_TOTAL_TIMEOUT, ImageSource, PixelBudget, load_image
 from .image_format import DEFAULT_FORMAT, ImageFormat
 from .inference import averaged_probabilities
 from .models import load_checkpoint, model_from_checkpoint
@@ -40,6 +41,8 @@ on FER2013 test images pasted into larger canvases the box covers a median 0.98 
 48 px image, centred, and our crop correlates with the stored image 0.56 at margin 0, 0.38 at
 0.1 and 0.24 at 0.2 (145 faces). A wider crop shows the model smaller faces than it learnt."""
 NO_FACE_MESSAGE = "no face found: classified the whole image"
+MAX_FACES = 64
+"""Faces classified per image at most, the largest first (the rest are counted in the message)."""
 MAX_BATCH = 256
 DEFAULT_UNCERTAIN_BELOW = 0.4
 """Where an uncalibrated model flags a face uncertain (a calibrated one brings its own threshold)."""
@@ -151,6 +154,7 @@ class Predictor:
         from .export import read_card
         card = read_card(path)
         classifier = OnnxClassifier(path, num_threads=num_threads)
+        classifier.check_fits(len(card.classes), card.image_format.channels, card.input_size)
         info = {"classes": list(card.classes), "num_classes": len(card.classes), "img_size": card.input_size,
                 "stem": card.stem, "amp": False, "tta": card.tta, "accuracy": card.test_accuracy,
                 "macro_f1": card.macro_f1, "run_dir": None, "run_id": card.run_id, "path": str(path)}
@@ -191,22 +195,25 @@ class Predictor:
 
     def predict(self, source: ImageSource, *, top_k: int = 3, min_face_size: int = 24,
                 uncertain_below: float | None = None, allow_private_urls: bool = False,
-                detector: str = "auto", pixel_budget: PixelBudget | None = None) -> PredictionResult:
+                detector: str = "auto", pixel_budget: PixelBudget | None = None,
+                fetch_timeout: float = DEFAULT_TOTAL_TIMEOUT) -> PredictionResult:
         """Find the faces in `source` and classify each; the whole image when none is found.
         `uncertain_below` None: the model's own threshold (`self.uncertain_below`).
-        `pixel_budget`: the decoded pixels left to the request this image belongs to."""
+        `pixel_budget`: the decoded pixels left to the request this image belongs to.
+        `fetch_timeout`: the most seconds a URL's download may take."""
         if uncertain_below is None:
             uncertain_below = self.uncertain_below
         _check_options(top_k, uncertain_below)
         timings: dict[str, float] = {}
         with _timed(timings, "load"):
             image = load_image(source, allow_private_urls=allow_private_urls,
-                               reduce_to=DECODE_SIDE, budget=pixel_budget)
+                               reduce_to=DECODE_SIDE, budget=pixel_budget, fetch_timeout=fetch_timeout)
         original = image.info.get("original_size", image.size)
         scale = image.width / original[0]  # < 1 when the JPEG was decoded at reduced scale
         with _timed(timings, "detect"):
-            boxes = detect_faces(image, min_face_size=max(1, round(min_face_size * scale)),
+            found = detect_faces(image, min_face_size=max(1, round(min_face_size * scale)),
                                  detector=detector)
+        boxes = found[:MAX_FACES]  # largest first: a crowd photo cannot make one request classify thousands
         with _timed(timings, "crop"):
             crops = self.face_crops(image, boxes, self.image_format)
         with _timed(timings, "classify"):
@@ -214,21 +221,28 @@ class Predictor:
         shown = [_to_original(box, image.size, original) for box in boxes]
         faces = self._face_predictions(shown or [None], crops, probs, top_k, uncertain_below)
         return PredictionResult(source=_describe_source(source), faces=faces,
-                                face_found=bool(boxes), message=_found_message(len(boxes)),
+                                face_found=bool(boxes), message=_found_message(len(found)),
                                 image_size=original, timings_ms=timings)
 
-    def predict_many(self, sources: Sequence[ImageSource], **options: Any) -> list[PredictionResult]:
+    def predict_many(self, sources: Sequence[ImageSource], *, deadline: float | None = None,
+                     **options: Any) -> list[PredictionResult]:
         """`predict` for each source; a source that fails gives a result with `error` set.
         The sources share one `PixelBudget` (a new one per call unless `pixel_budget` is given):
-        once it is spent, further images are refused without being decoded."""
+        once it is spent, further images are refused without being decoded. With `deadline` (a
+        `time.monotonic()` instant: a service's request timeout), no download runs past it and
+        the sources not begun by then are refused, so a request its client was already told had
+        timed out does not keep a prediction thread busy for minutes."""
         results = []
         options.setdefault("pixel_budget", PixelBudget())
         for source in sources:
+            left = None if deadline is None else deadline - time.monotonic()
             try:
-                results.append(self.predict(source, **options))
+                if left is not None and left <= 0:
+                    raise FerError("not analysed: the request ran out of time before this image")
+                fetch_timeout = DEFAULT_TOTAL_TIMEOUT if left is None else min(DEFAULT_TOTAL_TIMEOUT, left)
+                results.append(self.predict(source, fetch_timeout=fetch_timeout, **options))
             except FerError as exc:
-                results.append(PredictionResult(source=_describe_source(source), faces=[],
-                                                face_found=False, message=str(exc), error=str(exc)))
+                results.append(failed_result(source, exc))
         return results
 
     # ------------------------------------------------------------------ building blocks
@@ -275,16 +289,42 @@ class Predictor:
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
-        """Use `num_threads` for this forward only: torch's setting is process-wide."""
+        """Use `num_threads` for this forward only (`TORCH_THREADS`: the setting is process-wide)."""
         if not self.num_threads:
             yield
             return
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.num_threads)
+        with TORCH_THREADS.use(self.num_threads):
+            yield
+
+
+class ThreadSetting:
+    """torch's thread count is process-wide, and forwards overlap (the app's sessions share one
+    Predictor): the count in force before the first of overlapping forwards is restored when the
+    last of them ends. Saving and restoring around each one alone could leave the process at a
+    forward's count for good (A saves 2 and sets 1, B saves 1, A restores 2, B restores 1)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before = 0
+
+    @contextlib.contextmanager
+    def use(self, num_threads: int) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._before = torch.get_num_threads()
+            self._users += 1
+            torch.set_num_threads(num_threads)
         try:
             yield
         finally:
-            torch.set_num_threads(previous)
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    torch.set_num_threads(self._before)
+
+
+TORCH_THREADS = ThreadSetting()
 
 
 def _to_original(box: FaceBox, decoded: tuple[int, int], original: tuple[int, int]) -> FaceBox:
@@ -309,9 +349,17 @@ def _check_options(top_k: int, uncertain_below: float) -> None:
         raise ValueError(f"uncertain_below must be within [0, 1], got {uncertain_below}")
 
 
+def failed_result(source: ImageSource, exc: FerError) -> PredictionResult:
+    """The result for an image that could not be analysed: no faces, and why."""
+    return PredictionResult(source=_describe_source(source), faces=[], face_found=False,
+                            message=str(exc), error=str(exc))
+
+
 def _found_message(count: int) -> str:
     if count == 0:
         return NO_FACE_MESSAGE
+    if count > MAX_FACES:
+        return f"{count} faces found; the {MAX_FACES} largest are shown"
     return f"{count} face{'s' if count != 1 else ''} found"
 
 

@@ -36,13 +36,15 @@ def _checked(run_dir: Path, runs_dir: Path) -> tuple[Path, Path]:
     return run_dir, runs_dir
 
 
-def _remove_published_checkpoint(run_dir: Path) -> None:
-    """The run's published best model goes with the run, so it is no longer offered for prediction."""
+def _published_checkpoint(run_dir: Path) -> Path | None:
+    """The run's published best model, which goes with the run so that it is no longer offered
+    for prediction. Withdrawn only once the run is moved or deleted: a failed removal keeps it."""
     status, _ = runs.run_status(run_dir)
     if status.published_checkpoint:
         published = Path(status.published_checkpoint)
         if published.name == runs.RunLayout(run_dir).published_checkpoint(published.parent).name:
-            published.unlink(missing_ok=True)
+            return published
+    return None
 
 
 def _prune_empty_parents(path: Path, stop: Path) -> None:
@@ -59,8 +61,10 @@ def _prune_empty_parents(path: Path, stop: Path) -> None:
 def delete_run(run_dir: Path, runs_dir: Path) -> None:
     """Delete a finished run's folder and its published checkpoint for good."""
     run_dir, runs_dir = _checked(run_dir, runs_dir)
-    _remove_published_checkpoint(run_dir)
+    published = _published_checkpoint(run_dir)
     shutil.rmtree(run_dir)
+    if published is not None:
+        published.unlink(missing_ok=True)
     _prune_empty_parents(run_dir, runs_dir)
 
 
@@ -68,7 +72,7 @@ def archive_run(run_dir: Path, runs_dir: Path) -> Path:
     """Move a finished run under <runs_dir>/.archive/ and return its new folder; its published
     checkpoint is removed (the archived folder keeps best.pt)."""
     run_dir, runs_dir = _checked(run_dir, runs_dir)
-    _remove_published_checkpoint(run_dir)  # its best.pt stays in the archived folder
+    published = _published_checkpoint(run_dir)  # its best.pt stays in the archived folder
     target = runs_dir / ARCHIVE_DIR / run_dir.relative_to(runs_dir)
     candidate, attempt = target, 1
     while candidate.exists():
@@ -76,6 +80,8 @@ def archive_run(run_dir: Path, runs_dir: Path) -> Path:
         attempt += 1
     candidate.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(run_dir), str(candidate))
+    if published is not None:
+        published.unlink(missing_ok=True)
     _prune_empty_parents(run_dir, runs_dir)
     return candidate
 

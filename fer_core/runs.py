@@ -520,6 +520,14 @@ def cancel_request(layout: "RunLayout") -> tuple[float, float] | None:
     return at, float(grace) if _valid("float", grace) and grace is not None else 10.0
 
 
+def refuse_while_training(run_dir: Path, what: str) -> None:
+    """A FerError when the run is queued or running: its trainer is the writer of what the
+    command would rewrite."""
+    status, _ = run_status(run_dir)
+    if status.active:
+        raise FerError(f"{run_dir} is {status.state}: it can be {what} once its training has ended")
+
+
 def run_status(run_dir: Path | "RunLayout") -> tuple[RunStatus, list[str]]:
     """The run's state and progress, from job.json, status.json, the cancel request and whether
     the recorded processes live; plus any problems with those files. Never writes, never raises."""
@@ -731,7 +739,8 @@ class RunInfo:
 # The keys of config.json and evaluation.json the app relies on, and their kinds.
 _CONFIG_KINDS = {"data": "str", "experiment": "str", "mode": "str", "epochs": "int", "img_size": "int",
                  "batch_size": "int", "lr": "float", "preset": "str", "synthetic_data": "bool",
-                 "selection_split": "str", "weights_source": "str", "num_test": "int"}
+                 "selection_split": "str", "weights_source": "str", "num_test": "int",
+                 "world_size": "int", "nnodes": "int"}
 _METRIC_KINDS = {"epoch": "int", "train_loss": "number", "train_acc": "number", "val_loss": "number",
                  "val_acc": "number", "lr": "number", "seconds": "number", "images_per_second": "number"}
 
@@ -795,7 +804,11 @@ def load_run(run_dir: Path | RunLayout) -> RunInfo:
                             and (k != "classes" or classes_ok)})
     info.status, problems = run_status(layout)
     info.problems += problems
-    info.metrics, bad_lines = read_metrics(layout.path)
+    try:
+        info.metrics, bad_lines = read_metrics(layout.path)
+    except OSError as exc:  # e.g. unreadable: the run is still listed, with what is wrong
+        info.problems.append(f"{METRICS_FILE} cannot be read ({exc.strerror or exc})")
+        bad_lines = 0
     if bad_lines:
         info.problems.append(f"{METRICS_FILE} has {bad_lines} unreadable line(s)")
     evaluation, problem = read_json_object(layout.evaluation_file())

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ DEFAULT_MAX_FILES = 16
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 1
+BODY_TIMEOUT_S = 30.0
+"""The most seconds a request's body may take to arrive: a client trickling a byte now and then
+would otherwise hold one of the few admission slots for as long as it likes."""
 MAX_URL_LENGTH = 2048
 MAX_MIN_FACE_SIZE = 10_000
 PREDICT_PATHS = frozenset({"/predict", "/predict/url"})
@@ -178,15 +182,23 @@ class RequestGuard:
         return None
 
     def _capped(self, receive: Receive) -> Receive:
-        limit, received = self.settings.max_body_bytes, 0
+        limit, received, body_done = self.settings.max_body_bytes, 0, False
+        deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
 
         async def capped_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body only a disconnect can come; waiting for it is fine
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                # An HTTPException passes through FastAPI's body parsing untouched
+                raise HTTPException(408, detail=f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
+                                    ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
-                    # An HTTPException passes through FastAPI's body parsing untouched
                     raise HTTPException(413, detail=_too_large_message(limit))
             return message
         return capped_receive
@@ -338,11 +350,13 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
     async def answer(sources: Sequence[Any], names: Sequence[str], options: dict[str, Any],
                      check: Callable[[], None] | None = None) -> Response:
+        deadline = time.monotonic() + settings.timeout_s  # the client hears 504 then: stop working too
+
         def work() -> list[PredictionResult]:
             if check is not None:
                 check()
             return predictor.predict_many(list(sources), allow_private_urls=settings.allow_private_urls,
-                                          pixel_budget=images.PixelBudget(), **options)
+                                          pixel_budget=images.PixelBudget(), deadline=deadline, **options)
         try:
             results = await pool.run(work)
         except UrlRefused as exc:

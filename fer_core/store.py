@@ -80,7 +80,7 @@ def in_memory_limit() -> int:
         megabytes = float(value)
     except ValueError:
         megabytes = math.nan
-    if not megabytes >= 0:
+    if not (megabytes >= 0 and math.isfinite(megabytes)):
         raise ConfigError(f"{IN_MEMORY_ENV} must be a number of megabytes (0 or more), not {value!r}")
     return int(megabytes * 2**20)
 

@@ -29,6 +29,7 @@ workers that started before it end after their current trial.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -45,7 +46,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from . import jobs, runs, settings
-from .config import FIELDS_BY_NAME, TrainConfig, folder_name_problem
+from .config import FIELDS_BY_NAME, TrainConfig, folder_name_problem, require_new_run_inputs
 from .errors import ConfigError, FerError
 from .runs import RunLayout
 
@@ -177,19 +178,33 @@ def _choice_value(part: str, kind: type, text: str) -> Any:
     return text
 
 
+MAX_CORNERS = 4096
+
+
 def check_space(base: TrainConfig, space: dict[str, BaseDistribution]) -> None:
-    """Each range's ends, and every choice, must make a valid config with the sweep's other
-    settings (e.g. warm-up epochs within epochs): refused before any trial starts."""
+    """Every combination of the ranges' ends and the choices must make a valid config with the
+    sweep's other settings (e.g. warm-up epochs within epochs, also when both are tuned), and no
+    range may span the gap between 0 ("off") and a field's smallest real value (an EMA decay
+    of 0..0.99 would sample refused decays half the time): refused before any trial starts."""
     for name, distribution in space.items():
-        if isinstance(distribution, CategoricalDistribution):
-            ends = list(distribution.choices)
-        else:
-            ends = [distribution.low, distribution.high]
-        for value in ends:
-            try:
-                dataclasses.replace(base, **{name: value}).validate()
-            except ConfigError as exc:
-                raise ConfigError(f"search space {name}={value!r} with the sweep's settings: {exc}") from None
+        setting = FIELDS_BY_NAME[name].setting
+        if (not isinstance(distribution, CategoricalDistribution) and setting.zero_means
+                and (setting.min_value or 0) > 0 and distribution.low < setting.min_value < distribution.high):
+            raise ConfigError(f"search space {name}: 0 means {setting.zero_means} and values start at "
+                              f"{setting.min_value:g}, so a range cannot span the gap between; give "
+                              f"{_exact(setting.min_value)}..{_exact(distribution.high)}, or a choice such as "
+                              f"choice:0|{_exact(distribution.high)}")
+    ends = {name: list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
+            for name, d in space.items()}
+    corners = math.prod(len(values) for values in ends.values())
+    combinations = (dict(zip(ends, values)) for values in itertools.product(*ends.values())) \
+        if corners <= MAX_CORNERS else ({name: value} for name, values in ends.items() for value in values)
+    for values in combinations:
+        try:
+            dataclasses.replace(base, **values).validate()
+        except ConfigError as exc:
+            shown = ", ".join(f"{name}={value!r}" for name, value in values.items())
+            raise ConfigError(f"search space {shown} with the sweep's settings: {exc}") from None
 
 
 def space_text(space: dict[str, BaseDistribution]) -> str:
@@ -199,8 +214,15 @@ def space_text(space: dict[str, BaseDistribution]) -> str:
             return "choice:" + "|".join(str(c).lower() if isinstance(c, bool) else str(c)
                                          for c in distribution.choices)
         prefix = "log:" if distribution.log else ""
-        return f"{prefix}{distribution.low:g}..{distribution.high:g}"
+        return f"{prefix}{_exact(distribution.low)}..{_exact(distribution.high)}"
     return ",".join(f"{name}={one(distribution)}" for name, distribution in space.items())
+
+
+def _exact(number: float) -> str:
+    """The shortest text that reads back as exactly `number` (':g' keeps 6 digits: a bound of
+    0.0001234567 would come back as another space, and 0.9999999 as 1, out of range)."""
+    short = f"{number:g}"
+    return short if float(short) == number else repr(float(number))
 
 
 def example_space(lr: float = 0.1) -> str:
@@ -211,10 +233,18 @@ def example_space(lr: float = 0.1) -> str:
 
 # ---- studies and storage ---------------------------------------------------------------
 
+URL_SPECIAL = "?#%"
+"""Characters a study name must not hold: its SQLite file's path is part of a database URL, where
+SQLAlchemy reads '?' as the start of options and '%XX' as an escape."""
+
+
 def check_study_name(name: str) -> str:
     problem = folder_name_problem("study name", name, MAX_STUDY_NAME)
     if problem:
         raise ConfigError(problem)
+    if any(char in name for char in URL_SPECIAL):
+        raise ConfigError(f"study name must not contain {' '.join(URL_SPECIAL)} (its database file's "
+                          f"path is part of a URL), got {name!r}")
     return name
 
 
@@ -440,26 +470,34 @@ def _optimize(plan: _Plan, study: optuna.Study) -> SweepResult:
             if stopped or ran >= remaining or \
                     len(study.get_trials(deepcopy=False, states=COUNTED_STATES)) >= plan.trials:
                 return  # no trial follows
-            wait_for_training_slot(Path(plan.base.runs_dir), lambda: _requested_since(layout.stop_file, since))
+            if wait_for_training_slot(Path(plan.base.runs_dir), lambda: _requested_since(layout.stop_file, since)):
+                # "Stop after this trial" pressed while waiting: no trial is running, none starts
+                stopped.append("stopped on request while waiting for the training slot")
+                if trial is not None:  # a callback inside optimize; before it, optimize is not called
+                    study.stop()
 
         wait_for_the_slot(study)
-        study.optimize(objective, n_trials=remaining, catch=(FerError,),
-                       callbacks=[optuna.study.MaxTrialsCallback(plan.trials, states=COUNTED_STATES),
-                                  stop_when_asked, wait_for_the_slot])
+        if not stopped:
+            study.optimize(objective, n_trials=remaining, catch=(FerError,),
+                           callbacks=[optuna.study.MaxTrialsCallback(plan.trials, states=COUNTED_STATES),
+                                      stop_when_asked, wait_for_the_slot])
     return _summary(plan, study, ran, stopped[0] if stopped else None)
 
 
 def wait_for_training_slot(runs_dir: Path, stop_asked: Callable[[], bool], *,
-                           poll_s: float = SLOT_POLL_S) -> None:
+                           poll_s: float = SLOT_POLL_S) -> bool:
     """Trials and the Train page's jobs share one training slot (two trainings at once halve
     each other's speed on a CPU): a run queued or running in the runs folder goes first, and
-    the next trial starts when none is left, or at once when a stop is asked for."""
+    the next trial starts when none is left. True when a stop was asked for while a run was
+    still in the way (then no trial should start), False when the slot is free."""
     announced = False
-    while not stop_asked():
+    while True:
         busy = [layout for layout in runs.find_runs(runs_dir)
                 if runs.run_status(layout)[0].state in ("queued", "running")]
         if not busy:
-            return
+            return False
+        if stop_asked():
+            return True
         if not announced:
             log.info("waiting for %s to finish before the next trial", busy[0].id)
             announced = True
@@ -590,6 +628,7 @@ def launch_sweep(base: TrainConfig, space: str, *, study: str, trials: int, prun
     survives page reloads and app restarts); return the study's folder."""
     check_study_name(study)
     base = jobs.with_absolute_paths(base).validate()
+    require_new_run_inputs(base)  # every trial is a new run that reads them
     if base.val_fraction == 0:
         raise ConfigError("a sweep needs a validation split (val_fraction above 0)")
     check_space(base, parse_space(space))

@@ -165,19 +165,37 @@ def resume(run_dir: Path, *, epochs: int | None = None, on_progress: ProgressCal
     except (OSError, ValueError, TypeError) as exc:
         raise FerError(f"cannot resume {run_dir}: config.json unreadable ({exc})") from exc
     checkpoint = load_checkpoint(layout.last_checkpoint)
+    # config.json keeps the first plan; a resume that extended it trained towards the total in
+    # last.pt, so that is where its schedule ends unless a new total is given
+    planned = checkpoint.get("config", {}).get("epochs") if isinstance(checkpoint.get("config"), dict) else None
     if epochs is not None:
         config.epochs = epochs
+    elif isinstance(planned, int) and not isinstance(planned, bool) and planned > 0:
+        config.epochs = planned
     config = dataclasses.replace(config, **(launch or {})).validate()
     processes = distributed.join()
     try:
         if processes.is_main:
-            layout.cancel_file.unlink(missing_ok=True)  # a resume consumes an old cancel request
+            drop_spent_cancel_request(layout)
         status = start_status(layout, config, processes)
         _guarded(layout, status, processes,
                  lambda: _train(config, layout, status, processes, checkpoint, on_progress))
     finally:
         distributed.leave(processes)
     return layout.path
+
+
+def drop_spent_cancel_request(layout: RunLayout) -> None:
+    """A resume consumes a cancel request left by an earlier attempt. One made after the job
+    runner that started this trainer queued the resume stands: the user pressed Cancel while
+    this trainer was starting, and it stops at its first batch."""
+    request = runs.cancel_request(layout)
+    if request is None:
+        return
+    job, _ = runs.read_record(layout.job_file, runs.JobRecord)
+    ours = job is not None and job.resume and not job.outcome and job.runner_pid == os.getppid()
+    if not ours or request[0] < job.queued_at:
+        layout.cancel_file.unlink(missing_ok=True)
 
 
 def start_status(layout: RunLayout | None, config: TrainConfig, processes: Processes) -> TrainerStatusWriter:

@@ -114,18 +114,24 @@ class DatasetChoice:
 def _looks_like_dataset_folder(path: Path) -> bool:
     if (path / "train").is_dir() and (path / "test").is_dir():
         return True
+    subdirs = [p for p in _listing(path) if p.is_dir() and not p.name.startswith(".")]
+    return len(subdirs) >= 2 and all(_has_entries(d) for d in subdirs[:3])
+
+
+def _listing(folder: Path) -> list[Path]:
+    """The folder's entries, sorted; none when it cannot be read (e.g. a root-only lost+found
+    in the data folder must not take every page that lists datasets down)."""
     try:
-        subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _has_entries(folder: Path) -> bool:
+    try:
+        return next(iter(folder.iterdir()), None) is not None
     except OSError:
         return False
-    return len(subdirs) >= 2 and all(any(True for _ in _limited_iter(d)) for d in subdirs[:3])
-
-
-def _limited_iter(folder: Path, limit: int = 1) -> Iterable[Path]:
-    for count, item in enumerate(folder.iterdir()):
-        if count >= limit:
-            return
-        yield item
 
 
 def discover_datasets(data_home: Path, demo_dir: Path | None = None) -> list[DatasetChoice]:
@@ -137,7 +143,7 @@ def discover_datasets(data_home: Path, demo_dir: Path | None = None) -> list[Dat
         return choices
     skip = {Path(demo_dir).resolve()} if demo_dir else set()
     found: list[DatasetChoice] = []
-    candidates = sorted(p for p in data_home.iterdir() if not p.name.startswith("."))
+    candidates = [p for p in _listing(data_home) if not p.name.startswith(".")]
     for entry in candidates:
         if entry.resolve() in skip:
             continue
@@ -149,7 +155,7 @@ def discover_datasets(data_home: Path, demo_dir: Path | None = None) -> list[Dat
             elif _looks_like_dataset_folder(entry):
                 found.append(DatasetChoice(str(entry), f"{entry.name} (folder)", "folder"))
             else:
-                for inner in sorted(entry.iterdir()):
+                for inner in _listing(entry):
                     if inner.is_file() and inner.suffix.lower() == ".csv" and "fer" in inner.name.lower():
                         found.append(DatasetChoice(str(inner), f"{entry.name}/{inner.name} (csv)", "csv"))
                     elif inner.is_dir() and not inner.name.startswith(".") and _looks_like_dataset_folder(inner):
@@ -164,7 +170,7 @@ def split_frame(table: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def class_distribution_figure(counts: dict[str, int], title: str = "Images per class") -> go.Figure:
-    classes, values = list(counts), list(counts.values())
+    classes, values = [html.escape(c) for c in counts], list(counts.values())  # folder names, as typed
     total = max(sum(values), 1)
     figure = go.Figure(go.Bar(x=classes, y=values, marker_color=TRAIN_COLOR,
                               text=[f"{v} ({100 * v / total:.0f}%)" for v in values],
@@ -177,7 +183,7 @@ def class_distribution_figure(counts: dict[str, int], title: str = "Images per c
 
 def split_distribution_figure(table: list[dict[str, Any]]) -> go.Figure:
     """Stacked bars: train / val / test images for every class."""
-    classes = [row["class"] for row in table]
+    classes = [html.escape(row["class"]) for row in table]  # folder names, as typed
     figure = go.Figure()
     for part, color in (("train", TRAIN_COLOR), ("val", "#a5b4fc"), ("test", VAL_COLOR)):
         figure.add_bar(name=part, x=classes, y=[row[part] for row in table], marker_color=color,
@@ -292,9 +298,11 @@ def overlay_figure(runs: Sequence[RunInfo], key: str, title: str, percent: bool 
     """One line per run for one metric (e.g. val_acc) over epochs."""
     figure = go.Figure()
     for label, run in zip(_unique_labels(runs), runs):
+        # run ids hold experiment names: escaped for plotly's <a>/<b>/<br>, and kept out of the
+        # template (a '%{...}' in a name would be filled in); the hover box names the trace
         figure.add_trace(go.Scatter(x=[m.get("epoch") for m in run.metrics],
                                     y=[m.get(key) for m in run.metrics], mode="lines+markers",
-                                    name=label, hovertemplate=f"{label}<br>epoch %{{x}}: %{{y:.4f}}<extra></extra>"))
+                                    name=html.escape(label), hovertemplate="epoch %{x}: %{y:.4f}"))
     longest = max((len(run.metrics) for run in runs), default=0)
     figure.update_layout(title=title, height=360, xaxis_title="epoch", margin=dict(l=10, r=10, t=50, b=10),
                          legend=dict(orientation="h", y=-0.25))

@@ -143,7 +143,7 @@ def active_job_panel() -> None:
         from fer_core import jobs
         active = jobs.active_runs(folder)
     except Exception as exc:  # the sidebar must never take the page down
-        st.caption(f"Job status unavailable: {exc}")
+        st.caption(f"Job status unavailable: {literal(exc)}")
         return
     running = [r for r in active if r.state == "running"]
     queued = [r for r in active if r.state == "queued"]
@@ -163,8 +163,11 @@ def active_job_panel() -> None:
 
 def literal(text: object) -> str:
     """Any user- or file-controlled string, made safe to put inside Markdown: it shows as
-    typed (no emphasis, links, images, icons, HTML or LaTeX)."""
-    return re.sub(r"([\\`*_\[\]<>|~$:#])", r"\\\1", str(text)).replace("\n", " ")
+    typed (no emphasis, links, images, icons, HTML, entities or LaTeX). GitHub-flavoured
+    Markdown also links bare `www.` names and e-mail addresses: the dot after `www` and every
+    `@` are escaped too (`http://` needs a colon, which is)."""
+    escaped = re.sub(r"([\\`*_\[\]<>|~$:#&@])", r"\\\1", str(text))
+    return re.sub(r"(?i)(www)\.", r"\1\\.", escaped).replace("\n", " ")
 
 
 def state_badge(state: str) -> None:

@@ -3,6 +3,8 @@ dataset doctor finds (duplicates, leaks, conflicts...), with one click to leave 
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import streamlit as st
 
@@ -20,11 +22,13 @@ SAMPLES_PER_CLASS = 8
 
 
 @st.cache_data(show_spinner="Examining every image: blank, duplicate, leaked, conflicting…", max_entries=8)
-def examine_source(spec: str, fingerprint: str, cache_dir: str):
-    """The dataset doctor's report on a source; `fingerprint` (its folders, file names and
-    times) is part of the key, so a changed folder is examined again."""
+def examine_source(spec: str, fingerprint: str, paths_digest: str, _dataset):
+    """The dataset doctor's report on the dataset this page shows (its groups are positions in
+    it, drawn beside its faces); `fingerprint` (folders, file names and times) and the shown
+    dataset's own file list are the key, so a changed folder or a reloaded dataset is examined
+    again, never drawn against another list's faces."""
     from fer_core.doctor import examine
-    return examine(load_source(spec, cache_dir), spec)
+    return examine(_dataset, spec)
 
 
 st.title("Data")
@@ -53,7 +57,7 @@ elif kind == "local":
         default_index = options.index("__other__") if initial != "demo" or not found else 0
     picked = st.selectbox("Dataset", options, index=default_index, format_func=labels.get,
                           key="data_local_pick",
-                          help=f"Folders and fer2013.csv files found under {data_home()}")
+                          help=f"Folders and fer2013.csv files found under {literal(data_home())}")
     if picked == "__other__":
         typed = st.text_input("Path to a folder or fer2013.csv", key="data_local_path",
                               value="" if initial == "demo" or initial in options else initial,
@@ -69,7 +73,7 @@ elif kind == "kaggle":
                          help="owner/name as in the dataset's URL on kaggle.com").strip()
     credentials = find_credentials()
     if credentials:
-        st.success(f"Kaggle credentials found: {credentials}", icon=":material/key:")
+        st.success(f"Kaggle credentials found: {literal(credentials)}", icon=":material/key:")
     else:
         st.warning(CREDENTIALS_HELP, icon=":material/key_off:")
     target = dataset_dest(slug) if "/" in slug else None
@@ -80,14 +84,14 @@ elif kind == "kaggle":
     if st.button("Download", icon=":material/download:", type="primary", key="data_download",
                  disabled=already or not credentials,
                  help=None if credentials else "Set Kaggle credentials first (see above)."):
-        with st.status(f"Downloading {slug} from Kaggle…", expanded=True) as status:
+        with st.status(f"Downloading {literal(slug)} from Kaggle…", expanded=True) as status:
             try:
-                folder = download_dataset(slug, log=st.write)
-            except FerError as exc:
+                folder = download_dataset(slug, log=st.text)
+            except (FerError, OSError) as exc:
                 status.update(label="Download failed", state="error")
                 st.error(literal(exc), icon=":material/error:")
             else:
-                status.update(label=f"Downloaded to {folder}", state="complete", expanded=False)
+                status.update(label=f"Downloaded to {literal(folder)}", state="complete", expanded=False)
                 spec = str(folder)
                 load_source.clear()
 
@@ -264,8 +268,12 @@ def draw_report(report: doctor.DoctorReport) -> None:
                  type="primary", key="data_doctor_exclude",
                  help="Writes an exclusion list into the cache folder (your files are not touched); the "
                       "Train page uses it for this dataset, and each run keeps a copy."):
-        path = doctor.write_exclusions(report)
-        st.toast(f"Exclusion list written: {literal(path.name)}", icon=":material/check_circle:")
+        try:
+            path = doctor.write_exclusions(report)
+        except OSError as exc:
+            st.error(f"The exclusion list could not be written: {literal(exc)}", icon=":material/error:")
+        else:
+            st.toast(f"Exclusion list written: {literal(path.name)}", icon=":material/check_circle:")
 
 
 def draw_exclusions() -> None:
@@ -295,8 +303,12 @@ def draw_exclusions() -> None:
             excluded=[row.get("excluded", 0) for row in after_table]), hide_index=True, key="data_doctor_split_after")
     if st.button("Use every image again", icon=":material/restore:", key="data_doctor_forget",
                  help="Deletes the exclusion list (only the list; your files were never touched)."):
-        doctor.remove_exclusions(spec)
-        st.rerun()
+        try:
+            doctor.remove_exclusions(spec)
+        except OSError as exc:
+            st.error(f"The exclusion list could not be deleted: {literal(exc)}", icon=":material/error:")
+        else:
+            st.rerun()
 
 
 st.subheader("Dataset doctor")
@@ -309,7 +321,8 @@ if st.button("Examine this dataset", icon=":material/health_and_safety:", key="d
     st.session_state[DOCTOR_FOR_KEY] = spec
 if st.session_state.get(DOCTOR_FOR_KEY) == spec:
     try:
-        draw_report(examine_source(spec, doctor.dataset_fingerprint(spec), str(settings.cache_dir())))
+        shown = hashlib.sha256("\n".join(dataset.paths).encode("utf-8", "surrogateescape")).hexdigest()
+        draw_report(examine_source(spec, doctor.dataset_fingerprint(spec), shown, dataset))
     except FerError as exc:
         st.error(f"The doctor could not examine this source: {literal(exc)}", icon=":material/error:")
 draw_exclusions()

@@ -57,8 +57,8 @@ if quick:
 st.space("small")
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Datasets found", len(datasets), border=True,
-          help="The built-in demo plus folders and fer2013.csv files under " + str(data_home()))
-c2.metric("Runs", len(all_runs), border=True, help=f"Run folders under {folder}")
+          help="The built-in demo plus folders and fer2013.csv files under " + literal(data_home()))
+c2.metric("Runs", len(all_runs), border=True, help=f"Run folders under {literal(folder)}")
 c3.metric("Best test accuracy", ui_data.format_percent(best.test_accuracy) if best else "—",
           border=True, help="Highest test accuracy of any completed run")
 c4.metric("Jobs running or queued", len(active), border=True)
@@ -72,7 +72,7 @@ with left:
         st.markdown(f"{icon} {literal(label)}" + ("" if spec == "demo" else f"  \n{literal(spec)}"))
     if len(datasets) == 1:
         st.caption("Only the demo so far. Get FER2013 on the **Data** page (Kaggle download) or put "
-                   f"a folder of class folders under `{data_home()}`.")
+                   f"a folder of class folders under {literal(data_home())}.")
     st.page_link("pages/data.py", label="Explore data", icon=":material/photo_library:")
 
 with right:
@@ -108,4 +108,4 @@ with st.expander("How FER Studio works", icon=":material/help:"):
         "- **Runs**: every run with its scores; overlay curves and diff hyper-parameters.\n"
         "- **Evaluate**: the confusion matrix; click a cell to see those test faces.\n"
         "- **TensorBoard**: the same runs in TensorBoard.\n\n"
-        f"Runs are written to `{Path(folder)}`; finished best models to `{checkpoints_dir()}`.")
+        f"Runs are written to {literal(Path(folder))}; finished best models to {literal(checkpoints_dir())}.")

@@ -21,9 +21,9 @@ from fer_core.annotate import annotate
 from fer_core.data import default_cache_dir
 from fer_core.errors import FerError
 from fer_core.faces import DETECTORS
-from fer_core.images import PixelBudget, fetch_image_bytes, load_image
+from fer_core.images import PixelBudget, PixelBudgetSpent, fetch_image_bytes, load_image
 from fer_core.model_catalog import ModelEntry, list_models
-from fer_core.predict import PredictionResult, Predictor
+from fer_core.predict import PredictionResult, Predictor, failed_result
 from pages._explain import explain_face
 from pages._shared import checkpoints_dir, literal, require_router, runs_dir, synthetic_badge
 
@@ -206,8 +206,14 @@ def analyse(_predictor: Predictor, model_key: str, data: bytes, options: tuple,
             _budget: PixelBudget | None = None) -> PredictionResult:
     """The library's prediction for one image; a bad image gives a result with `error` set.
     `_budget` (not part of the cache key) is the submission's decoded-pixel allowance: only an
-    image that is really decoded (not a cached result) spends from it."""
-    return _predictor.predict_many([data], pixel_budget=_budget or PixelBudget(), **dict(options))[0]
+    image that is really decoded (not a cached result) spends from it, and a refusal for want of
+    it is raised, not cached (on its own, or in a smaller submission, the image is decoded)."""
+    try:
+        return _predictor.predict(data, pixel_budget=_budget or PixelBudget(), **dict(options))
+    except PixelBudgetSpent:
+        raise
+    except FerError as exc:
+        return failed_result(data, exc)
 
 
 @st.cache_data(max_entries=24, show_spinner=False)
@@ -233,6 +239,8 @@ def predict_items(predictor: Predictor, model_key: str, items: list[tuple[str, b
         try:
             with st.spinner(f"Analysing {literal(name)}…") if progress is None else nullcontext():
                 result = analyse(predictor, model_key, data, options, budget)
+        except PixelBudgetSpent as exc:
+            result = failed_result(data, exc)
         except Exception as exc:  # one strange image must not take the others down
             result = PredictionResult(source=name, faces=[], face_found=False, message=str(exc),
                                       error=f"could not analyse this image ({type(exc).__name__}: {exc})")

@@ -150,7 +150,7 @@ with st.container(horizontal=True):
         st.switch_page("pages/evaluate.py")
     archive = st.button("Archive…", icon=":material/archive:", key="runs_archive", disabled=busy,
                         help="Refused while the run is queued or running." if busy
-                        else f"Move it to {folder / run_admin.ARCHIVE_DIR}/ (hidden from the app).")
+                        else f"Move it to {literal(folder / run_admin.ARCHIVE_DIR)}/ (hidden from the app).")
     delete = st.button("Delete…", icon=":material/delete:", key="runs_delete", disabled=busy,
                        help="Refused while the run is queued or running." if busy
                        else "Delete the run folder and its checkpoints for good.")
@@ -177,8 +177,8 @@ if pending and pending[1] == target:
                 else:
                     run_admin.delete_run(Path(path), folder)
                     st.toast(f"Deleted {literal(run.id)}", icon=":material/delete:")
-            except FerError as exc:
-                st.error(literal(exc))
+            except (FerError, OSError) as exc:
+                st.error(f"Could not {action} the run: {literal(exc)}", icon=":material/error:")
             else:
                 st.rerun()
         if no.button("Keep it", key="runs_cancel_action", width="stretch"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from fer_core import jobs, runs, sweep, ui_data
-from fer_core.config import PRESET_DESCRIPTIONS, PRESETS, config_from_preset, require_dataset
+from fer_core.config import FIELDS_BY_NAME, PRESET_DESCRIPTIONS, PRESETS, config_from_preset, require_dataset
 from fer_core.errors import FerError
 from pages._shared import (SELECTED_RUN_KEY, checkpoints_dir, known_datasets, literal, require_router,
                            runs_dir, state_badge)
@@ -16,6 +16,7 @@ from pages._shared import (SELECTED_RUN_KEY, checkpoints_dir, known_datasets, li
 require_router()
 
 REFRESH_S = 2.0
+MAX_EPOCHS = int(FIELDS_BY_NAME["epochs"].setting.max_value)
 STUDY_KEY = "sweeps_study"          # the study shown (a launch selects its own)
 NEW_NAME_KEY = "sweeps_new_name"    # the suggested name for the next sweep, stable across reruns
 
@@ -40,7 +41,8 @@ def launch_form(first_sweep: bool) -> None:
         labels = known_datasets()
         left, right = st.columns(2)
         data = left.selectbox("Data", list(labels), format_func=labels.get, key="sweep_data")
-        presets = list(PRESETS)
+        # trials are compared on a validation split: a recipe without one cannot be swept
+        presets = [name for name, values in PRESETS.items() if values.get("val_fraction", 1) != 0]
         preset = right.selectbox("Recipe (preset)", presets, key="sweep_preset",
                                  index=presets.index("demo-quick" if data == "demo" else "cpu-fast"),
                                  help="The settings every trial starts from; the space below varies some of them.")
@@ -145,8 +147,12 @@ def stop_controls(entry: sweep.StudyEntry) -> None:
     left, right = st.columns(2)
     if left.button("Stop after this trial", icon=":material/stop_circle:", key="sweep_stop",
                    disabled=job.stop_requested, help="The running trial finishes; no new one starts."):
-        sweep.stop_sweep(entry.folder)
-        st.rerun()
+        try:
+            sweep.stop_sweep(entry.folder)
+        except (FerError, OSError) as exc:
+            st.error(f"Cannot stop it: {literal(exc)}")
+        else:
+            st.rerun()
     if right.button("Stop now", icon=":material/cancel:", key="sweep_stop_now",
                     help="Cancels the running trial within a batch (its checkpoints are kept)."):
         try:
@@ -175,9 +181,11 @@ def follow_up_controls(entry: sweep.StudyEntry) -> None:
         else:
             base_epochs = int(study.user_attrs.get("base_config", {}).get("epochs") or 1)
             preset = study.user_attrs.get("base_config", {}).get("preset")
-            suggested = max(int(PRESETS[preset]["epochs"]) if preset in PRESETS else 0, base_epochs * 2)
-            epochs = st.number_input("Epochs", min_value=1, max_value=10_000, value=suggested, step=1,
-                                     key="sweep_full_epochs")
+            suggested = min(max(int(PRESETS[preset]["epochs"]) if preset in PRESETS else 0, base_epochs * 2),
+                            MAX_EPOCHS)
+            # keyed by study: another study's choice must not carry over
+            epochs = st.number_input("Epochs", min_value=1, max_value=MAX_EPOCHS, value=suggested, step=1,
+                                     key=f"sweep_full_epochs::{study.study_name}")
             if st.button("Train this config fully", type="primary", icon=":material/model_training:",
                          key="sweep_train_best",
                          help="A normal training job with the best trial's settings and more epochs."):

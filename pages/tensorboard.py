@@ -19,7 +19,11 @@ except ImportError as exc:  # the helper module ships separately; say so rather 
     st.error(f"TensorBoard support is not available: {literal(exc)}", icon=":material/error:")
     st.stop()
 
-if not folder.is_dir() or not any(folder.iterdir()):
+try:
+    has_runs = folder.is_dir() and any(folder.iterdir())
+except OSError:  # unreadable: TensorBoard says more when it starts
+    has_runs = False
+if not has_runs:
     st.info(f"{literal(folder)} has no runs yet. TensorBoard will still start and show runs as they appear.",
             icon=":material/info:")
 

@@ -80,9 +80,13 @@ def time_estimate(preset: str, data: str, values: dict[str, Any]) -> None:
         if st.button("Estimate the time on this machine", icon=":material/timer:", key="train_estimate",
                      help="Times a few training steps of this recipe here (seconds on a fast machine, a "
                           "minute on a slow one): machines differ too much for a quoted figure."):
-            with st.spinner("Timing a few training steps on this machine…"):
-                estimate.measure_speed(config)
-            st.rerun()
+            try:
+                with st.spinner("Timing a few training steps on this machine…"):
+                    estimate.measure_speed(config)
+            except OSError as exc:  # speed.json lives in the cache folder, which may be read-only
+                st.error(f"The measured speed could not be recorded: {literal(exc)}", icon=":material/error:")
+            else:
+                st.rerun()
         return
     counts = split_counts(data, config)
     if counts is None:
@@ -230,7 +234,7 @@ def pick_run() -> runs.RunInfo | None:
 
 def resume_controls(run_dir: Path, run: runs.RunInfo, state: str) -> None:
     done = len(run.metrics)
-    planned = int(run.config.get("epochs") or run.status.get("epochs") or done or 1)
+    planned = run.planned_epochs or done or 1  # the latest attempt's total: a resume may have extended it
     suggested = planned + 5 if state == "completed" else max(planned, done + 1)
     with st.popover("Resume", icon=":material/replay:", help="Continue from the last checkpoint"):
         total = st.number_input("Train until epoch", min_value=done + 1, value=max(suggested, done + 1),
@@ -248,7 +252,12 @@ def resume_controls(run_dir: Path, run: runs.RunInfo, state: str) -> None:
 
 def other_machines(config: dict[str, Any]) -> None:
     """A run on several machines waits for the others: what to start on each of them."""
-    commands = distributed.other_machine_commands(TrainConfig.from_dict(config))
+    try:
+        commands = distributed.other_machine_commands(TrainConfig.from_dict(config))
+    except (FerError, TypeError) as exc:  # a config.json edited or damaged by hand
+        st.warning(f"The other machines' command cannot be made from this run's config: {literal(exc)}",
+                   icon=":material/report:")
+        return
     with st.expander(f"Other machines: start this on each of the {len(commands)}", expanded=True,
                      icon=":material/dns:"):
         st.caption("This machine is machine 0 and writes the run folder. Each other machine needs fer "
@@ -278,7 +287,7 @@ def monitor(run_dir: Path, was_active: bool) -> None:
             if config.get("synthetic_data") or config.get("data") == "demo":
                 synthetic_badge()
             if config.get("weights_source"):
-                st.badge(f"weights: {config['weights_source']}", color="gray")
+                st.badge(f"weights: {literal(config['weights_source'])}", color="gray")
 
     if config.get("weights_source") == "random" and config.get("pretrained"):
         st.info("ImageNet weights were requested but are not available (no network?), so this run "
@@ -286,7 +295,7 @@ def monitor(run_dir: Path, was_active: bool) -> None:
                 "The log has the details; a local weights file can be given with --weights.",
                 icon=":material/cloud_off:")
     if run.problems:
-        st.warning("This run folder is damaged: " + "; ".join(run.problems), icon=":material/report:")
+        st.warning("This run folder is damaged: " + literal("; ".join(run.problems)), icon=":material/report:")
     if state == "failed":
         st.error(f"Training failed: {literal(status.error or 'the process ended unexpectedly')}",
                  icon=":material/error:")

@@ -115,6 +115,22 @@ def test_a_recorded_calibration_that_does_not_hold_together_is_ignored(values):
     assert Calibration.from_dict(values) is None
 
 
+@pytest.mark.parametrize("change, named", [
+    ({"images": "many"}, "images"), ({"bins": None}, "bins"), ({"scored_images": -1}, "scored_images"),
+    ({"ece_after": 10 ** 400}, "ece_after"), ({"temperature": float("nan")}, "temperature"),
+])
+def test_a_damaged_calibration_report_is_refused_in_words_never_raised(tmp_path, change, named):
+    rng = np.random.default_rng(0)
+    probabilities, labels = rng.dirichlet(np.ones(4), 200), rng.integers(0, 4, 200)
+    report = calibration.calibration_report(calibration.fit_calibration(probabilities, labels), probabilities, labels)
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(report))
+    assert calibration.read_report(path) == (report, None)
+    path.write_text(json.dumps({**report, **change}))
+    refused, problem = calibration.read_report(path)
+    assert refused is None and named in problem and "damaged" in problem
+
+
 def test_calibration_refuses_mismatched_inputs_in_words():
     with pytest.raises(FerError, match="N labels"):
         calibration.fit_calibration(np.full((3, 2), 0.5), np.array([0, 1]))
@@ -141,7 +157,8 @@ def test_training_fits_the_temperature_on_validation_and_prediction_uses_it(trai
     assert predictor.uncertain_below == stored["uncertain_below"]
     assert predictor.describe()["calibration"] == stored
     faces = torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8)
-    raw = Predictor(predictor.model, predictor.class_names, predictor.img_size, tta=predictor.tta)
+    raw = Predictor(predictor.model, predictor.class_names, predictor.img_size, tta=predictor.tta,
+                    amp=predictor.amp)  # bfloat16 where the CPU computes it, as the run was evaluated
     assert raw.uncertain_below == DEFAULT_UNCERTAIN_BELOW
     expected = calibration.apply_temperature(raw.probabilities(faces), stored["temperature"])
     assert torch.allclose(predictor.probabilities(faces), expected, atol=1e-5)
@@ -166,6 +183,16 @@ def test_calibrate_now_refits_an_old_run_and_republishes_its_model(trained_run, 
     assert runs.read_json(layout.calibration_file)["ece_after"] == report["ece_after"]
     assert Predictor.load(published).calibration.temperature == report["temperature"]
     assert Predictor.load(layout.best_checkpoint).calibration.temperature == report["temperature"]
+
+
+def test_a_run_still_training_is_not_calibrated(trained_run, tmp_path):
+    import os
+    run_dir = copy_run_dir(trained_run, tmp_path / "runs" / "2030-01-01_00-00-00" / "busy" / "resnet18" / "finetune")
+    status = runs.read_json(run_dir / runs.STATUS_FILE)
+    runs.atomic_write_json(run_dir / runs.STATUS_FILE, {**status, "state": "running", "pid": os.getpid(),
+                                                        "finished_at": None})
+    with pytest.raises(FerError, match="is running: it can be calibrated once its training has ended"):
+        calibration.calibrate_run(run_dir)
 
 
 def test_a_run_without_a_validation_split_cannot_be_calibrated_and_says_why(tiny_demo, tmp_path):

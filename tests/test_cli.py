@@ -48,6 +48,8 @@ def test_train_on_demo_end_to_end_prints_the_run_dir_last(tmp_path, capsys):
     (["train", "--data", "demo", "--lr", "nan"], "learning rate must be a finite number"),
     (["train", "--data", "demo", "--experiment=-rf"], "experiment name must be a plain folder name"),
     (["train", "--data", "/no/such/folder"], "dataset not found"),
+    (["train", "--data", "demo", "--exclude", "/no/such/list.json"], "exclusion list not found"),
+    (["train", "--data", "demo", "--weights", "/no/such/resnet18.pth"], "weights file not found"),
     (["train", "--run-dir", "/no/such/run", "--epochs", "3"], "--run-dir"),
 ])
 def test_errors_exit_non_zero_with_one_line(tmp_path, args, words):
@@ -119,6 +121,20 @@ def test_download_without_credentials_is_a_clear_message_not_a_hang(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "KAGGLE_API_TOKEN" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_of_a_run_that_is_still_training_is_refused_and_leaves_it_alone(trained_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "runs" / "2030-01-01_00-00-00" / "busy" / runs.MODEL_NAME / "finetune"
+    shutil.copytree(trained_run, run_dir)
+    status = runs.read_json(run_dir / runs.STATUS_FILE)
+    runs.atomic_write_json(run_dir / runs.STATUS_FILE, {**status, "state": "running", "pid": os.getpid(),
+                                                        "finished_at": None})  # its trainer: alive
+    before = {name: (run_dir / name).read_bytes() for name in (runs.STATUS_FILE, runs.METRICS_FILE)}
+    result = cli("train", "--resume", str(run_dir), "--epochs", "3", timeout=120)
+    assert result.returncode == 2 and "is running: it already has a trainer" in result.stderr, result.stderr
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "zero-byte"])

@@ -120,6 +120,22 @@ def test_decoded_images_are_cached_by_file_list(tmp_path, monkeypatch):
         load_dataset(str(root))
 
 
+def test_a_file_replaced_keeping_its_size_and_mtime_is_decoded_again(tmp_path):
+    """As `cp -p` or `rsync -a` leave it, or a `chmod` that makes an unreadable file readable:
+    only the change time differs, and the store must not keep what it found before."""
+    import os
+    root = write_class_folders(tmp_path / "ds", {"a": 4, "b": 4})
+    face = root / "a" / "face.bmp"
+    Image.new("L", (48, 48), 10).save(face)  # BMP: the same size in bytes whatever the pixels
+    stamp = face.stat().st_mtime_ns
+    first = load_dataset(str(root))
+    Image.new("L", (48, 48), 200).save(face)
+    os.utime(face, ns=(stamp, stamp))
+    second = load_dataset(str(root))
+    index = second.paths.index(str(face))
+    assert first.paths == second.paths and int(second.images[index].float().mean()) == 200
+
+
 def test_max_per_class_caps_training_images_only_and_reproducibly(tmp_path):
     from fer_core.data import cap_training_images
     root = write_class_folders(tmp_path / "ds", {"a": 40, "b": 12})
@@ -201,6 +217,18 @@ def test_non_utf8_file_names_load_and_survive_the_manifest(tmp_path):
     write_split_manifest(tmp_path / "split.csv", dataset, splits)
     rows = read_split_manifest(tmp_path / "split.csv")
     assert any("\\xe9" in r["path"] for r in rows) and len(rows) == len(dataset)
+
+
+def test_a_class_folder_whose_name_is_not_utf8_survives_the_manifest(tmp_path):
+    import os
+    root = write_class_folders(tmp_path / "ds", {"happy": 4, "sad": 4})
+    odd = os.fsencode(root) + b"/caf\xe9"  # a class folder from a zip made on Windows
+    os.rename(os.fsencode(root / "sad"), odd)
+    dataset = load_dataset(str(root))
+    splits = assign_splits(dataset, val_fraction=0.0)
+    write_split_manifest(tmp_path / "split.csv", dataset, splits)
+    rows = read_split_manifest(tmp_path / "split.csv")
+    assert {r["label"] for r in rows} == {"happy", "caf\\xe9"} and len(rows) == len(dataset) == 8
 
 
 def _face_rows(count, seed=0):

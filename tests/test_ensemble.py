@@ -44,10 +44,11 @@ def test_an_ensemble_is_a_run_scored_on_the_common_test_split_and_a_model_predic
     assert np.abs(table - expected).max() < 1e-4  # the csv keeps 5 decimals
 
     published = runs.RunLayout(folder).published_checkpoint(tmp_path / "published")
+    assert run.status.published_checkpoint == str(published)  # Runs offers it; removing the run withdraws it
     predictor = Predictor.load(published)
     assert predictor.class_names == classes and predictor.calibration is not None
     faces = torch.randint(0, 256, (4, 48, 48), dtype=torch.uint8)
-    raw = np.mean([calibration.apply_temperature(Predictor(p.model, p.class_names, p.img_size, tta=p.tta)
+    raw = np.mean([calibration.apply_temperature(Predictor(p.model, p.class_names, p.img_size, tta=p.tta, amp=p.amp)
                                                  .probabilities(faces).numpy(), p.calibration.temperature)
                    for p in predictors], axis=0)
     expected = calibration.apply_temperature(raw, predictor.calibration.temperature)

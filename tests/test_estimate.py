@@ -26,6 +26,19 @@ def test_a_measured_speed_is_kept_for_this_machine_and_the_settings_that_change_
     assert estimate.known_speed(tiny(colour="rgb"), tmp_path) is None
 
 
+def test_all_cores_is_timed_with_the_trainers_threads_not_the_apps_one(tmp_path, monkeypatch):
+    import torch
+    used = []
+    timed = estimate._timed
+    monkeypatch.setattr(estimate, "_timed", lambda *a: used.append(torch.get_num_threads()) or timed(*a))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    before = torch.get_num_threads()
+    estimate.measure_speed(tiny(num_threads=0), steps=1, folder=tmp_path)  # "all cores"
+    assert used == [3, 3] and torch.get_num_threads() == before
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert estimate.trainer_default_threads() >= 1
+
+
 def test_an_rgb_head_only_recipe_can_be_timed(tmp_path):
     speed = estimate.measure_speed(tiny(colour="rgb", store_size=40, mode="head_only", augment=False),
                                    steps=1, folder=tmp_path)

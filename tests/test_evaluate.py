@@ -32,3 +32,18 @@ def test_evaluate_run_reproduces_the_training_time_evaluation(trained_run, tmp_p
     rows = read_predictions(copy / "predictions.csv")
     assert len(rows) == again["num_images"]
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in rows)
+
+
+def test_a_run_still_training_is_not_evaluated_on_its_own_test_split(trained_run, tmp_path):
+    import os
+
+    from conftest import copy_run_dir
+    from fer_core.errors import FerError
+    run_dir = copy_run_dir(trained_run, tmp_path / "runs" / "2030-01-01_00-00-00" / "busy" / "resnet18" / "finetune")
+    status = runs.read_json(run_dir / runs.STATUS_FILE)
+    runs.atomic_write_json(run_dir / runs.STATUS_FILE, {**status, "state": "running", "pid": os.getpid(),
+                                                        "finished_at": None})
+    before = (run_dir / runs.EVALUATION_FILE).read_bytes()
+    with pytest.raises(FerError, match="is running: it can be evaluated on its test split once"):
+        evaluate_run(run_dir)
+    assert (run_dir / runs.EVALUATION_FILE).read_bytes() == before

@@ -112,6 +112,14 @@ def test_a_run_exports_into_its_own_exports_folder_by_default(trained_run: Path,
     assert result.path.parent == run / "exports"
 
 
+def test_a_run_stopped_before_its_test_evaluation_exports_without_scores(trained_run: Path, tmp_path: Path) -> None:
+    run = copy_run_dir(trained_run, tmp_path / "runs" / RunLayout(trained_run).path.relative_to(
+        RunLayout(trained_run).runs_dir))
+    RunLayout(run).evaluation_file().unlink()
+    result = export.export_model(run, "onnx")
+    assert result.path.is_file() and result.card.test_accuracy is None and result.card.macro_f1 is None
+
+
 def test_the_onnx_backend_predicts_what_the_torch_backend_does(exported, trained_run: Path) -> None:
     photo = io.BytesIO()
     Image.fromarray(data.astronaut()).save(photo, "JPEG", quality=92)
@@ -149,6 +157,38 @@ def test_exporting_something_else_says_what_is_wrong(tmp_path: Path) -> None:
         export.export_model(tmp_path / "notes.pt")
     with pytest.raises(ValueError, match="format"):
         export.export_model(tmp_path / "notes.pt", "tflite")
+
+
+@pytest.mark.parametrize("field, value", [("class_names", 5), ("class_names", [1, 2]), ("colour", "purple")])
+def test_a_checkpoint_that_is_not_one_of_ours_is_refused_in_words(trained_run: Path, tmp_path: Path,
+                                                                   field: str, value: object) -> None:
+    from fer_core.models import load_checkpoint, save_checkpoint_file
+    checkpoint = load_checkpoint(RunLayout(trained_run).best_checkpoint)
+    if field == "colour":
+        checkpoint["config"] = {**checkpoint["config"], "colour": value}
+    else:
+        checkpoint[field] = value
+    odd = tmp_path / "odd.pt"
+    save_checkpoint_file(odd, checkpoint)
+    with pytest.raises(CheckpointError):
+        export.export_model(odd, "onnx", tmp_path / "odd.onnx")
+    assert not (tmp_path / "odd.onnx").exists()
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"classes": CLASSES + ["contempt"]}, f"gives {len(CLASSES)} probabilities for the card's {len(CLASSES) + 1}"),
+    ({"input_size": 64}, "takes 32x32 px images, the card says 64"),
+])
+def test_an_onnx_model_that_does_not_match_its_card_is_refused_in_words(exported, tmp_path: Path,
+                                                                        change: dict, said: str) -> None:
+    model = onnx.load(str(exported["onnx"].path))
+    for entry in model.metadata_props:
+        if entry.key == export.METADATA_KEY:
+            entry.value = json.dumps({**json.loads(entry.value), **change})
+    edited = tmp_path / "edited.onnx"
+    onnx.save(model, str(edited))
+    with pytest.raises(CheckpointError, match="does not match its model card: it " + said):
+        Predictor.load(edited)
 
 
 def test_an_onnx_file_from_elsewhere_is_refused_in_words(tmp_path: Path) -> None:

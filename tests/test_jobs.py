@@ -92,7 +92,8 @@ def _kill_everything_in(folder: Path) -> None:
         candidates = [trainer.pid if trainer else None] + ([job.runner_pid, job.trainer_pid] if job else [])
         pids.update(p for p in candidates if runs.pid_alive(p))
     own_group = os.getpgid(0)
-    pids = {p for p in pids if p != os.getpid() and os.getpgid(p) != own_group}  # never pytest itself
+    # never pytest itself, nor init (a record may name pid 1 as a stand-in)
+    pids = {p for p in pids if p > 1 and p != os.getpid() and os.getpgid(p) != own_group}
     for pid in pids:
         try:
             os.killpg(os.getpgid(pid), signal.SIGKILL)
@@ -155,6 +156,44 @@ def test_launch_writes_the_config_and_a_queued_job_record_and_never_flags(make_c
     assert not (run_dir / runs.STATUS_FILE).exists()  # only the trainer ever writes status.json
 
 
+def test_a_run_started_outside_the_queue_hands_its_slot_on_when_it_ends(make_config, runs_dir, monkeypatch):
+    """A terminal `fer train` (or an ensemble being built) counts as running, so a job queued
+    behind it starts when it ends: the ending process pumps the queue (no runner, no browser)."""
+    from fer_core import cli
+    terminal = fake_run(runs_dir, trainer={"state": "running", "pid": os.getpid()})
+    queued = jobs.launch(make_config())
+    assert status_of(queued).state == "queued"
+    started = []
+    monkeypatch.setattr(jobs, "_start_runner", lambda layout: started.append(layout.path))
+    record = runs.read_json(terminal / runs.STATUS_FILE)
+    runs.atomic_write_json(terminal / runs.STATUS_FILE, {**record, "state": "completed", "finished_at": time.time()})
+    cli._start_next_job(None, make_config())  # as `fer train --data ...` ends
+    assert started == [queued]
+
+
+def test_handing_on_a_slot_where_no_job_was_ever_queued_touches_nothing(runs_dir):
+    fake_run(runs_dir, trainer={"state": "completed", "pid": dead_pid()})
+    jobs.hand_on_slot(runs_dir)
+    assert not (runs_dir / jobs.LOCK_FILE).exists()
+
+
+def test_a_job_whose_runner_cannot_be_started_ends_failed_instead_of_waiting_queued(make_config, runs_dir,
+                                                                                    monkeypatch):
+    def no_fork(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(jobs, "spawn_detached", no_fork)
+    with pytest.raises(OSError):
+        jobs.launch(make_config())
+    run_dir, = runs.find_run_dirs(runs_dir)
+    status = status_of(run_dir)
+    assert status.state == "failed" and "could not start its runner" in status.error
+    started = []
+    monkeypatch.setattr(jobs, "_start_runner", lambda layout: started.append(layout.path))
+    jobs.pump_queue(runs_dir)
+    assert started == []  # a later pump does not start it behind the user's back
+
+
 def test_an_invalid_config_is_refused_before_anything_is_written(make_config, runs_dir):
     with pytest.raises(ConfigError, match="epochs"):
         jobs.launch(make_config(epochs=0))
@@ -172,6 +211,16 @@ def test_resume_is_refused_for_active_runs_and_runs_without_last_checkpoint(runs
     with pytest.raises(FerError, match="last.pt"):
         jobs.resume_job(cancelled)
     assert status_of(cancelled).state == "cancelled" and job_record(cancelled) is None
+
+
+def test_a_resume_the_trainer_would_refuse_is_refused_before_it_is_queued(make_config, runs_dir):
+    run_dir = fake_run(runs_dir, trainer={"state": "cancelled", "epochs": 2})
+    runs.atomic_write_json(run_dir / runs.CONFIG_FILE, make_config().to_dict())
+    (run_dir / runs.CHECKPOINT_DIR).mkdir()
+    (run_dir / runs.CHECKPOINT_DIR / "last.pt").write_bytes(b"stand-in: never loaded here")
+    with pytest.raises(ConfigError, match="epochs"):
+        jobs.resume_job(run_dir, epochs=10_001)
+    assert job_record(run_dir) is None and status_of(run_dir).state == "cancelled"
 
 
 def test_a_dead_running_job_reads_failed_with_its_log_and_nothing_is_rewritten(runs_dir):

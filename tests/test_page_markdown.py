@@ -63,3 +63,17 @@ def test_a_runs_folder_named_like_markdown_shows_literally_on_the_tensorboard_pa
     at = open_page("tensorboard")
     assert not active_markdown(at), active_markdown(at)
     assert f"TensorBoard is **not running** for {env / RUNS_FOLDER}." in unescaped(at)
+
+
+@pytest.mark.parametrize("typed, escaped", [
+    ("www.example.invalid", "www\\.example.invalid"),     # GFM links a bare www. name
+    ("WWW.example.invalid", "WWW\\.example.invalid"),
+    ("me@example.invalid", "me\\@example.invalid"),       # ... and a bare e-mail address
+    ("&lt;b&gt;", "\\&lt;b\\&gt;"),                       # an entity would show as '<b>'
+    ("http://x.invalid", "http\\://x.invalid"),
+    ("![x](y.png) *a* `c` $x$ :red[r]", "!\\[x\\](y.png) \\*a\\* \\`c\\` \\$x\\$ \\:red\\[r\\]"),
+    ("two\nlines", "two lines"),
+])
+def test_literal_escapes_everything_markdown_would_turn_into_a_link_or_markup(typed, escaped):
+    from pages._shared import literal
+    assert literal(typed) == escaped

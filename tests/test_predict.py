@@ -165,6 +165,38 @@ def test_all_faces_of_an_image_go_through_the_model_once(predictor: Predictor,
     assert all(f.box is not None for f in result.faces)
 
 
+def test_a_crowd_photo_classifies_its_largest_faces_and_counts_the_rest(predictor: Predictor,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fer_core import predict as predict_module
+    face = Image.fromarray(data.astronaut()).crop((127, 16, 322, 211))
+    canvas = Image.new("RGB", (900, 300), (90, 110, 100))
+    for x, side in ((20, 260), (330, 240), (640, 220)):
+        canvas.paste(face.resize((side, side)), (x, 20))
+    monkeypatch.setattr(predict_module, "MAX_FACES", 2)
+    result = predictor.predict(canvas)
+    assert len(result.faces) == 2 and result.message == "3 faces found; the 2 largest are shown"
+    assert [f.box.w for f in result.faces] == sorted((f.box.w for f in result.faces), reverse=True)
+    assert all(f.box.x < 600 for f in result.faces)  # the two larger pastes, not the one at x=640
+
+
+def test_overlapping_forwards_leave_torchs_thread_count_as_they_found_it() -> None:
+    from fer_core.predict import ThreadSetting
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        setting = ThreadSetting()
+        first, second = setting.use(1), setting.use(1)
+        first.__enter__()
+        second.__enter__()  # another session's forward starts while the first runs
+        assert torch.get_num_threads() == 1
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 1  # the second is still running
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_larger_img_size_checkpoint(tmp_path: Path, astronaut_jpeg: bytes) -> None:
     predictor = Predictor.from_checkpoint(save_checkpoint(tmp_path / "64.pt", img_size=64),
                                           num_threads=1)

@@ -343,6 +343,31 @@ def test_many_images_table_csv_and_a_bad_file_only_fails_itself(env, published, 
     assert [b for b in at.get("download_button") if "CSV" in b.proto.label]
 
 
+def test_a_photo_refused_for_the_submissions_pixel_allowance_is_read_when_sent_alone(env, published, monkeypatch):
+    """The refusal is the submission's, not the photo's: it is not remembered for the photo."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from fer_core import images
+
+    def dense_png(level: int) -> bytes:  # 4 MP, a few KB on the wire
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((2000, 2000), level, dtype=np.uint16)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    monkeypatch.setattr(images, "MAX_REQUEST_PIXELS", 6_000_000)
+    first, second = ("first.png", dense_png(1234), "image/png"), ("second.png", dense_png(2345), "image/png")
+    at = open_predict()
+    uploader(at, "Drop one or more photos here").set_value([first, second])
+    rerun(at)
+    assert "megapixels" in error_text(at)  # the second photo, refused: the first used the allowance
+    uploader(at, "Drop one or more photos here").set_value([second])
+    rerun(at)
+    assert "megapixels" not in error_text(at) and not at.exception
+
+
 def fetch(at) -> None:
     """Press the URL tab's "Fetch and predict" and let the page finish."""
     at.button[[b.label for b in at.button].index("Fetch and predict")].click()

@@ -56,6 +56,24 @@ def test_predict_many_shares_one_budget_across_its_images(monkeypatch):
     assert all(r.ok for r in again)
 
 
+def test_predict_many_stops_at_its_deadline_and_caps_a_download_at_the_time_left(monkeypatch):
+    from fer_core import predict as predict_module
+    from fer_core.models import build_model
+    from fer_core.predict import Predictor
+
+    model, _, _ = build_model(3, mode="finetune", stem="small", pretrained=False)
+    predictor = Predictor(model.eval(), ["a", "b", "c"], 48)
+    png = dense_png(64)
+    late = predictor.predict_many([png, png], deadline=time.monotonic() - 1)
+    assert [r.ok for r in late] == [False, False] and all("ran out of time" in r.error for r in late)
+    fetches = []
+    monkeypatch.setattr(predict_module, "load_image", lambda source, **options: fetches.append(
+        options["fetch_timeout"]) or images.load_image(png))
+    predictor.predict_many(["https://example.invalid/a.jpg"], deadline=time.monotonic() + 5)
+    predictor.predict_many(["https://example.invalid/a.jpg"])
+    assert 0 < fetches[0] <= 5 and fetches[1] == images.DEFAULT_TOTAL_TIMEOUT
+
+
 def test_a_symlinked_class_folder_or_file_outside_the_dataset_is_not_followed(tmp_path):
     dataset = write_class_folders(tmp_path / "data", {"happy": 4, "sad": 4})
     secret = write_class_folders(tmp_path / "elsewhere", {"private": 3})

@@ -121,6 +121,16 @@ def test_a_wrongly_typed_file_marks_its_run_damaged_and_the_rest_still_loads(tmp
     assert any(reason in problem for problem in listed["bad"].problems), listed["bad"].problems
 
 
+def test_an_unreadable_metrics_file_marks_its_run_damaged_and_the_rest_still_loads(tmp_path):
+    fake_run(tmp_path, {"state": "completed", "pid": 1}, name="good")
+    bad = fake_run(tmp_path, {"state": "completed", "pid": 1}, name="bad")
+    (bad.path / runs.METRICS_FILE).mkdir()  # reading it raises an OSError, as an unreadable file does
+    listed = {run.experiment: run for run in runs.list_runs(tmp_path)}
+    assert listed["good"].state == "completed"
+    assert listed["bad"].state == "damaged" and listed["bad"].metrics == []
+    assert any("metrics.jsonl cannot be read" in problem for problem in listed["bad"].problems), listed["bad"].problems
+
+
 def test_torn_metric_lines_are_skipped_and_counted(tmp_path):
     runs.append_metrics(tmp_path, {"epoch": 1})
     with open(tmp_path / runs.METRICS_FILE, "a") as handle:

@@ -196,6 +196,29 @@ def test_a_body_streaming_past_the_cap_without_a_length_is_cut_off_at_the_cap(pr
     assert read <= 1 + 1_000_000 // 65536 + 1
 
 
+def test_a_body_trickling_in_past_its_time_is_refused_and_frees_its_slot(predictor: Predictor,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from fer_core import serve
+    monkeypatch.setattr(serve, "BODY_TIMEOUT_S", 0.3)
+    app = create_app(predictor, ServeSettings(max_concurrency=1, max_queue=0))
+    opening = (b"--x\r\nContent-Disposition: form-data; name=\"files\"; filename=\"slow.jpg\"\r\n"
+               b"Content-Type: image/jpeg\r\n\r\n")
+
+    def trickle() -> Iterator[bytes]:
+        yield opening
+        while True:
+            time.sleep(0.05)  # a byte now and then: each read answers, the body never ends
+            yield b"\xff"
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=x"), (b"transfer-encoding", b"chunked")]
+    begun = time.perf_counter()
+    status, body, _ = _call_asgi(app, headers, trickle())
+    assert status == 408 and body["detail"] == "the request body did not arrive within 0.3 s"
+    assert time.perf_counter() - begun < 5
+    status, _, _ = _call_asgi(app, headers, trickle())
+    assert status == 408  # not 503: the one slot was given back
+
+
 def test_the_pixel_budget_is_per_request(predictor: Predictor, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(images, "MAX_REQUEST_PIXELS", 1_000_000)
     buffer = io.BytesIO()

@@ -47,6 +47,8 @@ def test_the_three_forms_of_a_search_space_become_optuna_distributions():
                      "epochs": IntDistribution(2, 6),
                      "augment": CategoricalDistribution([True, False])}
     assert sweep.parse_space(sweep.space_text(space)) == space  # what a study stores reads back the same
+    precise = sweep.parse_space("lr=log:0.0001234567..0.3,label_smoothing=0..0.9999999")
+    assert sweep.parse_space(sweep.space_text(precise)) == precise  # no bound rounded to 6 digits
 
 
 @pytest.mark.parametrize("text, message", [
@@ -79,6 +81,12 @@ def test_a_range_must_fit_the_sweeps_other_settings(tmp_path):
     with pytest.raises(ConfigError, match="warmup_epochs=5.0 with the sweep's settings: warm-up epochs must not "
                                           "exceed epochs"):
         sweep.check_space(base, sweep.parse_space("warmup_epochs=0..5"))
+    with pytest.raises(ConfigError, match="epochs=2, warmup_epochs=3.0 with the sweep's settings"):
+        sweep.check_space(base, sweep.parse_space("epochs=2..6,warmup_epochs=0..3"))  # both tuned: a corner
+    with pytest.raises(ConfigError, match="ema_decay: 0 means off and values start at 0.5, so a range cannot "
+                                          "span the gap"):
+        sweep.check_space(base, sweep.parse_space("ema_decay=0..0.99"))
+    sweep.check_space(base, sweep.parse_space("ema_decay=0.5..0.99,lr=log:0.001..0.01"))
 
 
 def test_the_cli_refuses_a_bad_space_in_one_line_before_creating_anything(tmp_path, capsys):
@@ -88,6 +96,12 @@ def test_the_cli_refuses_a_bad_space_in_one_line_before_creating_anything(tmp_pa
     assert capsys.readouterr().err.strip() == ("error: search space part 'lr=log:0..0.3': learning rate must be "
                                                "in [1e-07, 10] (got 0.0)")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("name", ["a?b", "50%25", "x#y"])
+def test_a_study_name_that_would_change_its_database_url_is_refused(name):
+    with pytest.raises(ConfigError, match="study name must not contain"):
+        sweep.check_study_name(name)
 
 
 def test_joining_a_study_that_does_not_exist_says_how_to_create_it(tmp_path):
@@ -162,13 +176,28 @@ def test_the_next_trial_waits_while_a_train_page_job_runs_and_not_when_asked_to_
     finish = threading.Timer(1.0, status.finish, args=("completed",))
     finish.start()
     started = time.monotonic()
-    sweep.wait_for_training_slot(runs_dir, lambda: False, poll_s=0.05)
+    assert sweep.wait_for_training_slot(runs_dir, lambda: False, poll_s=0.05) is False  # the slot is free
     assert time.monotonic() - started >= 0.9 and runs.run_status(job)[0].state == "completed"
 
     runs.TrainerStatusWriter.start(job, epochs=1, pid=os.getpid())  # running again: a stop does not wait
     started = time.monotonic()
-    sweep.wait_for_training_slot(runs_dir, lambda: True, poll_s=0.05)
+    assert sweep.wait_for_training_slot(runs_dir, lambda: True, poll_s=0.05) is True  # stopped: no trial
     assert time.monotonic() - started < 0.5
+
+
+def test_stop_pressed_while_the_sweep_waits_for_the_slot_starts_no_trial(tiny_demo, tmp_path):
+    import os
+    base = sweep_config(tiny_demo, tmp_path, epochs=1)
+    busy = runs.RunLayout.create(Path(base.runs_dir), "from-the-train-page", "finetune")
+    runs.TrainerStatusWriter.start(busy, epochs=1, pid=os.getpid())  # a Train-page job holds the slot
+    stop = sweep.StudyLayout.of(tmp_path / "sweeps", "waiting").stop_file
+    stop.parent.mkdir(parents=True)
+    stop.write_text("{}")
+    os.utime(stop, (time.time() + 3600,) * 2)  # pressed while the sweep waits
+    result = sweep.run_sweep("waiting", trials=2, base=base, space=SPACE, pruner="none",
+                             sweeps_dir=tmp_path / "sweeps")
+    assert result.trials_run == 0 and result.stopped == "stopped on request while waiting for the training slot"
+    assert study_trials(result.storage, "waiting") == []
 
 
 def test_a_second_worker_process_joins_the_study_without_duplicates(tiny_demo, tmp_path):
@@ -383,8 +412,8 @@ def test_train_this_config_fully_launches_the_best_settings_with_more_epochs(env
     monkeypatch.setattr(jobs, "pump_queue", lambda *a, **k: [])
     finished_study(env, app_data)
     at = sweeps_page()
-    assert at.number_input(key="sweep_full_epochs").value == 4  # twice the trials' 2 epochs
-    at.number_input(key="sweep_full_epochs").set_value(6)
+    assert at.number_input(key="sweep_full_epochs::page-study").value == 4  # twice the trials' 2 epochs
+    at.number_input(key="sweep_full_epochs::page-study").set_value(6)
     at.button(key="sweep_train_best").click().run()
     assert not at.exception and at.title[0].value == "Train"
     (config,) = launched

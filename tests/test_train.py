@@ -106,6 +106,39 @@ def test_resume_continues_the_same_history_and_logs(tiny_demo, tmp_path):
     assert runs.read_json(run_dir / "status.json")["state"] == "completed"
 
 
+def test_a_resume_without_a_total_continues_to_the_last_attempts_total(tiny_demo, tmp_path):
+    """Planned 1 epoch, extended to 3 and stopped after epoch 2: resuming again trains epoch 3
+    (config.json keeps the first plan; last.pt has the extended one)."""
+    run_dir = fit(tiny_config(tiny_demo, tmp_path, epochs=1))
+    resume(run_dir, epochs=2)
+    last_path = run_dir / "checkpoints" / "last.pt"
+    last = torch.load(last_path, weights_only=True)
+    last["config"]["epochs"] = 3  # as a resume to 3 cancelled after epoch 2 leaves it
+    torch.save(last, last_path)
+    resume(run_dir)
+    assert [r["epoch"] for r in runs.read_metrics(run_dir)[0]] == [1, 2, 3]
+    assert runs.load_run(run_dir).planned_epochs == 3
+
+
+def test_a_cancel_made_while_a_resumed_job_starts_stands_and_an_older_one_is_spent(tiny_demo, tmp_path):
+    import time
+
+    from fer_core.train import drop_spent_cancel_request
+    run_dir = fit(tiny_config(tiny_demo, tmp_path, epochs=1))
+    layout = runs.RunLayout(run_dir)
+    queued_at = time.time()
+    # as the job runner that starts this trainer (its parent) records a queued resume
+    runs.atomic_write_json(layout.job_file, runs.JobRecord(queued_at=queued_at, resume=True, resume_epochs=3,
+                                                           runner_pid=os.getppid()).to_dict())
+    runs.atomic_write_json(layout.cancel_file, {"requested_at": queued_at - 5.0, "grace_s": 10.0})
+    drop_spent_cancel_request(layout)  # left by the attempt before: spent
+    assert not layout.cancel_file.exists()
+    runs.atomic_write_json(layout.cancel_file, {"requested_at": queued_at + 1.0, "grace_s": 10.0})
+    resume(run_dir, epochs=3)  # Cancel pressed while the trainer was starting: it stands
+    assert runs.read_json(layout.status_file)["state"] == "cancelled"
+    assert len(runs.read_metrics(run_dir)[0]) < 3
+
+
 def as_before_the_colour_choice(path: Path) -> None:
     """Rewrite a grey run's checkpoint as runs were saved before the colour choice: a 3-channel
     first layer (grey repeated on ImageNet-normalised channels), no colour or stored size."""

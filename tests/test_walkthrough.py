@@ -83,6 +83,20 @@ def test_delete_and_archive_withdraw_the_published_model(env, app_data, action):
     assert not published.exists() and bystander.exists()
 
 
+@pytest.mark.parametrize("action", ["delete", "archive"])
+def test_a_failed_delete_or_archive_keeps_the_published_model(env, app_data, action, monkeypatch):
+    run_dir = add_finished(app_data, env)
+    published = with_published_checkpoint(run_dir, env.ckpt)
+
+    def fail(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(run_dir))
+
+    monkeypatch.setattr(shutil, "rmtree" if action == "delete" else "move", fail)
+    with pytest.raises(OSError):
+        getattr(run_admin, f"{action}_run")(run_dir, env.runs)
+    assert published.is_file() and run_dir.is_dir()
+
+
 def test_delete_refuses_a_folder_above_a_run(env, app_data):
     run_dir = add_finished(app_data, env)
     with pytest.raises(Exception, match="not a run directory"):
