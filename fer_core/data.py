@@ -98,8 +98,7 @@ def load_dataset(spec: str, *, cache_dir: Path | None = None, image_format: Imag
         if path.is_file() and path.suffix.lower() == ".csv":
             dataset = read_fer2013_csv(path, image_format)
         elif path.is_file() and path.suffix.lower() == ".txt":
-            root = path.parent.parent if path.parent.name == "EmoLabel" else path.parent
-            dataset = _load_label_file(path, root, decoding)
+            dataset = _load_label_file(path, label_file_root(path), decoding)
         elif path.is_dir():
             dataset = _load_folder(path, decoding)
         else:
@@ -381,8 +380,10 @@ def read_fer2013_csv(path: Path, image_format: ImageFormat = DEFAULT_FORMAT) -> 
                     if code not in FER2013_CODES:
                         raise ValueError(f"unknown emotion code {code}")
                     pixels = fer2013_csv.parse_pixels(fields[columns["pixels"]])
-                    if pixels.size != STORE_SIZE * STORE_SIZE or pixels.min() < 0 or pixels.max() > 255:
-                        raise ValueError(f"expected {STORE_SIZE * STORE_SIZE} pixel values 0-255, got {pixels.size}")
+                    if pixels.size != STORE_SIZE * STORE_SIZE:
+                        raise ValueError(f"expected {STORE_SIZE * STORE_SIZE} pixel values, got {pixels.size}")
+                    if pixels.min() < 0 or pixels.max() > 255:
+                        raise ValueError(f"pixel values must be 0-255, got {pixels.min()}..{pixels.max()}")
                 except ValueError as exc:
                     bad.append({"path": ref, "reason": f"malformed row ({str(exc)[:80] or type(exc).__name__})"})
                     continue
@@ -399,6 +400,12 @@ def read_fer2013_csv(path: Path, image_format: ImageFormat = DEFAULT_FORMAT) -> 
     return Dataset(images=images, labels=torch.tensor(labels, dtype=torch.int64), paths=paths,
                    classes=classes, source=str(path), given_split=splits if usage_column is not None else None,
                    bad_files=bad)
+
+
+def label_file_root(path: Path) -> Path:
+    """The folder a label list's image names are relative to: RAF-DB keeps its list in
+    EmoLabel/ beside the image folder, others beside the images."""
+    return path.parent.parent if path.parent.name == "EmoLabel" else path.parent
 
 
 def _check_usable(dataset: Dataset) -> None:

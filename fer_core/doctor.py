@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import runs, settings
-from .data import Dataset, display_path, load_dataset
+from .data import Dataset, display_path, label_file_root, load_dataset
 from .errors import DataError
 
 if TYPE_CHECKING:
@@ -226,7 +226,11 @@ def dataset_root(spec: str) -> Path:
     if spec == "demo":
         return settings.demo_dir()
     path = Path(spec).expanduser()
-    return path.parent if path.suffix.lower() == ".csv" and not path.is_dir() else path
+    if path.is_dir():
+        return path
+    if path.suffix.lower() == ".txt":
+        return label_file_root(path)
+    return path.parent if path.suffix.lower() == ".csv" else path
 
 
 def dataset_key(spec: str) -> str:
@@ -275,7 +279,9 @@ def dataset_fingerprint(spec: str) -> str:
         if not path.is_dir():
             info = path.stat()
             digest.update(f"{info.st_size}\0{info.st_mtime_ns}".encode())
-        for folder, folders, files in os.walk(path):
+        # a label list names images in a folder: its changes count too (a csv holds its own pixels)
+        walked = label_file_root(path) if path.is_file() and path.suffix.lower() == ".txt" else path
+        for folder, folders, files in os.walk(walked):
             folders.sort()
             digest.update(f"{display_path(folder)}\0{os.stat(folder).st_mtime_ns}\0".encode())
             digest.update("\0".join(sorted(files)).encode("utf-8", "surrogateescape"))

@@ -33,6 +33,7 @@ import itertools
 import logging
 import math
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -446,9 +447,36 @@ def _create_study(plan: _Plan, store: optuna.storages.BaseStorage,
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
+ABANDONED_AFTER_S = 60.0
+"""A trial whose run completed this long ago but is still RUNNING in the study lost its worker
+between the two records (a live worker tells the study within milliseconds)."""
+
+
+def fail_abandoned_trials(study: optuna.Study) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker died (killed, or its machine restarted): their
+    run folder says its trainer is gone. They would otherwise count as running for ever, and a
+    rerun of the sweep would finish short of its trials. Optuna does this itself only for
+    storages with heartbeats. Returns the trial numbers failed."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        run_dir, host = trial.user_attrs.get("run_dir"), trial.user_attrs.get("host")
+        if not isinstance(run_dir, str) or not Path(run_dir).is_dir() or host not in (None, socket.gethostname()):
+            continue  # not training yet, or another machine's worker (its pid means nothing here)
+        status, _ = runs.run_status(Path(run_dir))
+        if status.active or (status.state == "completed"
+                             and time.time() - (status.finished_at or 0.0) < ABANDONED_AFTER_S):
+            continue
+        study.tell(trial.number, state=TrialState.FAIL)
+        failed.append(trial.number)
+    if failed:
+        log.info("trial(s) %s had lost their worker: marked failed", ", ".join(map(str, failed)))
+    return failed
+
+
 def _optimize(plan: _Plan, study: optuna.Study) -> SweepResult:
     layout = StudyLayout.of(plan.sweeps_dir, plan.study)
     since = _started_at(layout.path)
+    fail_abandoned_trials(study)
     counted = len(study.get_trials(deepcopy=False, states=COUNTED_STATES))
     remaining = plan.trials - counted
     log.info("study %s in %s: %d of %d trials done or running; objective: %s (%s)", plan.study,
@@ -550,6 +578,7 @@ def _run_trial(plan: _Plan, trial: optuna.Trial, stopped: list[str]) -> float:
     layout = RunLayout.create(Path(config.runs_dir), config.experiment, config.mode)
     runs.atomic_write_json(layout.config_file, config.to_dict())  # the run's creator writes it, once
     trial.set_user_attr("run_dir", str(layout.path))
+    trial.set_user_attr("host", socket.gethostname())  # whose processes the run's pids are
     record = {"study": plan.study, "trial": trial.number, "storage": shown_storage(plan.storage_url),
               "params": params, "objective": f"{OBJECTIVE} ({DIRECTION})", "state": "running",
               "started_at": time.time()}

@@ -164,13 +164,17 @@ def test_fer2013_csv_reader_maps_codes_splits_and_skips_malformed_rows(tmp_path)
     text += _csv_row(6, pixels, "PublicTest") + _csv_row(0, pixels, "PrivateTest")
     text += "9," + " ".join(["1"] * 2304) + ",Training\n"      # unknown emotion code
     text += "2,1 2 3,Training\n"                                 # too few pixels
+    text += "2," + " ".join(["300"] * 2304) + ",Training\n"    # values past 255
     path = tmp_path / "fer2013.csv"
     path.write_text(text)
     dataset = read_fer2013_csv(path)
     assert dataset.classes == SEVEN
     assert [dataset.classes[i] for i in dataset.labels] == ["happy", "sad", "neutral", "angry"]
     assert dataset.given_split == ["train", "train", "test", "test"]
-    assert len(dataset.bad_files) == 2 and all("malformed" in b["reason"] for b in dataset.bad_files)
+    assert len(dataset.bad_files) == 3 and all("malformed" in b["reason"] for b in dataset.bad_files)
+    reasons = [b["reason"] for b in dataset.bad_files]
+    assert "expected 2304 pixel values, got 3" in reasons[1]
+    assert "pixel values must be 0-255, got 300..300" in reasons[2]
     assert np.array_equal(dataset.images[0].numpy().ravel(), pixels.astype(np.uint8))
 
 

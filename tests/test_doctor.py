@@ -427,3 +427,15 @@ def test_the_data_page_examines_shows_and_leaves_out_and_train_uses_it(planted, 
     assert at.text_input(key="tf_exclude").value == str(doctor.exclusion_file(str(planted)))
     assert f"{len(LEFT_OUT) - 1} images left out by the dataset doctor" in " ".join(i.value for i in at.info)
 
+
+
+def test_a_label_list_is_placed_and_fingerprinted_by_the_image_folder_it_names(tmp_path):
+    """RAF-DB's list lives in EmoLabel/: the report's paths are relative to the dataset folder
+    and an image added there is a changed dataset (the list file itself did not change)."""
+    from test_data import _raf_db
+    root = _raf_db(tmp_path / "basic", {f"train_{i:05d}.jpg": 1 + i % 7 for i in range(1, 15)})
+    spec = str(root / "EmoLabel" / "list_patition_label.txt")
+    assert doctor.dataset_root(spec) == root
+    before = doctor.dataset_fingerprint(spec)
+    (root / "Image" / "aligned" / "train_00099_aligned.jpg").write_bytes(b"not yet a face")
+    assert doctor.dataset_fingerprint(spec) != before

@@ -422,3 +422,34 @@ def test_train_this_config_fully_launches_the_best_settings_with_more_epochs(env
                                                                                      "trial": 1}
     assert Path(config.runs_dir) == env.runs.resolve()  # the app's runs folder, not the one the study recorded
     assert "Queued: one job trains at a time" in "\n".join(i.value for i in at.info)
+
+
+def test_a_trial_whose_worker_died_is_failed_and_not_counted_when_the_sweep_runs_again(tmp_path):
+    import os
+    import socket
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="crashed", storage=storage, direction="maximize")
+    runs_dir = tmp_path / "runs"
+    trials = {}
+    for name, pid in (("dead", None), ("alive", os.getpid())):
+        layout = runs.RunLayout.create(runs_dir, f"crashed-{name}", "finetune")
+        runs.TrainerStatusWriter.start(layout, epochs=2, pid=pid or _gone_pid())  # "running", as a crash leaves it
+        trial = study.ask()
+        trial.set_user_attr("run_dir", str(layout.path))
+        trial.set_user_attr("host", socket.gethostname())
+        trials[name] = trial.number
+    elsewhere = study.ask()  # another machine's worker sharing the storage: its pids mean nothing here
+    layout = runs.RunLayout.create(runs_dir, "crashed-elsewhere", "finetune")
+    runs.TrainerStatusWriter.start(layout, epochs=2, pid=_gone_pid())
+    elsewhere.set_user_attr("run_dir", str(layout.path))
+    elsewhere.set_user_attr("host", "another-machine")
+    assert sweep.fail_abandoned_trials(study) == [trials["dead"]]
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {trials["dead"]: TrialState.FAIL, trials["alive"]: TrialState.RUNNING,
+                      elsewhere.number: TrialState.RUNNING}
+
+
+def _gone_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
