@@ -289,19 +289,33 @@ def _list_files(class_dir: Path, real_root: Path | None = None,
                 skipped: list[dict[str, str]] | None = None) -> list[Path]:
     """Every file under a class folder (nested folders included), in a stable order. A
     symbolic link (to a file, or a nested folder) that leads outside `real_root` is not read:
-    it is listed in `skipped`."""
+    it is listed in `skipped`, as is a folder that cannot be read (rglob passes over it in
+    silence, and its images would go missing unexplained)."""
     real_root = real_root or class_dir.resolve()
     files = []
-    for p in sorted(class_dir.rglob("*"), key=lambda p: str(p)):
-        if (p.is_symlink() or p.parent != class_dir) and _outside(p, real_root):
+    for p in [class_dir, *sorted(class_dir.rglob("*"), key=lambda p: str(p))]:
+        if p != class_dir and (p.is_symlink() or p.parent != class_dir) and _outside(p, real_root):
             if p.is_symlink() and skipped is not None:
                 what = "a folder" if p.is_dir() else "a file"
                 skipped.append({"path": display_path(p), "reason": LINK_OUTSIDE.format(
                     what=what, target=display_path(_link_target(p)))})
             continue
-        if p.is_file():
+        if p.is_dir():
+            problem = _unreadable_folder(p)
+            if problem and skipped is not None:
+                skipped.append({"path": display_path(p), "reason": problem})
+        elif p.is_file():
             files.append(p)
     return files
+
+
+def _unreadable_folder(folder: Path) -> str | None:
+    try:
+        with os.scandir(folder) as entries:
+            next(entries, None)
+    except OSError as exc:
+        return f"folder cannot be read ({exc.strerror or exc}): its images are left out"
+    return None
 
 
 def _cache_key(files: list[Path], image_format: ImageFormat) -> str:

@@ -43,7 +43,8 @@ def launch_form(first_sweep: bool) -> None:
         data = left.selectbox("Data", list(labels), format_func=labels.get, key="sweep_data")
         # trials are compared on a validation split: a recipe without one cannot be swept
         presets = [name for name, values in PRESETS.items() if values.get("val_fraction", 1) != 0]
-        preset = right.selectbox("Recipe (preset)", presets, key="sweep_preset",
+        # keyed by the data: a kept choice would ignore the default that suits newly picked data
+        preset = right.selectbox("Recipe (preset)", presets, key=f"sweep_preset::{data}",
                                  index=presets.index("demo-quick" if data == "demo" else "cpu-fast"),
                                  help="The settings every trial starts from; the space below varies some of them.")
         st.caption(PRESET_DESCRIPTIONS.get(preset, ""))

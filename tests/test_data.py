@@ -223,6 +223,26 @@ def test_non_utf8_file_names_load_and_survive_the_manifest(tmp_path):
     assert any("\\xe9" in r["path"] for r in rows) and len(rows) == len(dataset)
 
 
+def test_a_folder_that_cannot_be_read_is_reported_not_passed_over(tmp_path, monkeypatch):
+    import os
+    root = write_class_folders(tmp_path / "ds", {"happy": 4, "sad": 4})
+    locked = root / "happy" / "more"
+    locked.mkdir()
+    Image.new("L", (48, 48), 9).save(locked / "hidden.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:  # as a folder without read permission is (tests run as root)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    dataset = load_dataset(str(root), cache_dir=tmp_path / "cache")
+    assert dataset.class_counts() == {"happy": 4, "sad": 4}
+    reported = {b["path"]: b["reason"] for b in dataset.bad_files}
+    assert "folder cannot be read (Permission denied)" in reported[str(locked)]
+
+
 def test_a_class_folder_whose_name_is_not_utf8_survives_the_manifest(tmp_path):
     import os
     root = write_class_folders(tmp_path / "ds", {"happy": 4, "sad": 4})
