@@ -320,9 +320,9 @@ def _unreadable_folder(folder: Path) -> str | None:
 
 def _cache_key(files: list[Path], image_format: ImageFormat) -> str:
     digest = hashlib.sha256(f"v{CACHE_VERSION}:{image_format.size}:{image_format.colour}".encode())
-    for f in files:
+    for f in map(os.path.abspath, files):  # "data/fer2013" and its absolute path: one store, not two
         try:
-            st = f.stat()
+            st = os.stat(f)
             # ctime too: a `chmod` that makes an unreadable file readable, or a copy that keeps
             # size and mtime (`cp -p`), changes only it, and the store must not keep the old verdict
             digest.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode(

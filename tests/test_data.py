@@ -120,6 +120,19 @@ def test_decoded_images_are_cached_by_file_list(tmp_path, monkeypatch):
         load_dataset(str(root))
 
 
+def test_a_folder_typed_relative_or_absolute_shares_one_store(tmp_path, monkeypatch):
+    root = write_class_folders(tmp_path / "ds", {"a": 4, "b": 4})
+    first = load_dataset(str(root), cache_dir=tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError("decoded again for the same files typed another way")
+
+    monkeypatch.setattr(data_module, "decode_file", must_not_decode)
+    second = load_dataset("ds", cache_dir=tmp_path / "cache")
+    assert torch.equal(first.images, second.images) and len(list((tmp_path / "cache").glob("store-*"))) == 1
+
+
 def test_a_file_replaced_keeping_its_size_and_mtime_is_decoded_again(tmp_path):
     """As `cp -p` or `rsync -a` leave it, or a `chmod` that makes an unreadable file readable:
     only the change time differs, and the store must not keep what it found before."""
