@@ -191,6 +191,19 @@ def test_fer2013_csv_reader_maps_codes_splits_and_skips_malformed_rows(tmp_path)
     assert np.array_equal(dataset.images[0].numpy().ravel(), pixels.astype(np.uint8))
 
 
+def test_a_csv_with_carriage_return_line_ends_loads_in_a_colour_format(tmp_path):
+    """Faces go into one array sized by the file's line count: whatever ends its lines."""
+    from fer_core.image_format import ImageFormat
+    rows = _face_rows(3)
+    text = "emotion,pixels,Usage\r" + "".join(f"{code},{' '.join(map(str, row))},Training\r"
+                                               for code, row in enumerate(rows))
+    path = tmp_path / "fer2013.csv"
+    path.write_bytes(text.encode())
+    dataset = read_fer2013_csv(path, ImageFormat(size=64, colour="rgb"))
+    assert len(dataset) == 3 and tuple(dataset.images.shape) == (3, 64, 64, 3)
+    assert [dataset.classes[i] for i in dataset.labels] == ["angry", "disgust", "fear"]
+
+
 def test_csv_without_required_columns_is_refused(tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("a,b\n1,2\n")
