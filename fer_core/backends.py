@@ -94,7 +94,7 @@ def onnx_session(model: str | Path | bytes, *, num_threads: int | None = None): 
     import onnxruntime as ort  # imported here: training and the app's other pages never need it
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = num_threads or min(4, _usable_cores())
+    options.intra_op_num_threads = num_threads or min(4, usable_cores())
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -108,7 +108,7 @@ def onnx_session(model: str | Path | bytes, *, num_threads: int | None = None): 
         raise CheckpointError(f"{name} cannot be opened by ONNX Runtime: {str(exc).splitlines()[0][:200]}") from exc
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import FerError
+from .runs import is_finite_number
 
 BINS = 15
 """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
@@ -59,8 +60,7 @@ class Calibration:
         if not isinstance(values, dict):
             return None
         temperature, threshold = values.get("temperature"), values.get("uncertain_below")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                   for v in (temperature, threshold)):
+        if not (is_finite_number(temperature) and is_finite_number(threshold)):
             return None
         if temperature <= 0 or not 0.0 <= threshold <= 1.0:
             return None
@@ -201,7 +201,7 @@ def read_report(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     report, problem = read_json_object(Path(path))
     if problem or report is None:
         return None, problem
-    bad = [key for key in REPORT_NUMBERS if not _is_number(report.get(key))]
+    bad = [key for key in REPORT_NUMBERS if not is_finite_number(report.get(key))]
     bad += [key for key in REPORT_COUNTS if key in report and not _is_count(report[key])]
     for key in ("bins_before", "bins_after"):
         bins = report.get(key)
@@ -217,14 +217,7 @@ def _valid_bin(row: Any) -> bool:
         return False
     numbers = [row.get(key) for key in ("lower", "upper")] + \
         ([row.get("confidence"), row.get("accuracy")] if row["count"] else [])
-    return all(_is_number(v) for v in numbers)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float; an integer too large for a float is not (math.isfinite would raise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value)
+    return all(is_finite_number(v) for v in numbers)
 
 
 def _is_count(value: Any) -> bool:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import settings
+from .backends import usable_cores
 from .config import TrainConfig
 from .image_format import ImageFormat
 from .inference import autocast_context
@@ -130,10 +131,7 @@ def trainer_default_threads() -> int:
     with suppress(ValueError):
         if int(os.environ.get("OMP_NUM_THREADS", "")) > 0:
             return int(os.environ["OMP_NUM_THREADS"])
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return usable_cores()
 
 
 def _timed(step: Any, steps: int, device: torch.device) -> float:

@@ -44,6 +44,7 @@ that was killed) cancel() starts a daemon thread that does the same.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import subprocess
@@ -148,7 +149,6 @@ def hand_on_slot(runs_dir: Path) -> None:
     try:
         pump_queue(runs_dir)
     except (FerError, OSError) as exc:  # the run itself is recorded; say why the queue waits
-        import logging
         logging.getLogger("fer_core.jobs").warning("could not start the next queued job: %s", exc)
 
 

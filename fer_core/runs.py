@@ -291,14 +291,20 @@ def _kind(kind: str, default: Any = None) -> Any:
     return field(default=default, metadata={"kind": kind})
 
 
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite; an integer of 400 digits is not (as a float
+    it would be inf, and math.isfinite raises on it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value))
+
+
 def _valid(kind: str, value: Any) -> bool:
     if value is None:
         return True
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "float":  # finite, and a float at all (an integer of 400 digits is not)
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value))
+    if kind == "float":
+        return is_finite_number(value)
     if kind == "number":  # a measurement: NaN is a value (a diverged loss), a string is not
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == "str":

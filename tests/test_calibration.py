@@ -110,7 +110,8 @@ def test_a_weak_models_sure_readings_are_not_flagged_for_its_many_unsure_mistake
 @pytest.mark.parametrize("values", [None, [], {"temperature": -1, "uncertain_below": 0.3},
                                     {"temperature": float("nan"), "uncertain_below": 0.3},
                                     {"temperature": True, "uncertain_below": 0.3},
-                                    {"temperature": 1.5, "uncertain_below": 1.5}, {"temperature": 1.5}])
+                                    {"temperature": 1.5, "uncertain_below": 1.5}, {"temperature": 1.5},
+                                    {"temperature": 10 ** 400, "uncertain_below": 0.3}])  # raised OverflowError
 def test_a_recorded_calibration_that_does_not_hold_together_is_ignored(values):
     assert Calibration.from_dict(values) is None
 
